@@ -1,0 +1,64 @@
+"""Token-acceptance estimators alpha_i and the expected accepted length K-hat (S2D2_SPEC.md §7.1-7.2).
+
+Every quantity comes from the *draft* distribution of each position (the same sampling transform as the
+verifier's q), never from the verifier.  ``probs``: fp32 ``[R, B, V]``; V is the full vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from vllm_s2d2.s2d2_config import ESTIMATORS
+
+(SOFT_ENTROPY_NEGEXP, HARD_MARGIN_THRESHOLD, SOFT_RENYI_2_ENTROPY, SOFT_CONFIDENCE_POWER,
+ HARD_ENTROPY_THRESHOLD, SOFT_CLIPPED_LINEAR_MARGIN) = range(len(ESTIMATORS))
+
+
+class DraftStats(NamedTuple):
+    entropy: torch.Tensor  # [R, B] H / ln V in [0, 1]
+    margin: torch.Tensor  # [R, B] p_(1) - p_(2)
+    renyi2: torch.Tensor  # [R, B] sum_v p^2
+
+
+def draft_stats(probs: torch.Tensor) -> DraftStats:
+    V = probs.shape[-1]
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1) / math.log(V)
+    top2 = probs.topk(2, dim=-1).values
+    return DraftStats(entropy, top2[..., 0] - top2[..., 1], (probs * probs).sum(dim=-1))
+
+
+def acceptance_estimate(estimator: torch.Tensor, stats: DraftStats, p0: torch.Tensor, *,
+                        entropy_temperature: torch.Tensor, margin_threshold: torch.Tensor,
+                        entropy_threshold: torch.Tensor, confidence_power: torch.Tensor,
+                        margin_coef: torch.Tensor) -> torch.Tensor:
+    """alpha ``[R, B]`` in [0, 1] for each request's estimator (index into ``ESTIMATORS``).
+
+    ==============================  =====================================
+    soft_entropy_negexp             exp(-gamma_H * H / ln V)
+    hard_margin_threshold           1[p_(1) - p_(2) > m]
+    soft_renyi_2_entropy            sum_v p_v^2
+    soft_confidence_power           p0 ** k    (p0 = drafted token's prob)
+    hard_entropy_threshold          1[H / ln V < t]
+    soft_clipped_linear_margin      clip(coef * margin, 0, 1)
+    ==============================  =====================================
+    """
+    col = lambda t: t[:, None]  # noqa: E731  per-request knob against [R, B]
+    candidates = torch.stack([
+        torch.exp(-col(entropy_temperature) * stats.entropy),
+        (stats.margin > col(margin_threshold)).float(),
+        stats.renyi2,
+        p0.clamp_min(0.0) ** col(confidence_power),
+        (stats.entropy < col(entropy_threshold)).float(),
+        (col(margin_coef) * stats.margin),
+    ])  # [E, R, B]
+    alpha = candidates.gather(0, estimator[None, :, None].expand(1, *stats.entropy.shape)).squeeze(0)
+    return alpha.clamp(0.0, 1.0)
+
+
+def expected_accepted(alpha: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """K-hat = sum_{k=1}^{|span|} prod_{i<=k} alpha_i over the span positions (``span`` bool [R, B])."""
+    a = torch.where(span, alpha, torch.ones_like(alpha))
+    return (torch.cumprod(a, dim=1) * span).sum(dim=1)

@@ -1,0 +1,75 @@
+"""Dense reference attention masks (True = the query may attend the key).
+
+These are the ground truth the engine's paged attention kernels are checked against, and what the reference
+decoder feeds its dense forward.  Keys are laid out ``[cache (C) | query tokens]``; positions are absolute.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal(n: int, device=None) -> torch.Tensor:
+    """Token-causal ``[n, n]``: key k visible to query q iff k <= q."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def block_causal(n: int, block_size: int, device=None) -> torch.Tensor:
+    """Block-causal ``[n, n]`` over absolute positions 0..n-1: k visible to q iff k // B <= q // B."""
+    blk = torch.arange(n, device=device) // block_size
+    return blk[None, :] <= blk[:, None]
+
+
+def committed_kv(n: int, block_size: int, token_causal: bool, device=None) -> torch.Tensor:
+    """What each of the first ``n`` committed tokens attended to when its KV was written.
+
+    Prefill and block commits are block-causal, or token-causal with AR-like caching (``cache_ver``)."""
+    return causal(n, device) if token_causal else block_causal(n, block_size, device)
+
+
+def draft_rows(cache_len: int, block_len: int, causal_prefix: torch.Tensor | int = 0,
+               device=None) -> torch.Tensor:
+    """Rows of a draft forward over one block ``[L, C + L]``: the whole cache, the block bidirectionally.
+
+    With ``draft_ver`` the block's committed prefix before its first mask (``causal_prefix`` rows) is
+    token-causal instead.  L = 4, C = 2, causal_prefix = 2::
+
+        q0  11 1000
+        q1  11 1100
+        q2  11 1111
+        q3  11 1111
+    """
+    rows = torch.ones(block_len, cache_len + block_len, dtype=torch.bool, device=device)
+    prefix = torch.arange(block_len, device=device) < torch.as_tensor(causal_prefix, device=device)
+    in_block = rows[:, cache_len:]
+    in_block[prefix] = causal(block_len, device)[prefix]
+    return rows
+
+
+def causal_rows(cache_len: int, block_len: int, device=None) -> torch.Tensor:
+    """Token-causal rows over ``[cache | block]`` ``[L, C + L]`` (AR-like commit, Fast-dLLM v2 verify)."""
+    rows = torch.ones(block_len, cache_len + block_len, dtype=torch.bool, device=device)
+    rows[:, cache_len:] = causal(block_len, device)
+    return rows
+
+
+def verifier_2l(cache_len: int, block_len: int, device=None) -> torch.Tensor:
+    """The 2L verifier mask ``[2L, C + 2L]`` (S2D2_SPEC.md §3.2; ``SDAR/generate_ssd_policy.py:107-127``).
+
+    Input ``[first half = draft-filled block | mask half = L x MASK]``, both at the block's positions
+    (duplicated position ids).  First-half rows are token-causal over the first half; mask-half row i sees
+    the first half strictly before i (its own draft excluded) and itself, so it predicts token i exactly as
+    block-size-1 (AR) decoding would given the drafts before it.  L = 4, C = 2 (cache | first | mask)::
+
+        q0  11 1000 0000        m0  11 0000 1000
+        q1  11 1100 0000        m1  11 1000 0100
+        q2  11 1110 0000        m2  11 1100 0010
+        q3  11 1111 0000        m3  11 1110 0001
+    """
+    L, C = block_len, cache_len
+    m = torch.zeros(2 * L, C + 2 * L, dtype=torch.bool, device=device)
+    m[:, :C] = True
+    m[:L, C:C + L] = causal(L, device)
+    m[L:, C:C + L] = torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
+    m[L:, C + L:] = torch.eye(L, dtype=torch.bool, device=device)
+    return m

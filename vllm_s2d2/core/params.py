@@ -1,0 +1,140 @@
+"""Per-request knobs as batched tensors, and the per-family rules that are fixed for a model.
+
+:class:`StepParams` turns a list of resolved :class:`~vllm_s2d2.s2d2_config.S2D2Config` plus sampling
+settings (one per request) into ``[R]`` tensors, so one batched call serves requests with different
+policies, estimators and thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+from vllm_s2d2.s2d2_config import (ACCEPTANCE, ESTIMATORS, POLICIES, REMASKING, SCORES, S2D2Config)
+from vllm_s2d2.core.unmasking import transfer_quota
+
+EDITING_OFF = 2.0  # an editing threshold no probability exceeds
+
+
+@dataclass(frozen=True)
+class FamilyRules:
+    """How a model family decodes; one per engine (S2D2_SPEC.md §9)."""
+
+    family: str
+    mask_token_id: int
+    shifted: bool  # logit i predicts token i + 1 (Fast-dLLM v2)
+    threshold_rule: bool  # non-verify step = {p > tau} + argmax in the sub-block (Fast) instead of remasking
+    fallback_to_quota: bool  # after a verify, top up to the step quota with the remasking rule
+    keep_rejected_draft: bool  # without resampling, commit the rejected draft (SDAR) or leave it masked
+    fixed_quota: int | None  # LLaDA2: one token per step, however many steps
+
+    @classmethod
+    def for_family(cls, family: str, mask_token_id: int) -> "FamilyRules":
+        if family == "sdar":
+            return cls(family, mask_token_id, False, False, True, True, None)
+        if family == "fast_dllm_v2":
+            return cls(family, mask_token_id, True, True, False, False, None)
+        if family == "llada2":
+            return cls(family, mask_token_id, False, False, True, True, 1)
+        raise ValueError(f"unknown model family {family!r}")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class StepParams:
+    temperature: torch.Tensor
+    top_k: torch.Tensor | None  # None when no request filters (host-side fact: no sort needed)
+    top_p: torch.Tensor | None
+    greedy: torch.Tensor
+    seed: torch.Tensor
+    remasking: torch.Tensor
+    confidence_threshold: torch.Tensor
+    quota: torch.Tensor  # [R, S_max] tokens per denoising step
+    editing_threshold: torch.Tensor
+    verify: torch.Tensor
+    policy: torch.Tensor
+    min_span: torch.Tensor
+    score_type: torch.Tensor
+    penalty: torch.Tensor
+    score_threshold: torch.Tensor
+    hysteresis_on: torch.Tensor
+    hysteresis_off: torch.Tensor
+    ucb_beta: torch.Tensor
+    ucb_entropy_masked: torch.Tensor
+    estimator: torch.Tensor
+    entropy_temperature: torch.Tensor
+    margin_threshold: torch.Tensor
+    entropy_threshold: torch.Tensor
+    confidence_power: torch.Tensor
+    margin_coef: torch.Tensor
+    greedy_accept: torch.Tensor
+    ratio_tempering: torch.Tensor
+    allow_resample: torch.Tensor
+    ratio_threshold: torch.Tensor
+    always_check_high_confidence: torch.Tensor
+
+    @classmethod
+    def build(cls, configs: Sequence[S2D2Config], sampling: Sequence[SamplingSpec], rules: FamilyRules,
+              device: torch.device | str = "cpu") -> "StepParams":
+        """``configs`` must be resolved (:meth:`S2D2Config.resolve`); seeds None become random."""
+        if len(configs) != len(sampling):
+            raise ValueError("one S2D2Config and one SamplingSpec per request")
+        f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
+        i = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        b = lambda xs: torch.tensor(xs, dtype=torch.bool, device=device)  # noqa: E731
+        quotas = []
+        for c in configs:
+            if rules.fixed_quota is not None:
+                quotas.append([rules.fixed_quota])
+            else:
+                quotas.append(transfer_quota(c.block_size, c.denoising_steps))
+        width = max(len(q) for q in quotas)
+        quotas = [q + [q[-1]] * (width - len(q)) for q in quotas]
+        seeds = [s.seed if s.seed is not None else int(torch.randint(0, 2**62, (1,)).item()) for s in sampling]
+        return cls(
+            temperature=f([s.temperature for s in sampling]),
+            top_k=i([s.top_k for s in sampling]) if any(s.top_k > 0 for s in sampling) else None,
+            top_p=f([s.top_p for s in sampling]) if any(s.top_p < 1.0 for s in sampling) else None,
+            greedy=b([s.temperature < 1e-6 for s in sampling]),
+            seed=i(seeds),
+            remasking=i([REMASKING.index(c.remasking) for c in configs]),
+            confidence_threshold=f([c.confidence_threshold for c in configs]),
+            quota=i(quotas),
+            editing_threshold=f([EDITING_OFF if c.editing_threshold is None else c.editing_threshold
+                                 for c in configs]),
+            verify=b([c.verify for c in configs]),
+            policy=i([POLICIES.index(c.verify_policy) for c in configs]),
+            min_span=i([c.min_span_length for c in configs]),
+            score_type=i([SCORES.index(c.score_type) for c in configs]),
+            penalty=f([c.score_penalty_coef for c in configs]),
+            score_threshold=f([c.score_threshold for c in configs]),
+            hysteresis_on=f([c.hysteresis_on for c in configs]),
+            hysteresis_off=f([c.hysteresis_off for c in configs]),
+            ucb_beta=f([c.ucb_beta for c in configs]),
+            ucb_entropy_masked=b([c.ucb_entropy_source == "masked" for c in configs]),
+            estimator=i([ESTIMATORS.index(c.token_acceptance_estimator) for c in configs]),
+            entropy_temperature=f([c.entropy_temperature for c in configs]),
+            margin_threshold=f([c.margin_threshold for c in configs]),
+            entropy_threshold=f([c.entropy_threshold for c in configs]),
+            confidence_power=f([c.confidence_power for c in configs]),
+            margin_coef=f([c.margin_coef for c in configs]),
+            greedy_accept=b([c.acceptance == ACCEPTANCE[1] for c in configs]),
+            ratio_tempering=f([c.ratio_tempering for c in configs]),
+            allow_resample=b([c.allow_resample for c in configs]),
+            ratio_threshold=f([c.ratio_threshold for c in configs]),
+            always_check_high_confidence=b([c.always_check_high_confidence for c in configs]),
+        )
+
+    def index(self, rows: torch.Tensor) -> "StepParams":
+        """The parameters of a subset of requests (rows of every tensor)."""
+        return StepParams(**{fl.name: (None if getattr(self, fl.name) is None else getattr(self, fl.name)[rows])
+                             for fl in fields(self)})

@@ -1,0 +1,167 @@
+"""One S2D2 step, batched over requests: draft -> route -> (verify -> accept) -> commit.
+
+The engine and the reference decoder both drive decoding through these three calls:
+
+1. :func:`draft_step` on the draft forward's logits: sample x0/p0 for every position, LLaDA2.1 edits,
+   find the span, estimate K-hat, score, route (per-request policy) and compute the baseline commit.
+2. :func:`verify_step` on the verifier's logits, for the rows that chose to verify: accept/reject the span
+   against q, resample the first rejection, top up to the quota (SDAR/LLaDA2).
+3. :func:`finish_step`: pick each row's commit (verified or baseline), write tokens and edits into the block
+   and update the bandit's statistics.
+
+Logits must be position-aligned (``logits[:, i]`` predicts block position i); shifted families align theirs
+with :func:`align_shifted_logits` first.  Random numbers come from :mod:`vllm_s2d2.core.rng` keyed by each
+request's seed and step counter, so results do not depend on batch composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+
+from vllm_s2d2.core import rng
+from vllm_s2d2.core.acceptance import accept_span
+from vllm_s2d2.core.estimators import acceptance_estimate, draft_stats, expected_accepted
+from vllm_s2d2.core.params import FamilyRules, StepParams
+from vllm_s2d2.core.policies import PolicyState, route, score, ucb_bucket, ucb_update
+from vllm_s2d2.core.sampling import sample, transform_probs
+from vllm_s2d2.core.spans import first_mask_span
+from vllm_s2d2.core.unmasking import editing_positions, remask_commit, threshold_plus_argmax
+
+
+def align_shifted_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Shift-aligned models (logit i predicts token i+1): out[:, i] = logits[:, i-1], out[:, 0] = logits[:, 0].
+
+    Position 0's value is meaningless; Fast-dLLM v2 never leaves block position 0 masked."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+class BlockState(NamedTuple):
+    tokens: torch.Tensor  # [R, B] current block, mask id at masked positions
+    editable: torch.Tensor  # [R, B] bool, generated (non-prompt) positions
+    region: torch.Tensor  # [R, B] bool, positions this step may unmask (Fast-dLLM v2 sub-block)
+    step: torch.Tensor  # [R] denoising step index inside the block (quota lookup)
+    counter: torch.Tensor  # [R] RNG counter (one value per step)
+
+
+@dataclass
+class Draft:
+    probs: torch.Tensor  # [R, B, V] draft distribution p
+    x0: torch.Tensor  # [R, B] drafted tokens
+    p0: torch.Tensor  # [R, B] their probabilities
+    is_mask: torch.Tensor  # [R, B]
+    eligible: torch.Tensor  # [R, B] masked and inside the region
+    edits: torch.Tensor  # [R, B] LLaDA2.1 T2T edits scheduled this step
+    first_half: torch.Tensor  # [R, B] block with masks (and edits) replaced by x0: the verifier's input
+    span: torch.Tensor  # [R, B] bool, first contiguous masked run in the region
+    span_length: torch.Tensor  # [R]
+    k_hat: torch.Tensor  # [R]
+    score: torch.Tensor  # [R]
+    quota: torch.Tensor  # [R]
+    baseline_commit: torch.Tensor  # [R, B] what the baseline rule commits (used when not verifying)
+    do_verify: torch.Tensor  # [R] bool
+    routed: torch.Tensor  # [R] bool, the policy was consulted
+    bucket: torch.Tensor  # [R] UCB context bucket
+
+    def index(self, rows: torch.Tensor) -> "Draft":
+        return Draft(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+class StepResult(NamedTuple):
+    tokens: torch.Tensor  # [R, B] the block after this step
+    committed: torch.Tensor  # [R, B] bool, masks filled this step
+    num_committed: torch.Tensor  # [R]
+    num_accepted: torch.Tensor  # [R] accepted draft tokens (0 when not verified)
+
+
+def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rules: FamilyRules,
+               policy_state: PolicyState) -> tuple[Draft, PolicyState]:
+    """Everything decided from the draft forward alone (S2D2_SPEC.md §3.1 steps 2-3, §5 step 1, §7)."""
+    R, B, _ = logits.shape
+    probs = transform_probs(logits, params.temperature, params.top_k, params.top_p)
+    x0, p0 = sample(probs, params.greedy, rng.uniform(params.seed, block.counter, rng.STREAM_DRAFT, B))
+    is_mask = block.tokens == rules.mask_token_id
+    eligible = is_mask & block.region
+    edits = editing_positions(x0, p0, block.tokens, is_mask, block.editable, params.editing_threshold)
+    first_half = torch.where(is_mask | edits, x0, block.tokens)
+    span = first_mask_span(is_mask, block.region)
+
+    stats = draft_stats(probs)
+    alpha = acceptance_estimate(params.estimator, stats, p0, entropy_temperature=params.entropy_temperature,
+                                margin_threshold=params.margin_threshold,
+                                entropy_threshold=params.entropy_threshold,
+                                confidence_power=params.confidence_power, margin_coef=params.margin_coef)
+    k_hat = expected_accepted(alpha, span.mask)
+    n_high_conf = (eligible & (p0 > params.confidence_threshold[:, None])).sum(dim=1)
+    s = score(params.score_type, k_hat, n_high_conf, params.penalty, span.length)
+
+    entropy_over = torch.where(params.ucb_entropy_masked[:, None], is_mask, span.mask)
+    mean_entropy = (stats.entropy * entropy_over).sum(1) / entropy_over.sum(1).clamp_min(1)
+    progress = (~is_mask).sum(dim=1).float() / B
+    bucket = ucb_bucket(span.length, block.region.sum(dim=1), progress, mean_entropy)
+    routed = params.verify & (span.length > 0)
+    do_verify, policy_state = route(params.policy, routed, span.length, s, bucket, policy_state,
+                                    min_span=params.min_span, threshold=params.score_threshold,
+                                    hysteresis_on=params.hysteresis_on, hysteresis_off=params.hysteresis_off,
+                                    ucb_beta=params.ucb_beta)
+
+    step = block.step.clamp(max=params.quota.shape[1] - 1)
+    quota = torch.minimum(params.quota.gather(1, step[:, None]).squeeze(1), eligible.sum(dim=1))
+    conf = torch.where(eligible, p0, torch.zeros_like(p0))
+    if rules.threshold_rule:
+        baseline = threshold_plus_argmax(conf, eligible, params.confidence_threshold)
+    else:
+        baseline = remask_commit(params.remasking, conf, eligible, quota, params.confidence_threshold)
+    draft = Draft(probs, x0, p0, is_mask, eligible, edits, first_half, span.mask, span.length, k_hat, s, quota,
+                  baseline, do_verify, routed, bucket)
+    return draft, policy_state
+
+
+def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules: FamilyRules,
+                counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accept the span against the verifier and top up to the quota (rows = verifying requests only).
+
+    ``q_logits [R, B, V]``: the verifier's logits aligned to block positions (SDAR/LLaDA2: the mask half of
+    the 2L forward; Fast-dLLM v2: the shifted causal forward).  Returns (commit [R, B], tokens [R, B],
+    num_accepted [R])."""
+    R, B, _ = q_logits.shape
+    q = transform_probs(q_logits, params.temperature, params.top_k, params.top_p)
+    verdict = accept_span(
+        draft.x0, draft.probs, q, draft.span,
+        rng.uniform(params.seed, counter, rng.STREAM_ACCEPT, B),
+        rng.uniform(params.seed, counter, rng.STREAM_RESAMPLE, 1)[:, 0],
+        greedy=params.greedy_accept, ratio_tempering=params.ratio_tempering,
+        allow_resample=params.allow_resample, ratio_threshold=params.ratio_threshold,
+        keep_rejected_draft=rules.keep_rejected_draft)
+    commit, tokens = verdict.commit, verdict.tokens
+    remaining = draft.eligible & ~commit
+    conf = torch.where(remaining, draft.p0, torch.zeros_like(draft.p0))
+    if rules.fallback_to_quota:
+        k_left = (draft.quota - commit.sum(dim=1)).clamp_min(0)
+        commit = commit | remask_commit(params.remasking, conf, remaining, k_left, params.confidence_threshold)
+    high = remaining & params.always_check_high_confidence[:, None] & (draft.p0 > params.confidence_threshold[:, None])
+    commit = commit | high
+    return commit, torch.where(draft.span, tokens, draft.x0), verdict.num_accepted
+
+
+def finish_step(block: BlockState, draft: Draft, verified_commit: torch.Tensor | None,
+                verified_tokens: torch.Tensor | None, num_accepted: torch.Tensor | None, params: StepParams,
+                policy_state: PolicyState) -> tuple[StepResult, PolicyState]:
+    """Apply each row's commit (verified rows: the verifier's; others: the baseline) and the edits.
+
+    ``verified_*`` are full-batch ``[R, B]`` tensors whose rows matter only where ``draft.do_verify``
+    (pass None when nothing verified)."""
+    v = draft.do_verify[:, None]
+    if verified_commit is None:
+        commit, tokens = draft.baseline_commit, draft.x0
+        accepted = torch.zeros_like(draft.span_length)
+    else:
+        commit = torch.where(v, verified_commit, draft.baseline_commit)
+        tokens = torch.where(v, verified_tokens, draft.x0)
+        accepted = torch.where(draft.do_verify, num_accepted, torch.zeros_like(num_accepted))
+    new_tokens = torch.where(commit | draft.edits, tokens, block.tokens)
+    n = commit.sum(dim=1)
+    policy_state = ucb_update(policy_state, params.policy, draft.routed, draft.bucket, draft.do_verify, n)
+    return StepResult(new_tokens, commit, n, accepted), policy_state

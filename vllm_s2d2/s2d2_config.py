@@ -1,0 +1,308 @@
+"""Every S2D2 / block-diffusion decoding knob, validated, with the paper's presets.
+
+Names follow the paper and the reference code (phymhan/S2D2 @ 279500a); the CLI flag each one mirrors is
+given in the comment.  Defaults follow the *paper configurations* (S2D2_SPEC.md §10.1), not the reference
+code's function defaults, which disagree with the paper (code: ``hard_margin_threshold`` estimator,
+``difference_dynamic`` score, c = 2, always-verify).  Concretely the engine default is the family's first
+paper configuration:
+
+* SDAR: Config-A -- ``score_threshold`` tau = 0, ``difference_static``, c = 1, ``soft_entropy_negexp``,
+  ``low_confidence_dynamic`` 0.85, ``cache_ver`` + ``draft_ver`` on, denoising_steps = block_size.
+* Fast-dLLM v2: Config-A -- threshold 0.9, sub-block 4, ``score_hysteresis`` on 1 / off -5,
+  ``difference_dynamic``, c = 1, no AR-like caching.
+* LLaDA2.x: "Conservative" -- threshold 0.95, ``score_threshold`` -5, ``difference_static``, c = 4, no
+  AR-like caching; T2T editing (0.9) only when ``editing_threshold`` is set (LLaDA2.0 was not trained to
+  edit, and the checkpoint format does not say which of 2.0 / 2.1 it is).
+
+Fields left ``None`` are *family defaults* filled by :meth:`S2D2Config.resolve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+# Choice sets (order = integer code used by the batched core functions).
+REMASKING = ("sequential", "low_confidence_static", "low_confidence_dynamic")
+POLICIES = ("mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb")
+ESTIMATORS = (
+    "soft_entropy_negexp",
+    "hard_margin_threshold",
+    "soft_renyi_2_entropy",
+    "soft_confidence_power",
+    "hard_entropy_threshold",
+    "soft_clipped_linear_margin",
+)
+SCORES = ("difference_static", "difference_dynamic")
+ACCEPTANCE = ("stochastic", "greedy")
+UCB_ENTROPY_SOURCES = ("span", "masked")
+FAMILIES = ("sdar", "fast_dllm_v2", "llada2")
+
+# Estimators the reference code offers per family (S2D2_SPEC.md §7.1).  Others are rejected, not ignored.
+FAMILY_ESTIMATORS = {
+    "sdar": ESTIMATORS,
+    "fast_dllm_v2": ("soft_entropy_negexp", "hard_margin_threshold", "soft_renyi_2_entropy"),
+    "llada2": ESTIMATORS,
+}
+FAMILY_POLICIES = {
+    "sdar": POLICIES,
+    "fast_dllm_v2": POLICIES,
+    "llada2": ("mask_span_length", "score_threshold", "score_hysteresis"),
+}
+
+
+@dataclass
+class S2D2Config:
+    # -- block diffusion ------------------------------------------------------------------------------
+    block_size: int | None = None  # B; None = checkpoint's (SDAR 4, Fast 32, LLaDA2 32)
+    denoising_steps: int | None = None  # S per block (SDAR/LLaDA2 quota); None = B
+    sub_block_size: int | None = None  # Fast-dLLM v2 `small_block_size`; None = 4 (Config-A)
+    remasking: str | None = None  # SDAR `--remasking_strategy`; None = low_confidence_dynamic
+    confidence_threshold: float | None = None  # tau (SDAR 0.85, Fast `threshold` 0.9, LLaDA2 0.95)
+    editing_threshold: float | None = None  # LLaDA2.1 T2T editing; None = off
+    max_post_steps: int = 0  # LLaDA2.1 editing passes after the last mask
+    cache_ver: bool | None = None  # AR-like (token-causal) KV for prefill and block commits
+    draft_ver: bool | None = None  # causal rows for the block's committed prefix in draft forwards
+    # -- verification ----------------------------------------------------------------------------------
+    verify: bool = True  # False = plain block-diffusion baseline (no verifier forward ever)
+    verify_policy: str | None = None  # `--do_verify_policy`
+    min_span_length: int = 1  # tau_span, `--min_ssd_span_length`
+    score_type: str | None = None  # `--ssd_score_type`
+    score_penalty_coef: float | None = None  # c, `--score_penalty_coef`
+    score_threshold: float | None = None  # tau_score
+    hysteresis_on: float | None = None  # tau_on (strictly above turns on)
+    hysteresis_off: float | None = None  # tau_off (stays on while s >= tau_off)
+    ucb_beta: float = 1.0
+    ucb_entropy_source: str = "span"
+    token_acceptance_estimator: str = "soft_entropy_negexp"
+    entropy_temperature: float = 1.0  # gamma_H of soft_entropy_negexp
+    margin_threshold: float = 0.05  # hard_margin_threshold m
+    entropy_threshold: float = 0.1  # hard_entropy_threshold t (CLI default)
+    confidence_power: float = 0.8  # soft_confidence_power k (CLI default)
+    margin_coef: float = 1.0  # soft_clipped_linear_margin coef
+    # -- acceptance ------------------------------------------------------------------------------------
+    acceptance: str = "stochastic"  # "greedy": accept iff draft == argmax q, correction = argmax q
+    ratio_tempering: float = 1.0  # gamma in min(1, (q/p)^gamma)
+    allow_resample: bool = True  # False: SDAR commits the rejected draft, Fast leaves it masked
+    ratio_threshold: float = -1.0  # >= 0: also commit later span tokens with r >= it (off)
+    always_check_high_confidence: bool = False  # also commit remaining masks with p0 > tau after a verify
+    preset: str | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "S2D2Config":
+        """Build from a user mapping; ``preset`` is applied first, explicit keys override it."""
+        d = dict(d or {})
+        d.pop("method", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown S2D2 option(s) {unknown}; valid options: {sorted(known)}")
+        preset = d.get("preset")
+        base: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown S2D2 preset {preset!r}; valid presets: {sorted(PRESETS)}")
+            base = dict(PRESETS[preset])
+        base.update(d)
+        return cls(**base)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "S2D2Config":
+        if not text:
+            return cls()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"S2D2 config is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ValueError("S2D2 config JSON must be an object")
+        return cls.from_dict(obj)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "S2D2Config":
+        """A copy with ``overrides`` applied (validated; unknown keys raise)."""
+        d = {k: v for k, v in self.to_dict().items() if k != "preset"}
+        known = set(d) | {"preset"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown S2D2 option(s) {unknown}; valid options: {sorted(known)}")
+        if overrides.get("preset") is not None:
+            return S2D2Config.from_dict({**overrides})
+        d.update(overrides)
+        return S2D2Config(**d)
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+            if value is not None and value not in options:
+                raise ValueError(f"S2D2 option {name}={value!r} is invalid; valid choices: {list(options)}")
+
+        def pos_int(name: str, value: Any, allow_none: bool = True, minimum: int = 1) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"S2D2 option {name}={value!r} must be an integer >= {minimum}")
+
+        def num(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
+                allow_none: bool = True, lo_open: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"S2D2 option {name}={value!r} must be a finite number")
+            if value < lo or value > hi or (lo_open and value == lo):
+                bracket = "(" if lo_open else "["
+                raise ValueError(f"S2D2 option {name}={value!r} must lie in {bracket}{lo}, {hi}]")
+
+        def boolean(name: str, value: Any, allow_none: bool = True) -> None:
+            if value is None and allow_none:
+                return
+            if not isinstance(value, bool):
+                raise ValueError(f"S2D2 option {name}={value!r} must be true or false")
+
+        pos_int("block_size", self.block_size)
+        pos_int("denoising_steps", self.denoising_steps)
+        pos_int("sub_block_size", self.sub_block_size)
+        pos_int("max_post_steps", self.max_post_steps, allow_none=False, minimum=0)
+        pos_int("min_span_length", self.min_span_length, allow_none=False)
+        choice("remasking", self.remasking, REMASKING)
+        choice("verify_policy", self.verify_policy, POLICIES)
+        choice("score_type", self.score_type, SCORES)
+        choice("token_acceptance_estimator", self.token_acceptance_estimator, ESTIMATORS)
+        choice("acceptance", self.acceptance, ACCEPTANCE)
+        choice("ucb_entropy_source", self.ucb_entropy_source, UCB_ENTROPY_SOURCES)
+        num("confidence_threshold", self.confidence_threshold, 0.0, 1.0)
+        num("editing_threshold", self.editing_threshold, 0.0, 1.0)
+        num("score_penalty_coef", self.score_penalty_coef, 0.0)
+        num("score_threshold", self.score_threshold)
+        num("hysteresis_on", self.hysteresis_on)
+        num("hysteresis_off", self.hysteresis_off)
+        num("ucb_beta", self.ucb_beta, 0.0, allow_none=False)
+        num("entropy_temperature", self.entropy_temperature, 0.0, allow_none=False, lo_open=True)
+        num("margin_threshold", self.margin_threshold, 0.0, 1.0, allow_none=False)
+        num("entropy_threshold", self.entropy_threshold, 0.0, 1.0, allow_none=False)
+        num("confidence_power", self.confidence_power, 0.0, allow_none=False, lo_open=True)
+        num("margin_coef", self.margin_coef, 0.0, allow_none=False, lo_open=True)
+        num("ratio_tempering", self.ratio_tempering, 0.0, allow_none=False, lo_open=True)
+        num("ratio_threshold", self.ratio_threshold, -1.0, 1.0, allow_none=False)
+        for name in ("verify", "allow_resample", "always_check_high_confidence"):
+            boolean(name, getattr(self, name), allow_none=False)
+        boolean("cache_ver", self.cache_ver)
+        boolean("draft_ver", self.draft_ver)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown S2D2 preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
+        if (self.hysteresis_on is not None and self.hysteresis_off is not None
+                and not self.hysteresis_on > self.hysteresis_off):
+            raise ValueError(
+                f"S2D2 score_hysteresis needs hysteresis_on > hysteresis_off, got "
+                f"{self.hysteresis_on} <= {self.hysteresis_off}")
+        if (self.sub_block_size is not None and self.block_size is not None
+                and self.block_size % self.sub_block_size != 0):
+            raise ValueError(
+                f"S2D2 option sub_block_size={self.sub_block_size} must divide block_size={self.block_size}")
+
+    # ------------------------------------------------------------------------------------------------
+    def resolve(self, family: str, checkpoint_block_size: int) -> "S2D2Config":
+        """Fill family defaults and check the result against the family; returns a new config."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown model family {family!r}; valid: {list(FAMILIES)}")
+        d = self.to_dict()
+        defaults = FAMILY_DEFAULTS[family]
+        for k, v in defaults.items():
+            if d.get(k) is None:
+                d[k] = v
+        if d["block_size"] is None:
+            d["block_size"] = checkpoint_block_size
+        if d["denoising_steps"] is None:
+            d["denoising_steps"] = d["block_size"]
+        B = d["block_size"]
+        if family == "fast_dllm_v2":
+            if B != checkpoint_block_size:
+                raise ValueError(
+                    f"Fast-dLLM v2 decodes with its trained block size bd_size={checkpoint_block_size}; "
+                    f"got block_size={B}. Use sub_block_size to change the decoding granularity.")
+            d["sub_block_size"] = min(d["sub_block_size"], B)
+            if B % d["sub_block_size"]:
+                raise ValueError(
+                    f"S2D2 option sub_block_size={d['sub_block_size']} must divide block_size={B}")
+            for k in ("cache_ver", "draft_ver"):
+                if d[k]:
+                    raise ValueError(f"S2D2 option {k}=true is not supported for Fast-dLLM v2 yet")
+        else:
+            if self.sub_block_size is not None and self.sub_block_size != B:
+                raise ValueError(f"sub_block_size applies to Fast-dLLM v2 only (family {family!r})")
+            d["sub_block_size"] = B
+        if family == "llada2" and d["draft_ver"]:
+            raise ValueError("S2D2 option draft_ver=true is not available for LLaDA2 (the reference has none)")
+        if family != "llada2" and d["editing_threshold"] is not None:
+            raise ValueError(f"editing_threshold (T2T editing) applies to LLaDA2.1 only (family {family!r})")
+        if family != "llada2" and d["max_post_steps"]:
+            raise ValueError(f"max_post_steps applies to LLaDA2.1 only (family {family!r})")
+        if d["token_acceptance_estimator"] not in FAMILY_ESTIMATORS[family]:
+            raise ValueError(
+                f"token_acceptance_estimator={d['token_acceptance_estimator']!r} is not defined for "
+                f"{family}; valid: {list(FAMILY_ESTIMATORS[family])}")
+        if d["verify_policy"] not in FAMILY_POLICIES[family]:
+            raise ValueError(f"verify_policy={d['verify_policy']!r} is not defined for {family}; "
+                             f"valid: {list(FAMILY_POLICIES[family])}")
+        if d["min_span_length"] > B:
+            raise ValueError(f"min_span_length={d['min_span_length']} exceeds block_size={B}")
+        if family != "fast_dllm_v2" and d["denoising_steps"] > B:
+            # quota 0 steps commit nothing (spec pitfall 16); reject instead of spinning.
+            raise ValueError(f"denoising_steps={d['denoising_steps']} must be <= block_size={B}")
+        if d["hysteresis_on"] <= d["hysteresis_off"]:
+            raise ValueError("S2D2 score_hysteresis needs hysteresis_on > hysteresis_off")
+        return S2D2Config(**d)
+
+
+_COMMON_DEFAULTS = dict(hysteresis_on=0.0, hysteresis_off=-1.0)
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Config-A of SDAR-8B (README:108-119).
+    "sdar": dict(_COMMON_DEFAULTS, remasking="low_confidence_dynamic", confidence_threshold=0.85,
+                 cache_ver=True, draft_ver=True, verify_policy="score_threshold",
+                 score_type="difference_static", score_penalty_coef=1.0, score_threshold=0.0),
+    # Config-A of Fast-dLLM v2 7B.
+    "fast_dllm_v2": dict(remasking="low_confidence_dynamic", confidence_threshold=0.9, sub_block_size=4,
+                         cache_ver=False, draft_ver=False, verify_policy="score_hysteresis",
+                         score_type="difference_dynamic", score_penalty_coef=1.0, score_threshold=0.0,
+                         hysteresis_on=1.0, hysteresis_off=-5.0),
+    # LLaDA2.1-mini "Conservative".
+    "llada2": dict(_COMMON_DEFAULTS, remasking="low_confidence_dynamic", confidence_threshold=0.95,
+                   cache_ver=False, draft_ver=False, verify_policy="score_threshold",
+                   score_type="difference_static", score_penalty_coef=4.0, score_threshold=-5.0),
+}
+
+# The paper's named configurations (S2D2_SPEC.md §10.1).  All use soft_entropy_negexp.
+PRESETS: dict[str, dict[str, Any]] = {
+    "sdar-a": dict(block_size=4, denoising_steps=4, remasking="low_confidence_dynamic",
+                   confidence_threshold=0.85, cache_ver=True, draft_ver=True, verify_policy="score_threshold",
+                   score_type="difference_static", score_penalty_coef=1.0, score_threshold=0.0),
+    "sdar-b": dict(block_size=16, denoising_steps=16, remasking="low_confidence_dynamic",
+                   confidence_threshold=0.85, cache_ver=True, draft_ver=True, verify_policy="score_threshold",
+                   score_type="difference_static", score_penalty_coef=0.0, score_threshold=0.0),
+    "fast-a": dict(confidence_threshold=0.9, sub_block_size=4, verify_policy="score_hysteresis",
+                   hysteresis_on=1.0, hysteresis_off=-5.0, score_type="difference_dynamic",
+                   score_penalty_coef=1.0),
+    "fast-b": dict(confidence_threshold=0.9, sub_block_size=16, verify_policy="score_hysteresis",
+                   hysteresis_on=1.0, hysteresis_off=-5.0, score_type="difference_dynamic",
+                   score_penalty_coef=1.0),
+    "fast-c": dict(confidence_threshold=0.9, sub_block_size=32, verify_policy="mask_span_length",
+                   min_span_length=8),
+    "llada2-conservative": dict(block_size=32, confidence_threshold=0.95, editing_threshold=0.9,
+                                verify_policy="score_threshold", score_threshold=-5.0,
+                                score_type="difference_static", score_penalty_coef=4.0),
+    "llada2-quality": dict(block_size=32, confidence_threshold=0.7, editing_threshold=0.5,
+                           verify_policy="score_threshold", score_threshold=0.0,
+                           score_type="difference_static", score_penalty_coef=4.0),
+}
+for _p in PRESETS.values():
+    _p.setdefault("token_acceptance_estimator", "soft_entropy_negexp")
