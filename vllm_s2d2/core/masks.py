@@ -20,11 +20,24 @@ def block_causal(n: int, block_size: int, device=None) -> torch.Tensor:
     return blk[None, :] <= blk[:, None]
 
 
-def committed_kv(n: int, block_size: int, token_causal: bool, device=None) -> torch.Tensor:
-    """What each of the first ``n`` committed tokens attended to when its KV was written.
+def committed_kv(n: int, block_size: int, token_causal: bool, prompt_len: int = 0, device=None) -> torch.Tensor:
+    """What each of the first ``n`` committed tokens attended to when its KV was written ``[n, n]``.
 
-    Prefill and block commits are block-causal, or token-causal with AR-like caching (``cache_ver``)."""
-    return causal(n, device) if token_causal else block_causal(n, block_size, device)
+    With AR-like caching (``cache_ver``) every row is token-causal.  Otherwise rows are block-causal over
+    absolute blocks (k // B <= q // B), except that prompt rows never see generated tokens: the whole
+    prompt is prefilled in one pass, so the prompt's last (partial) block is bidirectional among its
+    prompt tokens only.  B = 4, prompt 6, n = 8 (P = prompt, G = generated)::
+
+        P0  1111 0000          P4  1111 1100
+        P1  1111 0000          P5  1111 1100
+        P2  1111 0000          G6  1111 1111
+        P3  1111 0000          G7  1111 1111
+    """
+    if token_causal:
+        return causal(n, device)
+    m = block_causal(n, block_size, device)
+    idx = torch.arange(n, device=device)
+    return m & ((idx[None, :] < prompt_len) | (idx[:, None] >= prompt_len))
 
 
 def draft_rows(cache_len: int, block_len: int, causal_prefix: torch.Tensor | int = 0,

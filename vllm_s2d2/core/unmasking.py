@@ -36,9 +36,11 @@ def first_k_positions(eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def above_threshold_or_top_k(conf: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor,
                              threshold: torch.Tensor) -> torch.Tensor:
-    """``low_confidence_dynamic``: every eligible position with conf > tau if at least k qualify, else top-k."""
+    """``low_confidence_dynamic``: every eligible position with conf > tau if at least k qualify, else top-k.
+
+    A quota of 0 commits nothing (the SDAR fallback runs only while the step is short of its quota)."""
     above = eligible & (conf > threshold[:, None])
-    enough = above.sum(dim=1) >= k
+    enough = (above.sum(dim=1) >= k) & (k > 0)
     return torch.where(enough[:, None], above, top_k_positions(conf, eligible, k))
 
 

@@ -8,8 +8,12 @@ acceptance, unmasking) is made by :mod:`vllm_s2d2.core.step`; this module only a
   token-causal with ``cache_ver``), which is exactly what a KV cache of committed tokens holds; query rows
   use the draft / 2L-verify / causal rows of :mod:`vllm_s2d2.core.masks`.  Forwards are counted as a
   cached engine would run them (prefill, draft, verify, commit), so the statistics are the engine's.
-* Blocks are aligned to absolute position 0; full prompt blocks are prefilled; the prompt tail heads the
-  first decode block and is never changed (S2D2_SPEC.md §1.1).
+* Blocks are aligned to absolute position 0 (S2D2_SPEC.md §1.1).  The **whole prompt is prefilled**, as
+  vLLM schedules it, so the first decode block is the partial block after the prompt and the prompt tail is
+  read from the cache.  This equals the SDAR reference for its paper configuration (``cache_ver`` +
+  ``draft_ver``: the tail's KV is token-causal either way); without them, and for Fast-dLLM v2 / LLaDA2,
+  it differs from the reference code only in the first block of a prompt whose length is not a multiple
+  of B (there the reference lets the tail attend to the block's masks).
 
 Family specifics (S2D2_SPEC.md §1-5): SDAR verifies with the 2L mask and tops up to the step quota;
 Fast-dLLM v2 is shift-aligned, decodes sub-blocks of its 32-token blocks, verifies with a causal forward
@@ -52,6 +56,7 @@ class DecodeStats:
     proposed_tokens: int = 0  # span tokens offered to the verifier
     accepted_tokens: int = 0  # draft tokens the verifier accepted
     verify_committed_tokens: int = 0  # tokens committed by verify steps (accepted + corrections + top-ups)
+    edited_tokens: int = 0  # LLaDA2.1 T2T edits applied
     generated_tokens: int = 0
 
     @property
@@ -101,44 +106,41 @@ class _Request:
         self.stats = DecodeStats()
 
     # -- forwards ---------------------------------------------------------------------------------------
+    def _committed_rows(self, upto: int) -> torch.Tensor:
+        return masks.committed_kv(upto, self.B, bool(self.cfg.cache_ver), self.prompt_len, self.device)
+
     def _forward(self, query: torch.Tensor, positions: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor:
+        """Logits of the query rows over ``[committed KV | query]`` (query_rows: ``[Lq, cached + Lq]``)."""
         c = self.cached
         ids = torch.cat([torch.tensor(self.seq[:c], dtype=torch.long, device=self.device), query])
         pos = torch.cat([torch.arange(c, device=self.device), positions])
         n = ids.numel()
         visible = torch.zeros(n, n, dtype=torch.bool, device=self.device)
-        visible[:c, :c] = masks.committed_kv(c, self.B, bool(self.cfg.cache_ver), self.device)
+        visible[:c, :c] = self._committed_rows(c)
         visible[c:, :] = query_rows
         return self.model.logits(ids, pos, visible, rows=torch.arange(c, n, device=self.device))
 
-    def _store(self, upto: int) -> torch.Tensor | None:
-        """Commit tokens [cached, upto) to the cache (1 forward); returns the last position's logits."""
-        if upto <= self.cached:
-            return None
-        L = upto - self.cached
-        q = torch.tensor(self.seq[self.cached:upto], dtype=torch.long, device=self.device)
+    def _store(self, upto: int) -> torch.Tensor:
+        """Write tokens [cached, upto) to the cache (one forward); returns the last row's logits."""
         start = self.cached
-        kv_rows = masks.committed_kv(upto, self.B, bool(self.cfg.cache_ver), self.device)[start:upto, :upto]
-        logits = self._forward(q, torch.arange(start, upto, device=self.device), kv_rows)
+        q = torch.tensor(self.seq[start:upto], dtype=torch.long, device=self.device)
+        logits = self._forward(q, torch.arange(start, upto, device=self.device),
+                               self._committed_rows(upto)[start:upto, :upto])
         self.cached = upto
         return logits[-1]
 
+    def _append_shifted_token(self, last_logits: torch.Tensor) -> None:
+        """Shift-aligned models: the token after a stored prefix is the argmax of its last logit (§4)."""
+        if self.rules.shifted:
+            self.seq.append(int(last_logits.argmax()))
+
     # -- the main loop ----------------------------------------------------------------------------------
     def run(self) -> ReferenceOutput:
-        B, P = self.B, self.prompt_len
-        prefill_to = (P // B) * B
-        if self.rules.shifted and P % B == 0:
-            # Fast-dLLM v2: every block starts with a known token; a block-aligned prompt's next token is
-            # the argmax of the prefill's last logit (S2D2_SPEC.md §4).
-            prefill_to = P
-        if prefill_to > 0:
-            last = self._store(prefill_to)
-            self.stats.prefill_forwards += 1
-            if self.rules.shifted and P % B == 0:
-                self.seq.append(int(last.argmax()))
-        finish = None
-        while finish is None:
-            finish = self._decode_block()
+        P = self.prompt_len
+        self._append_shifted_token(self._store(P))  # the whole prompt is prefilled
+        self.stats.prefill_forwards += 1
+        while not self._finished(len(self.seq)) and not self._decode_block():
+            pass
         gen = self.seq[P:]
         stop_at = next((i for i, t in enumerate(gen) if t in self.stop_ids), None)
         if stop_at is not None and stop_at < self.max_tokens:
@@ -152,44 +154,49 @@ class _Request:
         gen = self.seq[self.prompt_len:upto]
         return len(gen) >= self.max_tokens or any(t in self.stop_ids for t in gen)
 
-    def _decode_block(self) -> str | None:
+    def _decode_block(self) -> bool:
+        """Decode the block holding position ``cached``; returns True when the request is finished.
+
+        The block spans absolute ``[block_start, block_start + B)``; positions before ``cached`` (the prompt
+        tail) are in the cache, so forwards query only ``[cached, block_end)``.  Core tensors always use
+        the B columns of the whole block."""
         B, mask_id, dev = self.B, self.info.mask_token_id, self.device
         start = self.cached
-        known = self.seq[start:]
+        block_start = start // B * B
+        end = block_start + B
+        off = start - block_start
+        known = self.seq[block_start:]
         tokens = torch.tensor([known + [mask_id] * (B - len(known))], dtype=torch.long, device=dev)
-        positions = torch.arange(start, start + B, device=dev)
+        positions = torch.arange(block_start, end, device=dev)
         editable = (positions >= self.prompt_len)[None, :]
         sub = self.cfg.sub_block_size
-        step = 0
-        post_steps = 0
+        step = post_steps = 0
         while True:
             is_mask = tokens[0] == mask_id
-            if not bool(is_mask.any()):
+            has_mask = bool(is_mask.any())
+            if not has_mask:
                 if self.info.family != "llada2":
                     break
-                post_steps += 1
+                post_steps += 1  # LLaDA2.1 editing passes after the last mask
                 if post_steps > self.cfg.max_post_steps:
                     break
-            # Fast-dLLM v2 unmasks the first sub-block that still has masks; others the whole block.
-            if self.rules.shifted and bool(is_mask.any()):
-                first = int(is_mask.int().argmax())
-                lo = first // sub * sub
-                region = ((positions >= start + lo) & (positions < start + lo + sub))[None, :]
+            first_mask = int(is_mask.int().argmax()) if has_mask else B
+            if self.rules.shifted and has_mask:
+                lo = first_mask // sub * sub  # Fast-dLLM v2: the first sub-block that still has masks
+                region = ((positions >= block_start + lo) & (positions < block_start + lo + sub))[None, :]
             else:
                 region = torch.ones(1, B, dtype=torch.bool, device=dev)
-            first_mask = int(is_mask.int().argmax()) if bool(is_mask.any()) else B
-            causal_prefix = first_mask if self.cfg.draft_ver else 0
-            logits = self._forward(tokens[0], positions, masks.draft_rows(start, B, causal_prefix, dev))[None]
+            causal_prefix = max(first_mask - off, 0) if self.cfg.draft_ver else 0
+            q_logits = self._forward(tokens[0, off:], positions[off:], masks.draft_rows(start, B - off, causal_prefix, dev))
+            logits = self._full_block(q_logits, off)
             self.stats.draft_forwards += 1
-            if self.rules.shifted:
-                logits = align_shifted_logits(logits)
             counter = torch.tensor([self.counter], device=dev)
             block = BlockState(tokens, editable, region, torch.tensor([step], device=dev), counter)
             draft, self.policy_state = draft_step(logits, block, self.params, self.rules, self.policy_state)
             v_commit = v_tokens = v_acc = None
             if bool(draft.do_verify[0]):
-                q_logits = self._verify_logits(draft.first_half[0], region[0], start)
-                v_commit, v_tokens, v_acc = verify_step(draft, q_logits[None], self.params, self.rules, counter)
+                v_logits = self._verify_logits(draft.first_half[0], region[0], start, off)
+                v_commit, v_tokens, v_acc = verify_step(draft, v_logits, self.params, self.rules, counter)
                 self.stats.verify_forwards += 1
                 self.stats.verify_steps += 1
                 self.stats.proposed_tokens += int(draft.span_length[0])
@@ -197,56 +204,57 @@ class _Request:
                 self.stats.verify_committed_tokens += int(v_commit.sum())
             result, self.policy_state = finish_step(block, draft, v_commit, v_tokens, v_acc, self.params,
                                                     self.policy_state)
-            made_edit = bool((draft.edits & ~draft.is_mask).any())
-            tokens = result.tokens
             self.stats.steps += 1
+            self.stats.edited_tokens += int(draft.edits.sum())
             self.counter += 1
             step += 1
-            if not bool(is_mask.any()) and not made_edit:  # LLaDA2 post step that changed nothing
+            changed = bool((result.tokens != tokens).any())
+            tokens = result.tokens
+            self.seq = self.seq[:block_start] + tokens[0].tolist()
+            if not has_mask and not changed:  # an editing pass that edited nothing ends the block
                 break
-            self.seq = self.seq[:start] + tokens[0].tolist()
-            if self._early_stop(tokens[0], mask_id):
+            if self._stop_before_mask(tokens[0], mask_id, block_start):
                 break
-        self.seq = self.seq[:start] + tokens[0].tolist()
-        end = start + B
+        self.seq = self.seq[:block_start] + tokens[0].tolist()
         if self._finished(end):
-            return "done"
-        last = self._store(end)
+            return True
+        self._append_shifted_token(self._store(end))
         self.stats.commit_forwards += 1
-        if self.rules.shifted:
-            self.seq.append(int(last.argmax()))
-            if self._finished(end + 1):
-                return "done"
-        return None
+        return False
 
-    def _early_stop(self, block: torch.Tensor, mask_id: int) -> bool:
-        """A stop token with no mask before it ends the block (everything after it is discarded)."""
+    def _full_block(self, query_logits: torch.Tensor, off: int) -> torch.Tensor:
+        """``[1, B, V]`` logits for the whole block from the query rows (cached tail columns get zeros);
+        shifted models are aligned so column i holds the prediction for position i."""
+        full = torch.cat([query_logits.new_zeros(off, query_logits.shape[-1]), query_logits])[None]
+        return align_shifted_logits(full) if self.rules.shifted else full
+
+    def _stop_before_mask(self, block: torch.Tensor, mask_id: int, block_start: int) -> bool:
+        """A generated stop token with no mask before it ends the block (what follows is discarded)."""
         if not self.stop_ids:
             return False
-        toks = block.tolist()
-        start = self.cached
-        for i, t in enumerate(toks):
+        for i, t in enumerate(block.tolist()):
             if t == mask_id:
                 return False
-            if start + i >= self.prompt_len and t in self.stop_ids:
+            if block_start + i >= self.prompt_len and t in self.stop_ids:
                 return True
         return False
 
-    def _verify_logits(self, first_half: torch.Tensor, region: torch.Tensor, start: int) -> torch.Tensor:
-        """Verifier logits aligned to block positions ``[B, V]``."""
+    def _verify_logits(self, first_half: torch.Tensor, region: torch.Tensor, start: int, off: int) -> torch.Tensor:
+        """Verifier logits for the whole block ``[1, B, V]`` (aligned; cached columns zero)."""
         B, dev = self.B, self.device
-        positions = torch.arange(start, start + B, device=dev)
+        block_start = start - off
+        positions = torch.arange(start, block_start + B, device=dev)
         if self.rules.shifted:
-            # Causal forward over block start .. sub-block end, drafts filled; logit i-1 predicts token i.
-            end = int(region.nonzero().max()) + 1
-            logits = self._forward(first_half[:end], positions[:end], masks.causal_rows(start, end, dev))
-            aligned = align_shifted_logits(logits[None])[0]
-            pad = aligned.new_zeros(B - end, aligned.shape[-1])
-            return torch.cat([aligned, pad])
-        mask_half = torch.full((B,), self.info.mask_token_id, dtype=torch.long, device=dev)
-        logits = self._forward(torch.cat([first_half, mask_half]), torch.cat([positions, positions]),
-                               masks.verifier_2l(start, B, dev))
-        return logits[B:]
+            # Causal forward over [cached, sub-block end), drafts filled; logit i-1 predicts token i.
+            stop = int(region.nonzero().max()) + 1
+            q = self._forward(first_half[off:stop], positions[:stop - off], masks.causal_rows(start, stop - off, dev))
+            q = torch.cat([q, q.new_zeros(B - stop, q.shape[-1])])
+            return self._full_block(q, off)
+        L = B - off
+        mask_half = torch.full((L,), self.info.mask_token_id, dtype=torch.long, device=dev)
+        q = self._forward(torch.cat([first_half[off:], mask_half]), torch.cat([positions, positions]),
+                          masks.verifier_2l(start, L, dev))
+        return self._full_block(q[L:], off)
 
 
 def generate(model: DenseModel, info: FamilyInfo, prompts: Sequence[Sequence[int]], config: S2D2Config,
