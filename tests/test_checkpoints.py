@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -156,9 +157,8 @@ def test_tiny_checkpoint_names_shapes_values(family, tiny_checkpoint):
             assert abs(x.float().std().item() - 0.02) < 0.006, name
     arch, bs, mask, stops, shifted, V = EXPECTED_INFO[family]
     info = load_family_info(path)
-    assert (info.architecture, info.block_size, info.mask_token_id, info.stop_token_ids, info.shifted, info.vocab_size) == (
-        arch, bs, mask, stops, shifted, V
-    )
+    got = (info.architecture, info.block_size, info.mask_token_id, info.stop_token_ids, info.shifted, info.vocab_size)
+    assert got == (arch, bs, mask, stops, shifted, V)
     # AutoConfig reads the tiny config.json as the plugin's class
     hf = AutoConfig.from_pretrained(path)
     assert family_info(hf, _gen(path)) == info
@@ -295,7 +295,8 @@ def test_transformers_loads_as_ar_base(family, cls, tiny_checkpoint, tmp_path):
     t = _tensors(src)
     assert torch.equal(sd["model.embed_tokens.weight"], t["model.embed_tokens.weight"].float())
     assert torch.equal(sd["lm_head.weight"], t["lm_head.weight"].float())
-    assert torch.equal(sd["model.layers.1.self_attn.k_proj.weight"], t["model.layers.1.self_attn.k_proj.weight"].float())
+    k = "model.layers.1.self_attn.k_proj.weight"
+    assert torch.equal(sd[k], t[k].float())
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4, 5]])).logits
     assert logits.shape == (1, 5, cfg["vocab_size"]) and torch.isfinite(logits).all()
@@ -317,7 +318,8 @@ def test_plain_qwen3(tiny_sdar, tiny_plain_qwen3, tmp_path):
     pm = build_plain_qwen3_checkpoint(tmp_path / "pqm", small_vocab=True, moe=True, tokenizer=False)
     assert _cfg(pm)["model_type"] == "qwen3_moe"
     with pytest.raises(ValueError, match="SDAR"):
-        as_plain_qwen3(build_tiny_checkpoint("fast_dllm_v2", tmp_path / "f", small_vocab=True, tokenizer=False), tmp_path / "o")
+        fast = build_tiny_checkpoint("fast_dllm_v2", tmp_path / "f", small_vocab=True, tokenizer=False)
+        as_plain_qwen3(fast, tmp_path / "o")
     with pytest.raises(ValueError, match="architectures"):
         as_plain_ar(build_tiny_checkpoint("llada2", tmp_path / "l", small_vocab=True, tokenizer=False), tmp_path / "o2")
 
@@ -357,7 +359,7 @@ def test_sdar_tokenizer(tiny_sdar):
     assert no_think == chat + "<think>\n\n</think>\n\n"
     for text in TEXTS:
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert tok.decode(ids) == __import__("unicodedata").normalize("NFC", text)
+        assert tok.decode(ids) == unicodedata.normalize("NFC", text)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tiktoken") is None, reason="tiktoken not installed")
@@ -376,7 +378,8 @@ def test_fast_tokenizer(tiny_fast):
     assert tok.convert_tokens_to_ids("|<MASK>|") == 151665
     assert tok.eos_token_id == 151645 and len(tok) == 151666
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
-    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert chat.startswith("<|im_start|>system\n")
+    assert chat.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert tok("a|<MASK>|b", add_special_tokens=False)["input_ids"][1] == 151665
     assert load_family_info(tiny_fast).mask_token_id == tok.mask_token_id
 
@@ -392,7 +395,9 @@ def test_llada2_synthetic_tokenizer(tiny_llada2):
     assert tok.mask_token_id == 156895 == info.mask_token_id
     assert tok.eos_token_id == 156892 and info.stop_token_ids == (156892,)
     chat = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True, tokenize=False)
-    assert chat == "<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>2+2?<|role_end|><role>ASSISTANT</role>"
+    assert chat == (
+        "<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>2+2?<|role_end|><role>ASSISTANT</role>"
+    )
     ids = tok(chat, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == chat
     # every id decodes (random-weight generations must detokenize)

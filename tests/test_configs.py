@@ -295,7 +295,8 @@ def test_configs_import_is_light():
     """configs.py imports transformers config classes only (``models.auto.modeling_auto`` is a name table)."""
     code = (
         "import sys, vllm_s2d2.configs as c; c.register_hf_configs();"
-        "bad=[m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m];"
+        "bad=[m for m in sys.modules"
+        " if m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m];"
         "assert not bad, bad"
     )
     root = Path(__file__).resolve().parents[1]
@@ -316,7 +317,8 @@ def test_arch_table():
 
 def test_fallback_defaults_when_keys_absent():
     sdar = {k: v for k, v in SDAR_8B.items() if k not in ("block_size", "mask_token_id")}
-    assert family_info(sdar, SDAR_GEN) == FamilyInfo("sdar", "SDARForCausalLM", 4, 151669, (151645, 151643), False, 151936)
+    want = FamilyInfo("sdar", "SDARForCausalLM", 4, 151669, (151645, 151643), False, 151936)
+    assert family_info(sdar, SDAR_GEN) == want
     fast = {k: v for k, v in FAST_7B.items() if k != "bd_size"}
     info = family_info(fast)
     assert info.block_size == 32 and info.mask_token_id == 151665 and info.shifted

@@ -256,8 +256,8 @@ def tiny_config(
     cfg = copy.deepcopy(base_cfg)
     gen = copy.deepcopy(base_gen)
     cfg["torch_dtype"] = _dtype_name(dtype)
-    # transformers >= 5 warns about a "Mistral regex" for any local tokenizer whose config.json has no (or a
-    # pre-5.0 non-mistral) `transformers_version` check that fails -- record the installed version.
+    # transformers 5.x (TokenizersBackend._patch_mistral_regex) warns about an "incorrect Mistral regex" for a
+    # local tokenizer whose config.json lacks `transformers_version`: record the installed version.
     cfg["transformers_version"] = _transformers_version()
     if block_size is not None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
@@ -488,7 +488,8 @@ def write_synthetic_tokenizer(
     path.mkdir(parents=True, exist_ok=True)
     spec = _synthetic_spec(family)
     added = [
-        (small_vocab_id(family, tid) if small_vocab else tid, content, special) for tid, content, special in spec["added"]
+        (small_vocab_id(family, tid) if small_vocab else tid, content, special)
+        for tid, content, special in spec["added"]
     ]
     for tid, content, _ in added:
         if not 256 <= tid < vocab_size:
@@ -610,7 +611,8 @@ def build_tiny_checkpoint(
     if tokenizer:
         from .qwen_tokenizer import FAMILY_TOKENS, write_qwen_tokenizer
 
-        if fam in FAMILY_TOKENS and not small_vocab and cfg["vocab_size"] > max(t[0] for t in FAMILY_TOKENS[fam]["added"]):
+        qwen_ok = fam in FAMILY_TOKENS and cfg["vocab_size"] > max(t[0] for t in FAMILY_TOKENS[fam]["added"])
+        if qwen_ok and not small_vocab:
             write_qwen_tokenizer(path, fam)
         else:
             write_synthetic_tokenizer(path, fam, cfg["vocab_size"], small_vocab=small_vocab)

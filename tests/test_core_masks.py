@@ -1,0 +1,115 @@
+"""Unit tests for ``vllm_s2d2.core.masks`` (S2D2_SPEC.md §1.1, §3.2, §8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_s2d2.core.masks import block_causal, causal, causal_rows, committed_kv, draft_rows, verifier_2l
+
+
+def rows(*bits: str) -> torch.Tensor:
+    """Rows written as in the spec ('11 1000 0000'; spaces ignored)."""
+    return torch.tensor([[c == "1" for c in b.replace(" ", "")] for b in bits], dtype=torch.bool)
+
+
+def test_verifier_2l_matches_spec_table_l4_c2():
+    # S2D2_SPEC.md §3.2, rows written as cache | first | mask
+    expected = rows(
+        "11 1000 0000",  # q0
+        "11 1100 0000",  # q1
+        "11 1110 0000",  # q2
+        "11 1111 0000",  # q3
+        "11 0000 1000",  # m0
+        "11 1000 0100",  # m1
+        "11 1100 0010",  # m2
+        "11 1110 0001",  # m3
+    )
+    m = verifier_2l(2, 4)
+    assert m.dtype == torch.bool
+    assert m.shape == (8, 2 + 8)
+    for i in range(8):
+        for j in range(10):
+            assert bool(m[i, j]) == bool(expected[i, j]), (i, j)
+
+
+@pytest.mark.parametrize("C,L", [(0, 3), (5, 6), (1, 1), (3, 32)])
+def test_verifier_2l_rule_other_sizes(C, L):
+    m = verifier_2l(C, L)
+    assert m.shape == (2 * L, C + 2 * L)
+    for i in range(2 * L):
+        for j in range(C + 2 * L):
+            if j < C:
+                want = True  # every query sees the whole cache
+            elif i < L:  # first-half (draft-filled) rows
+                k = j - C
+                want = k < L and k <= i  # token-causal over the first half, nothing of the mask half
+            else:  # mask-half rows
+                r = i - L
+                if j < C + L:
+                    want = (j - C) < r  # strictly earlier drafts (own draft excluded)
+                else:
+                    want = (j - C - L) == r  # itself only
+            assert bool(m[i, j]) == want, (C, L, i, j)
+
+
+def test_verifier_2l_mask_row_counts():
+    # mask-half row i sees C + i + 1 keys; first-half row i sees C + i + 1 keys
+    C, L = 3, 5
+    m = verifier_2l(C, L)
+    assert m[:L].sum(1).tolist() == [C + i + 1 for i in range(L)]
+    assert m[L:].sum(1).tolist() == [C + i + 1 for i in range(L)]
+
+
+def test_causal():
+    assert causal(3).tolist() == rows("100", "110", "111").tolist()
+    assert causal(1).tolist() == [[True]]
+
+
+def test_block_causal():
+    # n = 6, B = 2: blocks {0,1}, {2,3}, {4,5}; k visible iff k // 2 <= q // 2
+    expected = rows("110000", "110000", "111100", "111100", "111111", "111111")
+    assert block_causal(6, 2).tolist() == expected.tolist()
+    # n not a multiple of B: positions aligned to 0
+    assert block_causal(5, 4).tolist() == rows("11110", "11110", "11110", "11110", "11111").tolist()
+    # B = 1 is token-causal
+    assert block_causal(4, 1).tolist() == causal(4).tolist()
+
+
+def test_committed_kv():
+    assert committed_kv(6, 2, token_causal=False).tolist() == block_causal(6, 2).tolist()
+    assert committed_kv(6, 2, token_causal=True).tolist() == causal(6).tolist()
+
+
+def test_draft_rows_without_causal_prefix():
+    m = draft_rows(2, 4)
+    assert m.shape == (4, 6)
+    assert bool(m.all())
+    assert bool(draft_rows(0, 3).all())
+
+
+def test_draft_rows_with_causal_prefix_doc_example():
+    # L = 4, C = 2, causal_prefix = 2 (docstring / §8 draft_ver)
+    expected = rows("11 1000", "11 1100", "11 1111", "11 1111")
+    assert draft_rows(2, 4, 2).tolist() == expected.tolist()
+    assert draft_rows(2, 4, torch.tensor(2)).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 3, 4])
+def test_draft_rows_prefix_rule(prefix):
+    C, L = 3, 4
+    m = draft_rows(C, L, prefix)
+    for i in range(L):
+        for j in range(C + L):
+            want = True if (j < C or i >= prefix) else (j - C) <= i
+            assert bool(m[i, j]) == want, (prefix, i, j)
+
+
+def test_draft_rows_prefix_all_rows_equals_causal_rows():
+    assert draft_rows(2, 4, 4).tolist() == causal_rows(2, 4).tolist()
+
+
+def test_causal_rows():
+    expected = rows("111 100", "111 110", "111 111")
+    assert causal_rows(3, 3).tolist() == expected.tolist()
+    assert causal_rows(0, 2).tolist() == causal(2).tolist()

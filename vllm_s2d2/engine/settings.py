@@ -1,0 +1,126 @@
+"""Engine-wide and per-request S2D2 settings, shared by the config hook, the sampling-params shim and the worker.
+
+Where the knobs live in vLLM 0.26 (``VLLM_0_26.md`` §3, §4, §11):
+
+* the engine-wide :class:`~vllm_s2d2.s2d2_config.S2D2Config` travels in ``VllmConfig.additional_config["s2d2"]``
+  (a plain dict: it is hashed and pickled into every process).  The ``speculative_config="s2d2"`` alias
+  (:mod:`vllm_s2d2.patches.spec_alias`) writes it; without the alias a user can pass
+  ``additional_config={"s2d2": {...}}`` directly, and a block-diffusion checkpoint with no S2D2 settings at all
+  runs the plain block-diffusion baseline (``verify=False``);
+* the canvas width W is ``DiffusionConfig.canvas_length`` = ``hf_config.canvas_length`` = 2·B (room for the
+  fused commit+draft canvas now and the 2L verifier later);
+* per request, ``SamplingParams.extra_args["s2d2"]`` (a dict of S2D2Config keys, OpenAI ``vllm_xargs``) overrides
+  knobs that do not change the canvas: everything except ``block_size`` (and ``verify``, which must stay off
+  until Engine II).
+
+This module imports nothing from vLLM, so the CPU tests and the frontend can use it freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from vllm_s2d2.configs import ARCH_TO_FAMILY, FamilyInfo, family_info
+from vllm_s2d2.s2d2_config import S2D2Config
+
+ADDITIONAL_CONFIG_KEY = "s2d2"
+EXTRA_ARGS_KEY = "s2d2"
+
+# Architectures the engine runs (models registered by ``register()``).  Fast-dLLM v2 and LLaDA2 have configs and a
+# reference decoder but no engine model yet.
+ENGINE_ARCHS = ("SDARForCausalLM", "SDARMoeForCausalLM")
+
+VERIFY_NOT_SUPPORTED = (
+    "S2D2 verification (verify=true, the S2D2Config default) is not supported by the vLLM engine yet "
+    "(Engine II). Pass {\"method\": \"s2d2\", \"verify\": false, ...} to run the plain block-diffusion "
+    "baseline (static / dynamic remasking, AR mode with block_size=1)."
+)
+
+
+def canvas_length(block_size: int) -> int:
+    """Canvas width W for block size B: the fused [final block | next block] commit canvas (and, later, the
+    2L verifier) needs 2·B slots."""
+    return 2 * block_size
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    info: FamilyInfo
+    config: S2D2Config  # resolved engine default
+
+    @property
+    def block_size(self) -> int:
+        return int(self.config.block_size)
+
+    @property
+    def canvas_length(self) -> int:
+        return canvas_length(self.block_size)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.info.mask_token_id
+
+
+def engine_family_info(hf_config: Any) -> FamilyInfo:
+    """:func:`~vllm_s2d2.configs.family_info` restricted to the architectures the engine serves."""
+    info = family_info(hf_config)
+    if info.architecture not in ENGINE_ARCHS:
+        raise ValueError(
+            f"architecture {info.architecture} ({info.family}) has no vLLM engine model yet; the engine serves "
+            f"{list(ENGINE_ARCHS)} (the reference decoder `python -m vllm_s2d2.reference` covers all families)")
+    return info
+
+
+def resolve_engine_settings(hf_config: Any, s2d2: Mapping[str, Any] | S2D2Config | None) -> EngineSettings:
+    """Validate the engine-wide S2D2 settings against the checkpoint; every error is a clear ``ValueError``.
+
+    ``s2d2`` None means "no S2D2 requested": the plain block-diffusion baseline (``verify=False``)."""
+    info = engine_family_info(hf_config)
+    if s2d2 is None:
+        cfg = S2D2Config(verify=False)
+    elif isinstance(s2d2, S2D2Config):
+        cfg = s2d2
+    else:
+        cfg = S2D2Config.from_dict(dict(s2d2))
+    resolved = cfg.resolve(info.family, info.block_size)
+    if resolved.verify:
+        raise ValueError(VERIFY_NOT_SUPPORTED)
+    return EngineSettings(info=info, config=resolved)
+
+
+def request_config(engine: S2D2Config, extra_args: Mapping[str, Any] | None, family: str,
+                   checkpoint_block_size: int) -> S2D2Config:
+    """The resolved config of one request: the engine config with ``extra_args["s2d2"]`` applied.
+
+    Raises ``ValueError`` for unknown keys, bad values, a different ``block_size`` or ``verify=true``."""
+    overrides = (extra_args or {}).get(EXTRA_ARGS_KEY) if extra_args else None
+    if not overrides:
+        return engine
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping of S2D2 options, got {overrides!r}")
+    overrides = dict(overrides)
+    overrides.pop("method", None)
+    if "preset" in overrides:
+        raise ValueError("per-request S2D2 options cannot select a preset; set the options themselves")
+    if "block_size" in overrides and overrides["block_size"] != engine.block_size:
+        raise ValueError(
+            f"per-request block_size={overrides['block_size']!r} differs from the engine's block_size="
+            f"{engine.block_size}; the block size (and canvas) is fixed per engine")
+    if "sub_block_size" in overrides and overrides["sub_block_size"] != engine.sub_block_size:
+        raise ValueError("sub_block_size is fixed per engine")
+    cfg = engine.replace(**overrides)  # validates keys and values
+    resolved = cfg.resolve(family, checkpoint_block_size)
+    if resolved.verify:
+        raise ValueError(VERIFY_NOT_SUPPORTED)
+    return resolved
+
+
+def is_engine_arch(architectures: Any) -> bool:
+    archs = [architectures] if isinstance(architectures, str) else list(architectures or [])
+    return any(a in ENGINE_ARCHS for a in archs)
+
+
+def is_block_diffusion_arch(architectures: Any) -> bool:
+    archs = [architectures] if isinstance(architectures, str) else list(architectures or [])
+    return any(a in ARCH_TO_FAMILY for a in archs)
