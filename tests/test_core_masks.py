@@ -79,6 +79,20 @@ def test_block_causal():
 def test_committed_kv():
     assert committed_kv(6, 2, token_causal=False).tolist() == block_causal(6, 2).tolist()
     assert committed_kv(6, 2, token_causal=True).tolist() == causal(6).tolist()
+    # cache_ver: token-causal whatever the prompt
+    assert committed_kv(8, 4, token_causal=True, prompt_len=6).tolist() == causal(8).tolist()
+
+
+def test_committed_kv_partial_prompt_block():
+    # B = 4, prompt 6, n = 8: the whole prompt is prefilled at once, so prompt rows 4, 5 (partial block 1)
+    # see the prompt only; generated rows 6, 7 see blocks 0 and 1 entirely.
+    expected = rows("1111 0000", "1111 0000", "1111 0000", "1111 0000",
+                    "1111 1100", "1111 1100", "1111 1111", "1111 1111")
+    assert committed_kv(8, 4, token_causal=False, prompt_len=6).tolist() == expected.tolist()
+    # prompt ending on a block boundary: plain block-causal
+    assert committed_kv(8, 4, token_causal=False, prompt_len=4).tolist() == block_causal(8, 4).tolist()
+    # prompt covering everything: block-causal among prompt tokens
+    assert committed_kv(6, 4, token_causal=False, prompt_len=6).tolist() == block_causal(6, 4).tolist()
 
 
 def test_draft_rows_without_causal_prefix():

@@ -216,12 +216,8 @@ def test_rng_range_open_unit_interval_on_many_draws():
     assert bool((u > 0).all()) and bool((u < 1).all())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: rng.uniform can return exactly 1.0 (documented range (0, 1)): ((h >> 8).float() + 0.5) rounds "
-    "to 2**24 in fp32 when h >> 8 == 2**24 - 1 (24-bit integer + 0.5 needs 25 significand bits; values "
-    ">= 2**23 + 0.5 also round to even).  E.g. seed 16075501, counter 0, STREAM_DRAFT, index 0 gives 1.0 "
-    "(seed 16586392 for STREAM_ACCEPT, where u = 1.0 rejects even a ratio-1 draft).  Fix: use (h >> 9) "
-    "with 2**-23 scaling, or compute in float64 before casting."))
+# Regression: uniform() used ((h >> 8) + 0.5) / 2**24, which rounds to exactly 1.0 in fp32 when
+# h >> 8 == 2**24 - 1 (these seeds hit it at index 0).  Found by this suite; fixed with 23-bit values.
 def test_rng_never_returns_one():
     assert float(_u(16075501, 0, rng.STREAM_DRAFT, 1)[0]) < 1.0
     assert float(_u(16586392, 0, rng.STREAM_ACCEPT, 1)[0]) < 1.0

@@ -146,6 +146,17 @@ def test_above_threshold_strict_and_all_if_enough_else_top_k():
     assert out.tolist() == [B(".11.."), B(".11.."), B("111.."), B(".1...")]
 
 
+def test_quota_zero_commits_nothing_for_every_rule():
+    # k = 0 (a fallback whose quota is already met) commits nothing, even with confident positions
+    # (SDAR fallback runs only `if decoded_this_step < min_k`).
+    conf = ft([[0.99, 0.95, 0.2, 0.9]] * 3)
+    eligible = bt("1111", "1111", "1111")
+    rule = lt([SEQUENTIAL, LOW_CONFIDENCE_STATIC, LOW_CONFIDENCE_DYNAMIC])
+    out = remask_commit(rule, conf, eligible, lt([0, 0, 0]), ft([0.85] * 3))
+    assert not out.any()
+    assert not above_threshold_or_top_k(conf[:1], eligible[:1], lt([0]), ft([0.5])).any()
+
+
 def test_above_threshold_ignores_ineligible_positions():
     conf = ft([[0.99, 0.99, 0.2, 0.3]])
     out = above_threshold_or_top_k(conf, bt("..11"), lt([1]), ft([0.5]))

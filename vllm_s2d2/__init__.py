@@ -2,6 +2,18 @@
 
 ``register()`` is the ``vllm.general_plugins`` entry point.  vLLM calls it in every process (engine, workers,
 the model-registry subprocess), so it is idempotent and cheap; importing this package imports nothing heavy.
+
+With vLLM importable, ``register()`` also (``VLLM_0_26.md`` §11):
+
+1. registers the HF config classes with transformers' ``AutoConfig`` and vLLM's ``_CONFIG_REGISTRY`` (no
+   ``--trust-remote-code``);
+2. registers ``SDARForCausalLM`` / ``SDARMoeForCausalLM`` with ``ModelRegistry`` as lazy
+   ``"module:Class"`` strings (nothing imported until vLLM resolves the architecture);
+3. adds the config hook (:class:`vllm_s2d2.engine.config_hooks.S2D2ConfigHook`) to ``MODELS_CONFIG_MAP``;
+4. installs the ``speculative_config="s2d2"`` alias and the sampling-parameter shim (:mod:`vllm_s2d2.patches`).
+
+Steps 2-4 need vLLM 0.26.0 exactly; with another version they raise a clear error (vLLM logs a failing plugin
+and carries on without it).
 """
 
 from __future__ import annotations
@@ -10,13 +22,43 @@ __version__ = "0.1.0"
 
 _registered = False
 
+# architecture -> "module:Class" (lazy registration strings)
+MODEL_CLASSES = {
+    "SDARForCausalLM": "vllm_s2d2.model_executor.models.sdar:SDARForCausalLM",
+    "SDARMoeForCausalLM": "vllm_s2d2.model_executor.models.sdar:SDARMoeForCausalLM",
+}
+
+
+def _vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
 
 def register() -> None:
-    """Register the block-diffusion checkpoint configs (and, with vLLM, the models) once per process."""
+    """Register the block-diffusion checkpoint configs and, with vLLM, the models, hook and shims (once)."""
     global _registered
     if _registered:
         return
-    from vllm_s2d2.configs import register_hf_configs
+    from vllm_s2d2.configs import CONFIG_CLASSES, register_hf_configs
 
     register_hf_configs()
+    if _vllm_available():
+        from vllm_s2d2.patches import require_vllm_version
+
+        require_vllm_version("register()")
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+        from vllm.transformers_utils.config import _CONFIG_REGISTRY
+
+        from vllm_s2d2.engine.config_hooks import S2D2ConfigHook
+        from vllm_s2d2.patches import sampling_validation, spec_alias
+
+        for model_type, cls in CONFIG_CLASSES.items():
+            _CONFIG_REGISTRY[model_type] = cls
+        for arch, target in MODEL_CLASSES.items():
+            ModelRegistry.register_model(arch, target)
+            MODELS_CONFIG_MAP[arch] = S2D2ConfigHook
+        spec_alias.install()
+        sampling_validation.install()
     _registered = True

@@ -45,7 +45,7 @@ FAMILIES = ("sdar", "fast_dllm_v2", "llada2")
 FAMILY_ESTIMATORS = {
     "sdar": ESTIMATORS,
     "fast_dllm_v2": ("soft_entropy_negexp", "hard_margin_threshold", "soft_renyi_2_entropy"),
-    "llada2": ESTIMATORS,
+    "llada2": ("soft_entropy_negexp", "hard_margin_threshold", "soft_renyi_2_entropy"),
 }
 FAMILY_POLICIES = {
     "sdar": POLICIES,
@@ -136,8 +136,8 @@ class S2D2Config:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown S2D2 option(s) {unknown}; valid options: {sorted(known)}")
-        if overrides.get("preset") is not None:
-            return S2D2Config.from_dict({**overrides})
+        if "preset" in overrides:
+            raise ValueError("replace() does not apply presets; use S2D2Config.from_dict({'preset': ...})")
         d.update(overrides)
         return S2D2Config(**d)
 
@@ -200,8 +200,8 @@ class S2D2Config:
         boolean("draft_ver", self.draft_ver)
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown S2D2 preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
-        if (self.hysteresis_on is not None and self.hysteresis_off is not None
-                and not self.hysteresis_on > self.hysteresis_off):
+        if (self.verify_policy in (None, "score_hysteresis") and self.hysteresis_on is not None
+                and self.hysteresis_off is not None and not self.hysteresis_on > self.hysteresis_off):
             raise ValueError(
                 f"S2D2 score_hysteresis needs hysteresis_on > hysteresis_off, got "
                 f"{self.hysteresis_on} <= {self.hysteresis_off}")
@@ -230,7 +230,6 @@ class S2D2Config:
                 raise ValueError(
                     f"Fast-dLLM v2 decodes with its trained block size bd_size={checkpoint_block_size}; "
                     f"got block_size={B}. Use sub_block_size to change the decoding granularity.")
-            d["sub_block_size"] = min(d["sub_block_size"], B)
             if B % d["sub_block_size"]:
                 raise ValueError(
                     f"S2D2 option sub_block_size={d['sub_block_size']} must divide block_size={B}")
@@ -241,6 +240,12 @@ class S2D2Config:
             if self.sub_block_size is not None and self.sub_block_size != B:
                 raise ValueError(f"sub_block_size applies to Fast-dLLM v2 only (family {family!r})")
             d["sub_block_size"] = B
+        if d["min_span_length"] > d["sub_block_size"]:
+            raise ValueError(f"min_span_length={d['min_span_length']} exceeds the decoding window "
+                             f"({'sub_block_size' if family == 'fast_dllm_v2' else 'block_size'}="
+                             f"{d['sub_block_size']}): such a span never occurs")
+        if family == "llada2" and not d["allow_resample"]:
+            raise ValueError("allow_resample=false is not available for LLaDA2 (its verifier always resamples)")
         if family == "llada2" and d["draft_ver"]:
             raise ValueError("S2D2 option draft_ver=true is not available for LLaDA2 (the reference has none)")
         if family != "llada2" and d["editing_threshold"] is not None:
@@ -254,12 +259,10 @@ class S2D2Config:
         if d["verify_policy"] not in FAMILY_POLICIES[family]:
             raise ValueError(f"verify_policy={d['verify_policy']!r} is not defined for {family}; "
                              f"valid: {list(FAMILY_POLICIES[family])}")
-        if d["min_span_length"] > B:
-            raise ValueError(f"min_span_length={d['min_span_length']} exceeds block_size={B}")
         if family != "fast_dllm_v2" and d["denoising_steps"] > B:
             # quota 0 steps commit nothing (spec pitfall 16); reject instead of spinning.
             raise ValueError(f"denoising_steps={d['denoising_steps']} must be <= block_size={B}")
-        if d["hysteresis_on"] <= d["hysteresis_off"]:
+        if d["verify_policy"] == "score_hysteresis" and d["hysteresis_on"] <= d["hysteresis_off"]:
             raise ValueError("S2D2 score_hysteresis needs hysteresis_on > hysteresis_off")
         return S2D2Config(**d)
 

@@ -48,4 +48,5 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor, stream: int, n: int) -> t
     """Uniform floats in (0, 1), shape ``[R, n]`` for ``seed``/``counter`` of shape ``[R]`` (int64)."""
     index = torch.arange(n, device=seed.device, dtype=torch.int64)
     h = hash32(seed[:, None], counter[:, None], stream, index[None, :])
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 random bits + 0.5 fit fp32's 24-bit significand exactly: values lie in [2**-24, 1 - 2**-24].
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))

@@ -97,10 +97,13 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
     n_high_conf = (eligible & (p0 > params.confidence_threshold[:, None])).sum(dim=1)
     s = score(params.score_type, k_hat, n_high_conf, params.penalty, span.length)
 
-    entropy_over = torch.where(params.ucb_entropy_masked[:, None], is_mask, span.mask)
+    # UCB context over the decoding window (block, or Fast-dLLM v2 sub-block): progress counts tokens
+    # decoded in it (not the prompt tail); the "masked" entropy source averages its masks.
+    window = block.region.sum(dim=1)
+    entropy_over = torch.where(params.ucb_entropy_masked[:, None], eligible, span.mask)
     mean_entropy = (stats.entropy * entropy_over).sum(1) / entropy_over.sum(1).clamp_min(1)
-    progress = (~is_mask).sum(dim=1).float() / B
-    bucket = ucb_bucket(span.length, block.region.sum(dim=1), progress, mean_entropy)
+    progress = (~is_mask & block.editable & block.region).sum(dim=1).float() / window.clamp_min(1)
+    bucket = ucb_bucket(span.length, window, progress, mean_entropy)
     routed = params.verify & (span.length > 0)
     do_verify, policy_state = route(params.policy, routed, span.length, s, bucket, policy_state,
                                     min_span=params.min_span, threshold=params.score_threshold,
@@ -136,13 +139,21 @@ def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules:
         allow_resample=params.allow_resample, ratio_threshold=params.ratio_threshold,
         keep_rejected_draft=rules.keep_rejected_draft)
     commit, tokens = verdict.commit, verdict.tokens
-    remaining = draft.eligible & ~commit
-    conf = torch.where(remaining, draft.p0, torch.zeros_like(draft.p0))
+    # Optional: other masks above tau, counted toward the quota (off in every paper config).
+    high = (draft.eligible & ~commit & params.always_check_high_confidence[:, None]
+            & (draft.p0 > params.confidence_threshold[:, None]))
+    commit = commit | high
     if rules.fallback_to_quota:
+        # SDAR / LLaDA2: top up with the remasking rule only while the step is short of its quota.
+        remaining = draft.eligible & ~commit
+        conf = torch.where(remaining, draft.p0, torch.zeros_like(draft.p0))
         k_left = (draft.quota - commit.sum(dim=1)).clamp_min(0)
         commit = commit | remask_commit(params.remasking, conf, remaining, k_left, params.confidence_threshold)
-    high = remaining & params.always_check_high_confidence[:, None] & (draft.p0 > params.confidence_threshold[:, None])
-    commit = commit | high
+    else:
+        # Fast-dLLM v2: a verification that committed nothing (first token rejected, no resampling) falls
+        # back to the threshold rule so the step cannot stall.
+        nothing = commit.sum(dim=1) == 0
+        commit = torch.where(nothing[:, None], draft.baseline_commit, commit)
     return commit, torch.where(draft.span, tokens, draft.x0), verdict.num_accepted
 
 

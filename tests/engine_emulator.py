@@ -1,0 +1,213 @@
+"""A CPU emulation of vLLM 0.26's scheduler + MRV2 runner around the plugin's real sampler and mask code.
+
+What is real: :class:`~vllm_s2d2.engine.stepper.S2D2Stepper`, :class:`~vllm_s2d2.engine.sampler.S2D2Sampler`
+and :func:`~vllm_s2d2.engine.attention.step_ranges` (the exact objects the GPU engine runs).  What is emulated,
+following the 0.26 source:
+
+* scheduling: prompts (optionally chunked by a token budget), then W canvas tokens per decode request
+  (truncated by the budget and by ``max_model_len``, ``scheduler.py:502-518``); rollback
+  ``num_computed -= num_rejected`` (``scheduler.py:1675-1702``); ``check_stop`` on emitted tokens
+  (eos / stop ids / max_tokens / max_model_len);
+* the runner's ``InputBatch`` fields the plugin reads, ``draft_tokens`` -> input ids of the canvas;
+* the paged KV cache: every position keeps the attention row it was written with (what the KV of that slot
+  encodes); a forward is a dense recompute of ``[cached | query]`` where cached rows use their recorded rows
+  and query rows use the TRITON kernel's mask (causal OR ranges, ``attention.kernel_visibility``) -- the same
+  device the reference decoder uses, so the emulated engine must equal ``reference.generate`` token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from vllm_s2d2.engine.attention import kernel_visibility, step_ranges
+from vllm_s2d2.engine.settings import resolve_engine_settings
+from vllm_s2d2.engine.stepper import S2D2Stepper
+
+
+@dataclass
+class EmuRequest:
+    req_id: str
+    prompt: list[int]
+    sampling: SimpleNamespace  # SamplingParams-like
+    slot: int = -1
+    num_computed: int = 0
+    output: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> recorded visibility row
+    kv_tokens: dict[int, int] = field(default_factory=dict)  # position -> token written there
+    forwards: int = 0
+
+    @property
+    def prefill_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.prefill_len
+
+
+def sampling_params(temperature=0.0, top_k=0, top_p=1.0, seed=None, max_tokens=16, stop_token_ids=(),
+                    eos_token_id=None, ignore_eos=False, extra_args=None):
+    return SimpleNamespace(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens,
+                           stop_token_ids=list(stop_token_ids), eos_token_id=None if ignore_eos else eos_token_id,
+                           min_tokens=0, extra_args=extra_args)
+
+
+class Emulator:
+    def __init__(self, model, hf_config: dict, s2d2: dict, *, max_num_reqs=8, max_model_len=256,
+                 token_budget=4096):
+        self.model = model
+        self.settings = resolve_engine_settings(hf_config, s2d2)
+        self.W = self.settings.canvas_length
+        self.max_model_len = max_model_len
+        self.budget = token_budget
+        self.stepper = S2D2Stepper(max_num_reqs=max_num_reqs, block_size=self.settings.block_size,
+                                   family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
+                                   engine_config=self.settings.config, max_model_len=max_model_len, device="cpu")
+        self.req_states = SimpleNamespace(
+            draft_tokens=torch.zeros(max_num_reqs, self.W, dtype=torch.int64),
+            all_token_ids=SimpleNamespace(gpu=torch.zeros(max_num_reqs, max_model_len, dtype=torch.int32)))
+        base = SimpleNamespace(req_states=self.req_states, sampling_states=None)
+        from vllm_s2d2.engine.sampler import S2D2Sampler
+
+        self.sampler = S2D2Sampler(base, self.stepper, self.settings, hf_config["vocab_size"])
+        self.free = list(range(max_num_reqs))
+        self.running: list[EmuRequest] = []
+        self.steps = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def add(self, req: EmuRequest) -> None:
+        req.slot = self.free.pop(0)
+        self.req_states.all_token_ids.gpu[req.slot].zero_()
+        self.req_states.all_token_ids.gpu[req.slot, :len(req.prompt)] = torch.tensor(req.prompt)
+        self.sampler.add_request(req.slot, len(req.prompt), req.sampling)
+        self.sampler.apply_staged_writes()
+        self.running.append(req)
+
+    def abort(self, req: EmuRequest) -> None:
+        req.finished, req.finish_reason = True, "abort"
+        self._remove(req)
+
+    def _remove(self, req: EmuRequest) -> None:
+        self.stepper.remove_request(req.slot)
+        self.running.remove(req)
+        self.free.append(req.slot)
+
+    # -- one engine step -------------------------------------------------------------------------------
+    def schedule(self):
+        budget = self.budget
+        sched = []
+        for r in self.running:
+            if budget <= 0:
+                break
+            if r.prefilling:
+                n = min(r.prefill_len - r.num_computed, budget)
+                spec = 0
+            else:
+                n = min(self.W, budget, self.max_model_len - r.num_computed)
+                spec = n
+            if n <= 0:
+                continue
+            budget -= n
+            sched.append((r, n, spec))
+        return sched
+
+    def step(self) -> bool:
+        sched = self.schedule()
+        if not sched:
+            return False
+        self.steps += 1
+        R = len(sched)
+        reqs = [s[0] for s in sched]
+        nsched = np.array([s[1] for s in sched], dtype=np.int32)
+        nspec = np.array([s[2] for s in sched], dtype=np.int32)
+        computed = np.array([r.num_computed for r in reqs], dtype=np.int32)
+        prefill_len = np.array([r.prefill_len for r in reqs], dtype=np.int32)
+        qsl = np.zeros(R + 1, dtype=np.int32)
+        np.cumsum(nsched, out=qsl[1:])
+        any_spec = bool(nspec.sum())
+        nlogits = nspec if any_spec else np.ones(R, dtype=np.int32)
+        cu = np.zeros(R + 1, dtype=np.int32)
+        np.cumsum(nlogits, out=cu[1:])
+        batch = SimpleNamespace(
+            num_reqs=R, req_ids=[r.req_id for r in reqs],
+            idx_mapping_np=np.array([r.slot for r in reqs], dtype=np.int32),
+            idx_mapping=torch.tensor([r.slot for r in reqs], dtype=torch.int32),
+            num_scheduled_tokens=nsched, num_computed_tokens_np=computed,
+            num_computed_prefill_tokens_np=np.minimum(computed, prefill_len), prefill_len_np=prefill_len,
+            is_prefilling_np=computed < prefill_len,
+            num_draft_tokens_per_req=nspec if any_spec else None,
+            query_start_loc=torch.from_numpy(qsl.copy()), query_start_loc_np=qsl,
+            seq_lens=torch.from_numpy(computed + nsched), cu_num_logits=torch.from_numpy(cu.copy()),
+            cu_num_logits_np=cu)
+        ranges = step_ranges(self.stepper, batch) or {}
+        logits_rows = []
+        for i, (r, n, spec) in enumerate(sched):
+            p = r.num_computed
+            if r.prefilling:
+                ids = r.prompt[p:p + n]
+            else:
+                ids = self.req_states.draft_tokens[r.slot, :n].tolist()
+            rr = [x for x in ranges.get(i, []) if x[0] < x[1]]
+            logits = self._forward(r, p, ids, rr)
+            r.forwards += 1
+            if spec:
+                logits_rows.append(logits)
+            elif not any_spec:
+                logits_rows.append(logits[-1:])
+        logits = torch.cat(logits_rows) if logits_rows else torch.zeros(0, self.model.vocab_size)
+        out = self.sampler(logits, batch)
+        for i, (r, n, spec) in enumerate(sched):
+            e = int(out.num_sampled[i])
+            rej = int(out.num_rejected[i])
+            r.num_computed += n - rej
+            if spec:
+                assert rej == n - e
+            toks = out.sampled_token_ids[i, :e].tolist()
+            for t in toks:
+                r.output.append(int(t))
+                reason = self._check_stop(r)
+                if reason:
+                    r.finished, r.finish_reason = True, reason
+                    break
+            if r.finished:
+                self._remove(r)
+        return True
+
+    def _check_stop(self, r: EmuRequest) -> str | None:
+        sp = r.sampling
+        t = r.output[-1]
+        if (sp.eos_token_id is not None and t == sp.eos_token_id) or t in sp.stop_token_ids:
+            return "stop"
+        if len(r.prompt) + len(r.output) >= self.max_model_len or len(r.output) >= sp.max_tokens:
+            return "length"
+        return None
+
+    def _forward(self, r: EmuRequest, p: int, ids: list[int], ranges) -> torch.Tensor:
+        n = p + len(ids)
+        tokens = [r.kv_tokens[k] for k in range(p)] + list(ids)
+        vis = torch.zeros(n, n, dtype=torch.bool)
+        for k in range(p):
+            row = r.rows[k]
+            if row[p:].any():  # a cached row must only see cached keys (KV invariant of the engine)
+                raise AssertionError(f"cached position {k} attended to a key >= num_computed {p}")
+            m = min(row.numel(), n)
+            vis[k, :m] = row[:m]
+        q_pos = torch.arange(p, n)
+        vis[p:] = kernel_visibility(q_pos, n, ranges)
+        logits = self.model.logits(torch.tensor(tokens), torch.arange(n), vis, rows=q_pos)
+        for j, k in enumerate(range(p, n)):  # KV written by this forward (overwrites rejected slots)
+            r.rows[k] = vis[k].clone()
+            r.kv_tokens[k] = ids[j]
+        return logits
+
+    def run(self, max_steps: int = 100000) -> None:
+        while self.running and max_steps > 0:
+            if not self.step():
+                raise RuntimeError("nothing schedulable")
+            max_steps -= 1

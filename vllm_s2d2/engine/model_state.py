@@ -1,0 +1,143 @@
+"""``S2D2ModelState``: the MRV2 ``ModelState`` of block-diffusion models (``VLLM_0_26.md`` §5, §11).
+
+vLLM's runner stays stock; this class plugs the block-diffusion state machine into it:
+
+* ``num_new_sampled_tokens_per_step = 0``: a decode query is only the canvas (W draft tokens, read by the
+  runner from ``req_states.draft_tokens``); nothing is sampled "after" it.
+* Persistent per-slot GPU state lives in one :class:`~vllm_s2d2.engine.stepper.S2D2Stepper` shared with the
+  :class:`~vllm_s2d2.engine.sampler.S2D2Sampler` (``custom_sampler`` -> ``(S2D2Sampler, None)``).
+* ``prepare_inputs`` returns a persistent ``positions`` buffer (a copy of the runner's positions today; the
+  2L verifier of Engine II writes duplicated positions into it) -- the same buffer is returned by
+  ``prepare_dummy_inputs`` so piecewise CUDA graphs see one address.
+* ``prepare_attn`` builds TRITON_ATTN metadata with ``causal=True`` plus per-request bidirectional ranges
+  (``mm_req_doc_ranges``, :mod:`vllm_s2d2.engine.attention`).  The ranges of decoding requests depend on the
+  previous step's outcome; the stepper copies them to pinned host memory at the end of every sampler call,
+  and vLLM has already waited for that step's outputs, so reading them costs no stall.  Because the range
+  tensor is rebuilt on every step, the config hook selects PIECEWISE CUDA graphs (not FULL).
+* Preemption: ``remove_request`` keeps a device snapshot of the slot's block state (RNG counter included);
+  when the request comes back (re-prefilled with its committed tokens) the interrupted block continues.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vllm.config import VllmConfig
+from vllm.config.compilation import CUDAGraphMode
+from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
+from vllm.v1.worker.gpu.input_batch import InputBatch
+from vllm.v1.worker.gpu.model_states.interface import ModelState
+
+from vllm_s2d2.engine.attention import step_ranges
+from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
+from vllm_s2d2.engine.stepper import S2D2Stepper
+
+_MAX_SAVED = 4096
+
+
+class S2D2ModelState(ModelState):
+    num_new_sampled_tokens_per_step: int = 0
+
+    def __init__(self, vllm_config: VllmConfig, model: nn.Module, encoder_cache: Any, device: torch.device):
+        super().__init__(vllm_config, model, encoder_cache, device)
+        hf_config = self.model_config.hf_config
+        self.settings = resolve_engine_settings(
+            hf_config, (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY))
+        W = self.settings.canvas_length
+        dc = vllm_config.diffusion_config
+        if dc is None or dc.canvas_length != W:
+            raise ValueError(f"S2D2 needs diffusion_config.canvas_length == {W} (2 x block_size), got "
+                             f"{None if dc is None else dc.canvas_length}")
+        self.stepper = S2D2Stepper(
+            max_num_reqs=self.max_num_reqs, block_size=self.settings.block_size,
+            family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
+            engine_config=self.settings.config, max_model_len=self.max_model_len, device=device)
+        self._req_to_slot: dict[str, int] = {}
+        self._saved: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
+        self._sampler = None
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def get_supported_generation_tasks(self):
+        return ("generate",)
+
+    def add_request(self, req_index: int, new_req_data: Any) -> None:
+        req_id = new_req_data.req_id
+        self._req_to_slot[req_id] = req_index
+        saved = self._saved.pop(req_id, None)
+        resumed = (new_req_data.prefill_token_ids is not None and new_req_data.prompt_token_ids is not None
+                   and len(new_req_data.prefill_token_ids) > len(new_req_data.prompt_token_ids))
+        if saved is not None and resumed and self._sampler is not None:
+            self._sampler.next_saved[req_index] = saved
+
+    def remove_request(self, req_id: str) -> None:
+        slot = self._req_to_slot.pop(req_id, None)
+        if slot is None:
+            return
+        snap = self.stepper.remove_request(slot, save=not req_id.startswith("_"))
+        if snap is not None:
+            self._saved[req_id] = snap
+            while len(self._saved) > _MAX_SAVED:
+                self._saved.popitem(last=False)
+
+    def custom_sampler(self, sampler: Any):
+        from vllm_s2d2.engine.sampler import S2D2Sampler
+
+        self._sampler = S2D2Sampler(sampler, self.stepper, self.settings, self.model_config.get_vocab_size())
+        return self._sampler, None
+
+    # -- inputs -----------------------------------------------------------------------------------------
+    def get_mm_embeddings(self, scheduled_encoder_inputs, input_batch, req_states):
+        return None
+
+    def prepare_inputs(self, input_batch: InputBatch, req_states: Any) -> dict[str, Any]:
+        n = input_batch.num_tokens_after_padding
+        pos = self._positions[:n]
+        pos.copy_(input_batch.positions[:n])
+        return {"positions": pos}
+
+    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
+        return {"positions": self._positions[:num_tokens]}
+
+    # -- attention --------------------------------------------------------------------------------------
+    def prepare_attn(self, input_batch: InputBatch, cudagraph_mode: CUDAGraphMode, block_tables, slot_mappings,
+                     attn_groups, kv_cache_config, for_capture: bool = False) -> dict[str, Any]:
+        if cudagraph_mode == CUDAGraphMode.FULL:
+            num_reqs = input_batch.num_reqs_after_padding
+            num_tokens = input_batch.num_tokens_after_padding
+        else:
+            num_reqs = input_batch.num_reqs
+            num_tokens = input_batch.num_tokens
+        query_start_loc_cpu = torch.from_numpy(input_batch.query_start_loc_np[: num_reqs + 1])
+        max_query_len = int(input_batch.num_scheduled_tokens.max())
+        seq_lens_cpu_upper_bound = input_batch.seq_lens_cpu_upper_bound
+        if for_capture:
+            max_seq_len = self.max_model_len
+            ranges = None
+        else:
+            max_seq_len = int(seq_lens_cpu_upper_bound[:num_reqs].max())
+            ranges = step_ranges(self.stepper, input_batch)
+        return build_attn_metadata(
+            attn_groups=attn_groups,
+            num_reqs=num_reqs,
+            num_tokens=num_tokens,
+            query_start_loc_gpu=input_batch.query_start_loc[: num_reqs + 1],
+            query_start_loc_cpu=query_start_loc_cpu,
+            max_query_len=max_query_len,
+            seq_lens=input_batch.seq_lens,
+            max_seq_len=max_seq_len,
+            block_tables=block_tables,
+            slot_mappings=slot_mappings,
+            kv_cache_config=kv_cache_config,
+            seq_lens_cpu_upper_bound=seq_lens_cpu_upper_bound,
+            dcp_local_seq_lens=input_batch.dcp_local_seq_lens,
+            positions=input_batch.positions,
+            is_prefilling=torch.from_numpy(input_batch.is_prefilling_np),
+            mm_req_doc_ranges=ranges,
+            for_cudagraph_capture=for_capture,
+            causal=True,
+        )

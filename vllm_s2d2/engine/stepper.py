@@ -1,0 +1,437 @@
+"""The engine's per-request block-diffusion state machine on persistent GPU buffers (no vLLM imports).
+
+:class:`S2D2Stepper` owns every per-slot tensor (one row per vLLM request slot, ``max_num_reqs`` rows) and does
+one engine step for all decoding requests of a batch at once: it gathers each request's block logits out of
+the canvas logits, calls :func:`vllm_s2d2.core.step.draft_step` / :func:`~vllm_s2d2.core.step.finish_step`
+(all decoding math lives in ``core``), decides what to emit, and writes the next canvas and the next step's
+attention ranges.  The vLLM adapters (:mod:`.sampler`, :mod:`.model_state`) only translate ``InputBatch``
+fields into the tensors this class takes, so the whole state machine is testable on CPU.
+
+Per request (p = ``num_computed_tokens``, B = block size, W = 2B canvas, blocks aligned to absolute 0)::
+
+    prefill (whole prompt, P tokens; emits 0)
+      -> block [bs, bs+B) with bs = P // B * B; its prompt tail [bs, P) is already in the KV cache
+    DRAFT   canvas [block[p-bs:] | MASK filler]          one denoising step on the block; emit 0
+            (rows of the block: cache + block bidirectional; with draft_ver the rows before the
+             block's first mask are token-causal)
+      -> when the block has no mask left: COMMIT
+    COMMIT  canvas [final block[p-bs:] (Lb) | next block: B x MASK | filler]
+            first half = the committed KV (token-causal rows with cache_ver, else block-bidirectional);
+            second half = the next block's first draft (sees the first half); emit Lb tokens
+            (num_rejected = query_len - Lb, so the scheduler advances num_computed_tokens by exactly Lb)
+
+Emitting only at COMMIT keeps the invariant "KV below num_computed_tokens is commit-time KV".  Exception
+(early finish): when a step leaves a final prefix in the block that already ends the request -- a stop token
+(``eos_token_id`` / ``stop_token_ids`` exactly as vLLM's ``check_stop`` sees them) or ``max_tokens`` reached --
+that prefix is emitted at once and vLLM finishes the request (the reference decoder likewise never commits a
+finishing block).  The emitted tokens then go through vLLM's own stop checking.
+
+Truncated canvases (the scheduler may give fewer than W slots): a step whose rows do not cover what it needs is
+a no-op (state kept, emit 0, the same canvas is scheduled again) unless the cut is ``max_model_len``; then the
+block is decoded only up to ``max_model_len`` (``region`` limits the eligible positions) and emitted when that
+part is complete, which ends the request (length cap).  A COMMIT whose next block does not fit commits only.
+
+RNG: ``core.rng`` keyed by (seed, counter); the counter advances once per draft step, exactly like the
+reference decoder's, so sampled decoding equals the reference for the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
+from vllm_s2d2.core.policies import PolicyState
+from vllm_s2d2.core.step import BlockState, draft_step, finish_step
+from vllm_s2d2.s2d2_config import S2D2Config
+
+DRAFT, COMMIT = 0, 1
+NO_LIMIT = 2 ** 62
+# attention spec columns: two bidirectional ranges [lo, hi] (absolute, inclusive; lo >= hi means none)
+SPEC_COLS = 4
+
+
+class PackedStepParams:
+    """Per-slot :class:`StepParams` packed into three CPU/GPU matrices (float, int, bool) + the quota table.
+
+    ``set_row`` stages one request's values on the CPU; ``flush`` copies the matrices to the device when rows
+    changed; ``gather(slots)`` returns a batched ``StepParams`` (3 gathers instead of one per field)."""
+
+    def __init__(self, max_num_reqs: int, quota_width: int, template: StepParams, device: torch.device):
+        self.device = device
+        self.f_names, self.i_names, self.b_names = [], [], []
+        for fl in fields(StepParams):
+            if fl.name in ("quota", "top_k", "top_p"):
+                continue
+            t = getattr(template, fl.name)
+            (self.b_names if t.dtype == torch.bool else
+             self.i_names if not t.is_floating_point() else self.f_names).append(fl.name)
+        self.f_names.append("top_p")
+        self.i_names.append("top_k")
+        n = max_num_reqs
+        self.f_cpu = torch.zeros(n, len(self.f_names), dtype=torch.float32)
+        self.i_cpu = torch.zeros(n, len(self.i_names), dtype=torch.int64)
+        self.b_cpu = torch.zeros(n, len(self.b_names), dtype=torch.bool)
+        self.q_cpu = torch.ones(n, quota_width, dtype=torch.int64)
+        self.f = self.f_cpu.to(device)
+        self.i = self.i_cpu.to(device)
+        self.b = self.b_cpu.to(device)
+        self.q = self.q_cpu.to(device)
+        self.dirty = False
+
+    def set_row(self, slot: int, sp: StepParams) -> None:
+        for j, name in enumerate(self.f_names):
+            v = getattr(sp, name)
+            self.f_cpu[slot, j] = 1.0 if (v is None and name == "top_p") else float(v[0])
+        for j, name in enumerate(self.i_names):
+            v = getattr(sp, name)
+            self.i_cpu[slot, j] = 0 if v is None else int(v[0])
+        for j, name in enumerate(self.b_names):
+            self.b_cpu[slot, j] = bool(getattr(sp, name)[0])
+        q = sp.quota[0]
+        w = self.q_cpu.shape[1]
+        if q.numel() > w:
+            raise ValueError(f"denoising quota of {q.numel()} steps exceeds the engine's table width {w}")
+        self.q_cpu[slot, :q.numel()] = q
+        self.q_cpu[slot, q.numel():] = q[-1]
+        self.dirty = True
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        for cpu, dev in ((self.f_cpu, self.f), (self.i_cpu, self.i), (self.b_cpu, self.b), (self.q_cpu, self.q)):
+            _h2d(cpu, dev)
+        self.dirty = False
+
+    def gather(self, slots: torch.Tensor, use_top_k: bool, use_top_p: bool) -> StepParams:
+        f, i, b, q = self.f[slots], self.i[slots], self.b[slots], self.q[slots]
+        kw = {n: f[:, j] for j, n in enumerate(self.f_names)}
+        kw.update({n: i[:, j] for j, n in enumerate(self.i_names)})
+        kw.update({n: b[:, j] for j, n in enumerate(self.b_names)})
+        kw["quota"] = q
+        if not use_top_k:
+            kw["top_k"] = None
+        if not use_top_p:
+            kw["top_p"] = None
+        return StepParams(**kw)
+
+
+def _h2d(cpu: torch.Tensor, dev: torch.Tensor) -> None:
+    """Host-to-device copy that never races later CPU writes (a pinned snapshot on CUDA)."""
+    if dev.device.type == "cuda":
+        dev.copy_(cpu.pin_memory(), non_blocking=True)
+    else:
+        dev.copy_(cpu)
+
+
+class StepOutput:
+    __slots__ = ("tokens", "num_emitted", "num_rejected")
+
+    def __init__(self, tokens: torch.Tensor, num_emitted: torch.Tensor, num_rejected: torch.Tensor):
+        self.tokens = tokens  # [R, W] emitted tokens first
+        self.num_emitted = num_emitted  # [R] int32
+        self.num_rejected = num_rejected  # [R] int32 (query_len - emitted)
+
+
+class S2D2Stepper:
+    """Persistent per-slot state + one batched block-diffusion step (see the module docstring)."""
+
+    def __init__(self, *, max_num_reqs: int, block_size: int, family: str, mask_token_id: int,
+                 engine_config: S2D2Config, max_model_len: int, device: torch.device | str,
+                 max_stop_ids: int = 8):
+        self.max_num_reqs = n = max_num_reqs
+        self.B = B = block_size
+        self.W = 2 * block_size
+        self.mask_id = mask_token_id
+        self.max_model_len = max_model_len
+        self.device = device = torch.device(device)
+        self.rules = FamilyRules.for_family(family, mask_token_id)
+        self.engine_config = engine_config
+        self.K = max_stop_ids
+        self.family = family
+
+        long = dict(dtype=torch.int64, device=device)
+        self.tokens = torch.full((n, B), mask_token_id, **long)
+        self.block_start = torch.zeros(n, **long)
+        self.step_idx = torch.zeros(n, **long)
+        self.counter = torch.zeros(n, **long)
+        self.phase = torch.zeros(n, **long)
+        self.policy = PolicyState.zeros(n, device)
+        self.attn_spec = torch.zeros(n, SPEC_COLS, dtype=torch.int32, device=device)
+        self._cols = torch.arange(B, device=device)
+        self._wcols = torch.arange(self.W, device=device)
+
+        # Static per-slot facts (CPU master copy -> device when rows change):
+        #   0 prompt_len, 1 max_tokens, 2 cache_ver, 3 draft_ver, 4.. stop ids (-1 = none)
+        self._static_cpu = torch.zeros(n, 4 + self.K, dtype=torch.int64)
+        self._static = self._static_cpu.to(device)
+        self._static_dirty = False
+        template = StepParams.build([engine_config], [SamplingSpec(top_k=1, top_p=0.5, seed=0)], self.rules, "cpu")
+        self.params = PackedStepParams(n, max(B, template.quota.shape[1]), template, device)
+
+        # CPU facts used without touching the device.
+        self.active = np.zeros(n, dtype=bool)
+        self.cache_ver = np.zeros(n, dtype=bool)
+        self.draft_ver = np.zeros(n, dtype=bool)
+        self.top_k_on = np.zeros(n, dtype=bool)
+        self.top_p_on = np.zeros(n, dtype=bool)
+        self.prompt_len = np.zeros(n, dtype=np.int64)
+
+        # Staged resets: slot -> saved state row (or None for a fresh request).
+        self._pending_reset: dict[int, torch.Tensor | None] = {}
+        # Restore rows of resumed requests, consumed when their prefill completes.
+        self._restore: dict[int, torch.Tensor] = {}
+
+        # Mirror of attn_spec on the host, refreshed after every step (see publish()).
+        self.attn_spec_host = torch.zeros(n, SPEC_COLS, dtype=torch.int32,
+                                          pin_memory=(device.type == "cuda"))
+        self._spec_event = torch.cuda.Event() if device.type == "cuda" else None
+        self._spec_published = False
+
+    # ------------------------------------------------------------------------------------------------------
+    # request lifecycle (host side, staged)
+    def add_request(self, slot: int, *, prompt_len: int, config: S2D2Config, sampling: SamplingSpec,
+                    stop_ids: Sequence[int], max_tokens: int | None, saved: torch.Tensor | None = None) -> None:
+        sp = StepParams.build([config], [sampling], self.rules, "cpu")
+        self.params.set_row(slot, sp)
+        stops = list(dict.fromkeys(int(s) for s in stop_ids))[: self.K]  # a truncated list only delays a stop
+        row = self._static_cpu[slot]
+        row[0] = prompt_len
+        row[1] = NO_LIMIT if max_tokens is None else int(max_tokens)
+        row[2] = int(bool(config.cache_ver))
+        row[3] = int(bool(config.draft_ver))
+        row[4:] = -1
+        if stops:
+            row[4:4 + len(stops)] = torch.tensor(stops, dtype=torch.int64)
+        self._static_dirty = True
+        self.active[slot] = True
+        self.cache_ver[slot] = bool(config.cache_ver)
+        self.draft_ver[slot] = bool(config.draft_ver)
+        self.top_k_on[slot] = sampling.top_k > 0 and sampling.temperature >= 1e-6
+        self.top_p_on[slot] = sampling.top_p < 1.0 and sampling.temperature >= 1e-6
+        self.prompt_len[slot] = prompt_len
+        self._pending_reset[slot] = saved
+
+    def remove_request(self, slot: int, save: bool = False) -> torch.Tensor | None:
+        """Deactivate a slot; with ``save`` return a device snapshot of its block state (for a resume)."""
+        self.active[slot] = False
+        self._pending_reset.pop(slot, None)
+        self._restore.pop(slot, None)
+        if not save:
+            return None
+        return torch.cat([self.tokens[slot], self.block_start[slot:slot + 1], self.step_idx[slot:slot + 1],
+                          self.counter[slot:slot + 1], self.phase[slot:slot + 1]])
+
+    def apply_staged_writes(self) -> None:
+        self.params.flush()
+        if self._static_dirty:
+            _h2d(self._static_cpu, self._static)
+            self._static_dirty = False
+        if not self._pending_reset:
+            return
+        slots = torch.tensor(sorted(self._pending_reset), dtype=torch.int64).to(self.device, non_blocking=True)
+        self.counter[slots] = 0
+        self.step_idx[slots] = 0
+        self.phase[slots] = DRAFT
+        self.policy.scatter_(slots, PolicyState.zeros(slots.numel(), self.device))
+        for slot, saved in self._pending_reset.items():
+            if saved is not None:
+                self._restore[slot] = saved
+        self._pending_reset.clear()
+
+    # ------------------------------------------------------------------------------------------------------
+    # prefill completion
+    def prefill_done(self, slots: torch.Tensor, slots_np: np.ndarray, prefill_len: torch.Tensor,
+                     token_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     draft_tokens: torch.Tensor) -> None:
+        """Open the first decode block of requests whose prompt (``prefill_len`` tokens) is now in the cache.
+
+        ``token_at(slots [R], cols [R, B]) -> [R, B]`` reads prompt tokens (cols < prefill_len are valid)."""
+        B = self.B
+        P = prefill_len.to(torch.int64)
+        bs = P // B * B
+        cols = bs[:, None] + self._cols[None, :]
+        known = cols < P[:, None]
+        tok = token_at(slots, torch.minimum(cols, (P - 1).clamp_min(0)[:, None]).to(torch.int64)).to(torch.int64)
+        self.tokens[slots] = torch.where(known, tok, torch.full_like(tok, self.mask_id))
+        self.block_start[slots] = bs
+        self.step_idx[slots] = 0
+        self.phase[slots] = DRAFT
+        for k, slot in enumerate(slots_np.tolist()):
+            saved = self._restore.pop(int(slot), None)
+            if saved is not None:  # resumed after preemption: continue the interrupted block if it matches
+                same = (saved[B] + B > P[k]) & (saved[B] <= P[k])
+                self.tokens[slot] = torch.where(same, saved[:B], self.tokens[slot])
+                self.block_start[slot] = torch.where(same, saved[B], self.block_start[slot])
+                self.step_idx[slot] = torch.where(same, saved[B + 1], self.step_idx[slot])
+                self.phase[slot] = torch.where(same, saved[B + 3], self.phase[slot])
+                self.counter[slot] = saved[B + 2]
+        self._write_next(slots, P, draft_tokens)
+
+    # ------------------------------------------------------------------------------------------------------
+    # one decode step
+    def step(self, logits: torch.Tensor, slots: torch.Tensor, slots_np: np.ndarray, p: torch.Tensor,
+             q_len: torch.Tensor, row0: torch.Tensor, draft_tokens: torch.Tensor) -> StepOutput:
+        """One step for R decoding requests.
+
+        ``logits [N, V]``: the canvas logits of the batch; request r's canvas rows are
+        ``row0[r] .. row0[r] + q_len[r] - 1`` (query positions ``p[r] ..``).  ``slots``: their state rows.
+        Writes the next canvas into ``draft_tokens[slot, :W]``; returns the emitted tokens."""
+        B, W, mask_id = self.B, self.W, self.mask_id
+        dev = logits.device
+        R = slots.numel()
+        p = p.to(torch.int64)
+        q_len = q_len.to(torch.int64)
+        row0 = row0.to(torch.int64)
+        cols = self._cols[None, :]
+
+        bs = self.block_start[slots]
+        tok = self.tokens[slots]
+        phase = self.phase[slots]
+        stp = self.step_idx[slots]
+        ctr = self.counter[slots]
+        static = self._static[slots]
+        prompt_len, max_tokens, stop_ids = static[:, 0], static[:, 1], static[:, 4:]
+
+        off = (p - bs).clamp(0, B)
+        Lb = B - off
+        is_commit = phase == COMMIT
+        need = torch.where(is_commit, Lb + B, Lb)
+        full = q_len >= need
+        clipped = ~full & (p + q_len >= self.max_model_len)
+        commit_ok = is_commit & (q_len >= Lb)
+        draft_rows_avail = q_len - torch.where(is_commit, Lb, torch.zeros_like(Lb))
+        draft_ok = torch.where(is_commit, full | (clipped & commit_ok & (draft_rows_avail > 0)),
+                               full | (clipped & (q_len > 0)))
+
+        # The block this step denoises: the current one (DRAFT) or the fresh next one (COMMIT).
+        mask_block = torch.full_like(tok, mask_id)
+        dblock = torch.where(is_commit[:, None], mask_block, tok)
+        doff = torch.where(is_commit, torch.zeros_like(off), off)
+        dbs = bs + torch.where(is_commit, torch.full_like(bs, B), torch.zeros_like(bs))
+        dstep = torch.where(is_commit, torch.zeros_like(stp), stp)
+        avail = draft_rows_avail.clamp(min=0)
+        in_rows = (cols >= doff[:, None]) & (cols < (doff + avail)[:, None])
+        region = torch.where(full[:, None], torch.ones_like(in_rows), cols < (doff + avail)[:, None])
+        editable = (dbs[:, None] + cols) >= prompt_len[:, None]
+
+        rows = row0[:, None] + torch.where(is_commit, Lb, torch.zeros_like(Lb))[:, None] + (cols - doff[:, None])
+        rows = torch.where(in_rows, rows, torch.zeros_like(rows)).clamp(0, max(logits.shape[0] - 1, 0))
+        block_logits = logits[rows.reshape(-1)].view(R, B, -1)
+        block_logits = torch.where(in_rows[..., None], block_logits, torch.zeros_like(block_logits))
+
+        sl_np = slots_np
+        params = self.params.gather(slots, bool(self.top_k_on[sl_np].any()), bool(self.top_p_on[sl_np].any()))
+        pol = self.policy.index(slots)
+        state = BlockState(dblock, editable, region, dstep, ctr)
+        draft, pol2 = draft_step(block_logits, state, params, self.rules, pol)
+        result, pol3 = finish_step(state, draft, None, None, None, params, pol2)
+        new_tok = torch.where(draft_ok[:, None], result.tokens, dblock)
+        self._merge_policy(slots, pol, pol3, draft_ok)
+
+        # Early finish: a final prefix (from doff) that already ends the request is emitted now.
+        blocking = ((new_tok == mask_id) | ~region) & (cols >= doff[:, None])
+        first_block = torch.where(blocking.any(1), blocking.int().argmax(1), torch.full_like(doff, B))
+        leading = (first_block - doff).clamp_min(0)
+        in_lead = (cols >= doff[:, None]) & (cols < first_block[:, None])
+        is_stop = (new_tok[:, :, None] == stop_ids[:, None, :]).any(-1) & in_lead & editable
+        out_before = dbs + doff - prompt_len  # output tokens emitted before this block's rows
+        reach_max = out_before + leading >= max_tokens
+        region_done = ~((new_tok == mask_id) & region).any(1)
+        finish = draft_ok & (leading > 0) & (is_stop.any(1) | reach_max | (clipped & region_done))
+
+        emitted = torch.where(commit_ok, Lb, torch.zeros_like(Lb)) + torch.where(finish, leading,
+                                                                                  torch.zeros_like(leading))
+        # Output row: Z = [current block (final for COMMIT, drafted for DRAFT) | drafted next block]
+        cur = torch.where(is_commit[:, None], tok, new_tok)
+        Z = torch.cat([cur, new_tok], dim=1)
+        zi = (off[:, None] + self._wcols[None, :]).clamp(max=2 * B - 1)
+        out_tokens = Z.gather(1, zi)
+
+        # Next state.
+        bs_n = torch.where(commit_ok, bs + B, bs)
+        tok_n = torch.where(commit_ok[:, None], torch.where(draft_ok[:, None], new_tok, mask_block),
+                            torch.where(draft_ok[:, None], new_tok, tok))
+        stp_n = torch.where(commit_ok, draft_ok.long(), stp + draft_ok.long())
+        self.block_start[slots] = bs_n
+        self.tokens[slots] = tok_n
+        self.step_idx[slots] = stp_n
+        self.counter[slots] = ctr + draft_ok.long()
+        self.phase[slots] = torch.where((tok_n == mask_id).any(1), torch.full_like(phase, DRAFT),
+                                        torch.full_like(phase, COMMIT))
+        p_n = p + emitted
+        self._write_next(slots, p_n, draft_tokens)
+        return StepOutput(out_tokens, emitted.to(torch.int32), (q_len - emitted).to(torch.int32))
+
+    def _merge_policy(self, slots: torch.Tensor, old: PolicyState, new: PolicyState, keep: torch.Tensor) -> None:
+        def pick(a, b):
+            k = keep.view(-1, *([1] * (a.dim() - 1)))
+            return torch.where(k, b, a)
+        self.policy.scatter_(slots, PolicyState(pick(old.hysteresis_on, new.hysteresis_on),
+                                                pick(old.ucb_t, new.ucb_t), pick(old.ucb_n, new.ucb_n),
+                                                pick(old.ucb_mu, new.ucb_mu)))
+
+    def _write_next(self, slots: torch.Tensor, p_next: torch.Tensor, draft_tokens: torch.Tensor) -> None:
+        """Next canvas ``[block[off:] | MASK ...]`` and next attention ranges for ``slots`` at query start
+        ``p_next``."""
+        B, W, mask_id = self.B, self.W, self.mask_id
+        bs = self.block_start[slots]
+        tok = self.tokens[slots]
+        phase = self.phase[slots]
+        static = self._static[slots]
+        cache_ver, draft_ver = static[:, 2].bool(), static[:, 3].bool()
+        off = (p_next - bs).clamp(0, B)
+        Lb = B - off
+        src = (off[:, None] + self._wcols[None, :]).clamp(max=B - 1)
+        canvas = torch.where(self._wcols[None, :] < Lb[:, None], tok.gather(1, src),
+                             torch.full_like(src, mask_id))
+        draft_tokens[slots, :W] = canvas.to(draft_tokens.dtype)
+
+        is_mask = tok == mask_id
+        first_mask = torch.where(is_mask.any(1), is_mask.int().argmax(1), torch.full_like(off, B))
+        cp = torch.where(draft_ver, (first_mask - off).clamp_min(0), torch.zeros_like(off))
+        end = bs + B - 1
+        none = torch.zeros_like(bs)
+        is_commit = phase == COMMIT
+        r1_lo = torch.where(is_commit, torch.where(cache_ver, none, p_next), p_next + cp)
+        r1_hi = torch.where(is_commit, torch.where(cache_ver, none, end), end)
+        r2_lo = torch.where(is_commit, bs + B, none)
+        r2_hi = torch.where(is_commit, bs + 2 * B - 1, none)
+        self.attn_spec[slots] = torch.stack([r1_lo, r1_hi, r2_lo, r2_hi], dim=1).to(torch.int32)
+
+    # ------------------------------------------------------------------------------------------------------
+    # host mirror of the attention ranges
+    def publish(self) -> None:
+        """Start the device-to-host copy of the next step's attention ranges (after every sampler call)."""
+        if self.device.type == "cuda":
+            self.attn_spec_host.copy_(self.attn_spec, non_blocking=True)
+            self._spec_event.record()
+        else:
+            self.attn_spec_host.copy_(self.attn_spec)
+        self._spec_published = True
+
+    def host_attn_spec(self) -> np.ndarray:
+        """``[max_num_reqs, 4]`` ranges for the coming step (waits for the copy started by :meth:`publish`,
+        which has long finished: vLLM already synchronised on this step's sampled tokens)."""
+        if self._spec_event is not None and self._spec_published:
+            self._spec_event.synchronize()
+        return self.attn_spec_host.numpy()
+
+    # ------------------------------------------------------------------------------------------------------
+    def profile_draft(self, num_reqs: int, vocab_size: int, dtype: torch.dtype) -> None:
+        """Run one worst-case draft step (``num_reqs`` x B x V) so vLLM's memory profiler sees its peak."""
+        B = self.B
+        logits = torch.zeros(num_reqs * B, vocab_size, dtype=dtype, device=self.device)
+        slots = torch.zeros(num_reqs, dtype=torch.int64, device=self.device)
+        params = self.params.gather(slots, True, True)
+        cols = self._cols.expand(num_reqs, B)
+        state = BlockState(torch.full((num_reqs, B), self.mask_id, dtype=torch.int64, device=self.device),
+                           torch.ones_like(cols, dtype=torch.bool), torch.ones_like(cols, dtype=torch.bool),
+                           torch.zeros(num_reqs, dtype=torch.int64, device=self.device),
+                           torch.zeros(num_reqs, dtype=torch.int64, device=self.device))
+        pol = PolicyState.zeros(num_reqs, self.device)
+        draft, pol = draft_step(logits.view(num_reqs, B, -1), state, params, self.rules, pol)
+        finish_step(state, draft, None, None, None, params, pol)

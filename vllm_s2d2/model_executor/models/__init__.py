@@ -1,0 +1,1 @@
+"""Block-diffusion model classes registered with vLLM's ``ModelRegistry`` by :func:`vllm_s2d2.register`."""

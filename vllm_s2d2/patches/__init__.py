@@ -1,0 +1,21 @@
+"""Version-guarded shims on vLLM 0.26.0 internals, installed only by :func:`vllm_s2d2.register`.
+
+* :mod:`.spec_alias` -- ``speculative_config="s2d2"`` / ``{"method": "s2d2", ...}`` on
+  ``EngineArgs.create_engine_config`` (every entry point: ``LLM``, ``AsyncLLM``, ``vllm serve``);
+* :mod:`.sampling_validation` -- ``SamplingParams._validate_diffusion`` for the plugin's architectures.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_VLLM = "0.26.0"
+
+
+def require_vllm_version(what: str) -> None:
+    """Raise a clear error when the installed vLLM is not the one these shims were written against."""
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    if version != SUPPORTED_VLLM:
+        raise RuntimeError(
+            f"vllm-s2d2 {what} patches vLLM internals of version {SUPPORTED_VLLM}, but vLLM {version} is "
+            f"installed; install vllm=={SUPPORTED_VLLM}")
