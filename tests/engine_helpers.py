@@ -3,7 +3,9 @@
 Temporary local builder (``vllm_s2d2.testing.build_tiny_checkpoint`` is not there yet): real tensor names and
 ``config.json`` keys of SDAR (MODELS.md §2), V = 512 with the special ids inside the vocabulary.  ``head_std``
 scales ``lm_head`` so that the tiny model is *confident* (peaked distributions): dynamic remasking then commits
-several tokens per step and greedy argmax has clear margins (no fp near-ties between engine and reference).
+several tokens per step and greedy argmax has clear margins (fewer fp near-ties between engine and reference);
+``lin_std`` (attention / MLP projections) is large enough that outputs depend on the context (with small
+projections a random model repeats one token, which would hide position bugs).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ for _k in ("block_size", "mask_token_id"):
     QWEN3_CFG.pop(_k)
 
 
-def _tensors(cfg: dict, gen: torch.Generator, head_std: float, emb_std: float) -> dict[str, torch.Tensor]:
+def _tensors(cfg: dict, gen: torch.Generator, head_std: float, emb_std: float, lin_std: float
+             ) -> dict[str, torch.Tensor]:
     h, nl = cfg["hidden_size"], cfg["num_hidden_layers"]
     nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     shapes: dict[str, tuple] = {"model.embed_tokens.weight": (V, h), "model.norm.weight": (h,),
@@ -71,13 +74,13 @@ def _tensors(cfg: dict, gen: torch.Generator, head_std: float, emb_std: float) -
         elif k == "model.embed_tokens.weight":
             t = emb_std * torch.randn(s, generator=gen)
         else:
-            t = 0.08 * torch.randn(s, generator=gen)
+            t = lin_std * torch.randn(s, generator=gen)
         out[k] = t.to(torch.bfloat16).contiguous()
     return out
 
 
-def build_tiny_checkpoint(path: str, variant: str = "sdar", seed: int = 0, head_std: float = 0.5,
-                          emb_std: float = 1.0, **overrides) -> str:
+def build_tiny_checkpoint(path: str, variant: str = "sdar", seed: int = 0, head_std: float = 2.0,
+                          emb_std: float = 1.0, lin_std: float = 0.4, **overrides) -> str:
     """Write ``config.json`` + ``model.safetensors`` for ``variant`` in {"sdar", "sdar_moe", "qwen3"}."""
     from safetensors.torch import save_file
 
@@ -85,6 +88,6 @@ def build_tiny_checkpoint(path: str, variant: str = "sdar", seed: int = 0, head_
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
-    save_file(_tensors(cfg, torch.Generator().manual_seed(seed), head_std, emb_std),
+    save_file(_tensors(cfg, torch.Generator().manual_seed(seed), head_std, emb_std, lin_std),
               os.path.join(path, "model.safetensors"))
     return path

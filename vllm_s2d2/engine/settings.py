@@ -10,8 +10,8 @@ Where the knobs live in vLLM 0.26 (``VLLM_0_26.md`` §3, §4, §11):
 * the canvas width W is ``DiffusionConfig.canvas_length`` = ``hf_config.canvas_length`` = 2·B (room for the
   fused commit+draft canvas now and the 2L verifier later);
 * per request, ``SamplingParams.extra_args["s2d2"]`` (a dict of S2D2Config keys, OpenAI ``vllm_xargs``) overrides
-  knobs that do not change the canvas: everything except ``block_size`` (and ``verify``, which must stay off
-  until Engine II).
+  knobs that change neither the canvas nor the committed KV: everything except ``block_size``,
+  ``sub_block_size`` and ``cache_ver`` (and ``verify``, which must stay off until Engine II).
 
 This module imports nothing from vLLM, so the CPU tests and the frontend can use it freely.
 """
@@ -109,6 +109,10 @@ def request_config(engine: S2D2Config, extra_args: Mapping[str, Any] | None, fam
             f"{engine.block_size}; the block size (and canvas) is fixed per engine")
     if "sub_block_size" in overrides and overrides["sub_block_size"] != engine.sub_block_size:
         raise ValueError("sub_block_size is fixed per engine")
+    if "cache_ver" in overrides and overrides["cache_ver"] != engine.cache_ver:
+        raise ValueError(
+            f"per-request cache_ver={overrides['cache_ver']!r} differs from the engine's cache_ver="
+            f"{engine.cache_ver}; committed-KV semantics (and prefix caching) are fixed per engine")
     cfg = engine.replace(**overrides)  # validates keys and values
     resolved = cfg.resolve(family, checkpoint_block_size)
     if resolved.verify:

@@ -1,0 +1,177 @@
+"""Offline throughput of block-diffusion decoding in vLLM 0.26 (ISSUE 3 item 6).
+
+A random-weight checkpoint with SDAR-1.7B's shapes (``MODELS.md`` §2.2: hidden 2048, 28 layers, 16 / 8 heads,
+head_dim 128, intermediate 6144, vocab 151936, untied head; bf16; vLLM ``load_format="dummy"``), prompts of
+128 random tokens, 256 new tokens (``ignore_eos``), greedy, batch 1 / 16 / 64 / 256, four modes:
+
+* ``a``  vLLM's own AR decode of the same shapes as a ``Qwen3ForCausalLM`` (stock config: FULL+PIECEWISE
+  CUDA graphs, async scheduling);
+* ``b``  the plugin in AR mode (``block_size=1``: canvas 2, one token per forward);
+* ``c``  the plugin, static remasking, block 4 / 4 steps;
+* ``d``  the plugin, dynamic remasking, threshold 0.85 (same engine as ``c``, per-request ``extra_args``).
+
+Each mode runs in its own process.  Requests are driven through ``LLMEngine.step`` so every engine step (= one
+model forward) is timed: ``step_ms_median`` is the median step time over the run (decode steps dominate),
+``forwards_per_s`` = steps / s, ``tokens_per_forward`` = output tokens / (steps x batch) (per request).  With
+random weights the distributions are flat, so dynamic remasking rarely clears 0.85 (``d`` ~ ``c``): the
+tokens-per-forward numbers of block diffusion need a trained checkpoint; the step-cost comparison does not.
+
+Usage (GPU host): ``python benchmarks/offline_throughput.py --out benchmarks/results/offline_throughput.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+SDAR_1P7B = {
+    "architectures": ["SDARForCausalLM"], "model_type": "sdar", "vocab_size": 151936, "hidden_size": 2048,
+    "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000, "rope_scaling": None, "attention_bias": False, "use_sliding_window": False,
+    "max_window_layers": 28, "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
+    "block_size": 4, "mask_token_id": 151669, "torch_dtype": "bfloat16",
+}
+MODES = {
+    "a": {"arch": "qwen3", "spec": None, "extra": None, "label": "vLLM AR (Qwen3ForCausalLM)"},
+    "b": {"arch": "sdar", "spec": {"method": "s2d2", "verify": False, "block_size": 1}, "extra": None,
+          "label": "plugin AR mode (block 1)"},
+    "c": {"arch": "sdar", "spec": {"method": "s2d2", "verify": False, "block_size": 4, "denoising_steps": 4},
+          "extra": {"s2d2": {"remasking": "low_confidence_static"}}, "label": "plugin static, block 4 / 4 steps"},
+    "d": {"arch": "sdar", "spec": {"method": "s2d2", "verify": False, "block_size": 4, "denoising_steps": 4},
+          "extra": {"s2d2": {"remasking": "low_confidence_dynamic", "confidence_threshold": 0.85}},
+          "label": "plugin dynamic, threshold 0.85"},
+}
+
+
+def write_checkpoints(root: str) -> dict[str, str]:
+    paths = {}
+    for arch in ("sdar", "qwen3"):
+        cfg = dict(SDAR_1P7B)
+        if arch == "qwen3":
+            cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+            cfg.pop("block_size")
+            cfg.pop("mask_token_id")
+        d = os.path.join(root, arch)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        paths[arch] = d
+    return paths
+
+
+def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+    """Inside the worker process: one engine, the given modes (sharing it), every batch size."""
+    import numpy as np
+    from vllm import LLM, SamplingParams
+
+    spec = MODES[modes[0]]["spec"]
+    t0 = time.time()
+    llm = LLM(model=model, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16",
+              speculative_config=spec, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=max(batches),
+              gpu_memory_utilization=0.85, seed=0)
+    startup = time.time() - t0
+    engine = llm.llm_engine
+    rng = np.random.default_rng(0)
+    out = {}
+    for mode in modes:
+        extra = MODES[mode]["extra"]
+        kw = dict(max_tokens=new_tokens, ignore_eos=True, temperature=0.0)
+        if extra:
+            kw["extra_args"] = extra
+        sp = SamplingParams(**kw)
+        # warm-up (compiles Triton variants for this mode's shapes)
+        llm.generate([{"prompt_token_ids": rng.integers(0, 150000, prompt_len).tolist()}],
+                     SamplingParams(**{**kw, "max_tokens": 16}), use_tqdm=False)
+        for bs in batches:
+            for i in range(bs):
+                engine.add_request(f"{mode}-{bs}-{i}", {"prompt_token_ids": rng.integers(0, 150000, prompt_len)
+                                                        .tolist()}, sp)
+            steps, times, tokens = 0, [], 0
+            t_start = time.perf_counter()
+            while engine.has_unfinished_requests():
+                t = time.perf_counter()
+                for o in engine.step():
+                    if o.finished:
+                        tokens += len(o.outputs[0].token_ids)
+                times.append(time.perf_counter() - t)
+                steps += 1
+            elapsed = time.perf_counter() - t_start
+            out[f"{mode}/{bs}"] = {
+                "mode": mode, "label": MODES[mode]["label"], "batch": bs, "elapsed_s": elapsed,
+                "steps": steps, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
+                "forwards_per_s": steps / elapsed, "tokens_per_forward": tokens / max(1, steps * bs),
+                "step_ms_median": 1e3 * float(np.median(times)), "step_ms_mean": 1e3 * elapsed / steps,
+            }
+            print(json.dumps(out[f"{mode}/{bs}"]), flush=True)
+    out["_startup_s"] = startup
+    out["_cudagraph_mode"] = str(engine.vllm_config.compilation_config.cudagraph_mode)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/offline_throughput.json")
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--modes", default="a,b,cd", help="comma-separated engine groups (modes sharing an engine)")
+    ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
+    ap.add_argument("--timeout", type=int, default=400, help="per-engine timeout (s)")
+    ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args._worker:
+        model, modes = args._worker
+        res = run_worker(model, list(modes), batches, args.prompt_len, args.new_tokens)
+        print("BENCH_JSON=" + json.dumps(res), flush=True)
+        return
+
+    import torch
+    import vllm
+
+    root = tempfile.mkdtemp(prefix="s2d2_bench_")
+    paths = write_checkpoints(root)
+    results: dict = {}
+    errors: dict = {}
+    for group in args.modes.split(","):
+        model = paths[MODES[group[0]]["arch"]]
+        cmd = [sys.executable, os.path.abspath(__file__), "--batches", args.batches, "--prompt-len",
+               str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--_worker", model, group]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON=")]
+            if not line:
+                errors[group] = proc.stderr[-4000:]
+                continue
+            res = json.loads(line[-1][len("BENCH_JSON="):])
+            results[f"_engine_{group}"] = {"startup_s": res.pop("_startup_s"),
+                                           "cudagraph_mode": res.pop("_cudagraph_mode")}
+            results.update(res)
+        except subprocess.TimeoutExpired as e:
+            errors[group] = f"timeout after {args.timeout}s: {(e.stderr or b'')[-2000:]!r}"
+    ratios = {}
+    for bs in batches:
+        a, c = results.get(f"a/{bs}"), results.get(f"c/{bs}")
+        if a and c:
+            ratios[str(bs)] = c["step_ms_median"] / a["step_ms_median"]
+    record = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no-cuda",
+        "vllm": vllm.__version__, "torch": torch.__version__, "commit": args.commit,
+        "model": "random weights, SDAR-1.7B shapes (bf16, load_format=dummy)",
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": batches,
+        "results": results, "step_cost_ratio_c_over_a": ratios, "target_ratio": 1.15, "errors": errors,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(json.dumps({"ratios": ratios, "errors": list(errors)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

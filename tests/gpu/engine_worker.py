@@ -1,0 +1,75 @@
+"""Runs one vLLM engine (``LLM``) on a job spec and writes the generated token ids as JSON (GPU test helper).
+
+Each engine runs in its own process (started by ``tests/gpu/test_engine_sdar.py``) so GPU memory and vLLM's
+engine-core process are released between engines.  Usage: ``python engine_worker.py SPEC.json OUT.json``.
+
+Spec: ``{"model", "speculative_config", "enforce_eager", "dtype", "max_model_len", "max_num_seqs",
+"jobs": [{"name", "mode": "batch" | "single" | "abort", "prompts": [[ids]], "sampling": [{SamplingParams kw}],
+"abort_after_steps", "abort": [indices]}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def _sp(kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(**kw)
+
+
+def _out(o):
+    c = o.outputs[0]
+    return {"token_ids": list(c.token_ids), "finish_reason": c.finish_reason}
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM
+
+    t0 = time.time()
+    llm = LLM(model=spec["model"], skip_tokenizer_init=True, speculative_config=spec.get("speculative_config"),
+              enforce_eager=spec.get("enforce_eager", True), dtype=spec.get("dtype", "float32"),
+              max_model_len=spec.get("max_model_len", 512), max_num_seqs=spec.get("max_num_seqs", 64),
+              gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.3), seed=0,
+              **spec.get("llm_kwargs", {}))
+    result: dict = {"startup_s": time.time() - t0,
+                    "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}
+    for job in spec["jobs"]:
+        t = time.time()
+        prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
+        sps = [_sp(kw) for kw in job["sampling"]]
+        if job["mode"] == "single":  # batch size 1: one request at a time
+            outs = [_out(llm.generate([p], [s], use_tqdm=False)[0]) for p, s in zip(prompts, sps)]
+        elif job["mode"] == "batch":
+            outs = [_out(o) for o in llm.generate(prompts, sps, use_tqdm=False)]
+        elif job["mode"] == "abort":
+            engine = llm.llm_engine
+            ids = [f"{job['name']}-{i}" for i in range(len(prompts))]
+            for rid, p, s in zip(ids, prompts, sps):
+                engine.add_request(rid, p, s)
+            done: dict = {}
+            steps = 0
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    if o.finished:
+                        done[o.request_id] = _out(o)
+                steps += 1
+                if steps == job["abort_after_steps"]:
+                    engine.abort_request([ids[i] for i in job["abort"]])
+            outs = [done.get(rid, {"token_ids": None, "finish_reason": "abort"}) for rid in ids]
+        else:
+            raise ValueError(job["mode"])
+        result[job["name"]] = outs
+        result[job["name"] + "_s"] = time.time() - t
+    return result
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    res = run(spec)
+    with open(sys.argv[2], "w") as f:
+        json.dump(res, f)

@@ -1,0 +1,93 @@
+"""CPU tests of the vLLM wiring: register(), model registration, config hook, the s2d2 alias and the
+sampling-parameter shim, against the real vLLM 0.26 (config level; no model runs on CPU).
+
+Every scenario runs in one subprocess (``tests/engine_cpu_probe.py``) that applies the CPU-platform recipe of
+``VLLM_0_26.md`` §1, so the platform override never leaks into other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)
+from engine_helpers import build_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    sdar = build_tiny_checkpoint(str(root / "sdar"), "sdar")
+    qwen3 = build_tiny_checkpoint(str(root / "qwen3"), "qwen3")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", VLLM_CACHE_ROOT=str(root / "vllm_cache"))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_cpu_probe.py"), sdar, qwen3],
+                          capture_output=True, text=True, timeout=300, env=env)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("S2D2_PROBE_JSON=")]
+    assert line, f"probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(line[-1][len("S2D2_PROBE_JSON="):])
+    assert "fatal" not in result, result.get("fatal")
+    return result
+
+
+def test_registration(probe):
+    assert probe["vllm"] == "0.26.0"
+    assert probe["alias_wrapped"] and probe["validation_wrapped"]
+    assert probe["hooks"] == {"SDARForCausalLM": "S2D2ConfigHook", "SDARMoeForCausalLM": "S2D2ConfigHook"}
+    assert probe["supported_archs"] == ["SDARForCausalLM", "SDARMoeForCausalLM"]
+
+
+def test_alias_dict_builds_a_diffusion_v2_config(probe):
+    d = probe["dict"]
+    assert d["is_diffusion"] and d["v2"] and not d["spec"] and not d["async"]
+    assert d["canvas"] == d["num_spec"] == 16  # 2 x block_size 8
+    assert d["backend"] == "TRITON_ATTN"
+    assert d["s2d2"]["block_size"] == 8 and d["s2d2"]["denoising_steps"] == 4 and d["s2d2"]["verify"] is False
+    assert d["arch"] == ["SDARForCausalLM"]
+
+
+def test_alias_variants(probe):
+    assert probe["ar"]["canvas"] == 2 and probe["ar"]["s2d2"]["block_size"] == 1
+    assert probe["string_json"]["canvas"] == 8
+    # No s2d2 settings at all: an SDAR checkpoint runs plain block diffusion (verify off), checkpoint block 4.
+    na = probe["no_alias"]
+    assert na["is_diffusion"] and na["canvas"] == 8 and na["s2d2"]["verify"] is False
+
+
+def test_hook_policies(probe):
+    assert probe["blockcausal"]["prefix_caching"] is False  # cache_ver=false -> no prefix caching
+    assert probe["dict"]["prefix_caching"] is True
+    assert probe["budget"]["batched_tokens"] >= 512 * 8  # max_num_seqs x canvas
+    assert probe["dict"]["gen_defaults"] == {}
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("bare_string_verify", "not supported by the vLLM engine yet"),
+    ("unknown_key", "blok_size"),
+    ("bad_value", "remasking='nope'"),
+    ("non_diffusion", "Qwen3ForCausalLM"),
+    ("flashinfer", "TRITON_ATTN"),
+    ("full_graphs", "PIECEWISE"),
+    ("async", "async scheduling"),
+])
+def test_startup_errors(probe, case, needle):
+    err = probe["errors"][case]
+    assert err is not None and needle in err, err
+
+
+def test_sampling_validation(probe):
+    s = probe["sampling"]
+    for ok in ("greedy_seed_topk", "temperature", "extra_ok"):
+        assert s[ok] is None, s[ok]
+    for case, needle in (("n2", "n=2"), ("logprobs", "logprobs"), ("min_p", "min_p"), ("penalty", "penalties"),
+                         ("extra_block", "block_size"), ("extra_verify", "verification"),
+                         ("extra_unknown", "nope")):
+        assert s[case] is not None and needle in s[case], (case, s[case])
+    # other diffusion models keep vLLM's own rejection of greedy sampling
+    assert s["other_model"] is not None and "not yet supported with diffusion" in s["other_model"]
