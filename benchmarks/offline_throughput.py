@@ -5,7 +5,8 @@ head_dim 128, intermediate 6144, vocab 151936, untied head; bf16; vLLM ``load_fo
 128 random tokens, 256 new tokens (``ignore_eos``), greedy, batch 1 / 16 / 64 / 256, four modes:
 
 * ``a``  vLLM's own AR decode of the same shapes as a ``Qwen3ForCausalLM`` (stock config: FULL+PIECEWISE
-  CUDA graphs, async scheduling);
+  CUDA graphs, async scheduling);  all modes capture graphs at the same token counts (``--capture-sizes``,
+  covering every decode shape up to batch 256 x canvas 8);
 * ``b``  the plugin in AR mode (``block_size=1``: canvas 2, one token per forward);
 * ``c``  the plugin, static remasking, block 4 / 4 steps;
 * ``d``  the plugin, dynamic remasking, threshold 0.85 (same engine as ``c``, per-request ``extra_args``).
@@ -65,7 +66,8 @@ def write_checkpoints(root: str) -> dict[str, str]:
     return paths
 
 
-def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
+               capture_sizes: list[int]) -> dict:
     """Inside the worker process: one engine, the given modes (sharing it), every batch size."""
     import numpy as np
     from vllm import LLM, SamplingParams
@@ -74,7 +76,8 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
     t0 = time.time()
     llm = LLM(model=model, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16",
               speculative_config=spec, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=max(batches),
-              gpu_memory_utilization=0.85, seed=0)
+              gpu_memory_utilization=0.85, seed=0,
+              compilation_config={"cudagraph_capture_sizes": capture_sizes})
     startup = time.time() - t0
     engine = llm.llm_engine
     rng = np.random.default_rng(0)
@@ -123,12 +126,15 @@ def main() -> None:
     ap.add_argument("--modes", default="a,b,cd", help="comma-separated engine groups (modes sharing an engine)")
     ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     ap.add_argument("--timeout", type=int, default=400, help="per-engine timeout (s)")
+    ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256,512,1024,2048",
+                    help="CUDA-graph capture sizes (tokens) for every mode: the decode shapes of all batches")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args._worker:
         model, modes = args._worker
-        res = run_worker(model, list(modes), batches, args.prompt_len, args.new_tokens)
+        res = run_worker(model, list(modes), batches, args.prompt_len, args.new_tokens,
+                         [int(x) for x in args.capture_sizes.split(",")])
         print("BENCH_JSON=" + json.dumps(res), flush=True)
         return
 
@@ -142,7 +148,8 @@ def main() -> None:
     for group in args.modes.split(","):
         model = paths[MODES[group[0]]["arch"]]
         cmd = [sys.executable, os.path.abspath(__file__), "--batches", args.batches, "--prompt-len",
-               str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--_worker", model, group]
+               str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--capture-sizes", args.capture_sizes,
+               "--_worker", model, group]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON=")]

@@ -105,14 +105,28 @@ def sdar_config(arch: dict, vocab_size: int, eos_id: int, mask_id: int, block_si
     }
 
 
+def qwen3_config(cfg: dict):
+    """transformers ``Qwen3Config`` of an SDAR dense config dict -- the translation of
+    ``vllm_s2d2.reference.models.qwen_hf_config`` (a test checks they agree), repeated here so that training
+    depends on transformers alone."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"], hidden_act=cfg["hidden_act"],
+        max_position_embeddings=cfg["max_position_embeddings"], rms_norm_eps=cfg["rms_norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg["rope_theta"])},
+        tie_word_embeddings=False, use_sliding_window=False, attention_dropout=0.0, use_cache=False,
+        head_dim=cfg["head_dim"], attention_bias=False, initializer_range=cfg.get("initializer_range", 0.02),
+    )
+
+
 def build_model(cfg: dict, dropout: float):
     """transformers Qwen3ForCausalLM (SDPA) for an SDAR config dict, freshly initialised (N(0, 0.02))."""
     from transformers import Qwen3ForCausalLM
 
-    from vllm_s2d2.reference.models import qwen_hf_config
-
-    hf_cfg = qwen_hf_config(cfg)
-    hf_cfg.initializer_range = cfg.get("initializer_range", 0.02)
+    hf_cfg = qwen3_config(cfg)
     model = Qwen3ForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
     if dropout > 0:
         def drop(module, inputs, output):
@@ -369,6 +383,13 @@ def main(argv=None) -> int:
            "platform": platform.platform(), "device_name": torch.cuda.get_device_name(device)
            if device.type == "cuda" else platform.processor() or "cpu", "train_curve": [], "evals": []}
     deadline = _T0 + args.deadline_minutes * 60 if args.deadline_minutes else float("inf")
+    try:  # import (and build matplotlib's font cache) now, not after the training budget
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        pass
 
     # 1. corpus + split
     root = Path(args.stdlib) if args.stdlib else data.stdlib_root()

@@ -1,0 +1,1 @@
+"""Attention paths of the plugin over vLLM's paged KV cache."""
