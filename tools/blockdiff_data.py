@@ -26,7 +26,6 @@ import json
 import random
 import sys
 import sysconfig
-import textwrap
 import tokenize
 from pathlib import Path
 

@@ -1,0 +1,289 @@
+"""``vllm-s2d2`` console script.
+
+``vllm-s2d2 demo`` decodes a few held-out code prompts with the trained demo checkpoint
+(``assets/sdar-stdlib-10m``: a 10.5 M-parameter SDAR-format block-diffusion model trained on the Python
+standard library) and prints the text and the decoding statistics of AR mode, the confidence-threshold
+block-diffusion baseline and S2D2 side by side.
+
+Backend: the vLLM engine when ``vllm`` is importable *and* a CUDA GPU is present (for the configurations the
+engine runs: everything without S2D2 verification until Engine II); otherwise -- and always for S2D2 columns
+the engine cannot run yet -- the eager reference decoder on the CPU.  The output says which backend produced
+each column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+DEMO_MODEL_ENV = "VLLM_S2D2_DEMO_MODEL"
+DEMO_MODEL_NAME = "sdar-stdlib-10m"
+
+# (label, S2D2Config dict) of the three columns
+DEMO_CONFIGS: dict[str, tuple[str, dict]] = {
+    "ar": ("AR mode (block 1)", {"block_size": 1, "denoising_steps": 1, "verify": False}),
+    "threshold": ("threshold: B=4, dynamic 0.85", {"block_size": 4, "denoising_steps": 4, "verify": False,
+                                                     "remasking": "low_confidence_dynamic",
+                                                     "confidence_threshold": 0.85}),
+    "s2d2": ("S2D2: sdar-a (B=4)", {"preset": "sdar-a"}),
+    "threshold16": ("threshold: B=16, dynamic 0.85", {"block_size": 16, "denoising_steps": 16, "verify": False,
+                                                       "remasking": "low_confidence_dynamic",
+                                                       "confidence_threshold": 0.85}),
+    "s2d2-16": ("S2D2: sdar-b (B=16)", {"preset": "sdar-b"}),
+}
+DEFAULT_COLUMNS = "ar,threshold,s2d2"
+
+
+def default_model_path() -> Path | None:
+    """``$VLLM_S2D2_DEMO_MODEL``, else ``assets/sdar-stdlib-10m`` of the source checkout this package lives in."""
+    env = os.environ.get(DEMO_MODEL_ENV)
+    if env:
+        return Path(env)
+    p = Path(__file__).resolve().parent.parent / "assets" / DEMO_MODEL_NAME
+    return p if (p / "config.json").is_file() else None
+
+
+# -- backends -----------------------------------------------------------------------------------------------
+def _engine_available() -> tuple[bool, str]:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vLLM is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    return True, ""
+
+
+def _reference_decode(model, info, prompts: list[list[int]], cfg_dict: dict, max_tokens: int, temperature: float,
+                      seed: int) -> list[dict]:
+    from vllm_s2d2.core.params import SamplingSpec
+    from vllm_s2d2.reference import generate
+    from vllm_s2d2.s2d2_config import S2D2Config
+
+    cfg = S2D2Config.from_dict(cfg_dict)
+    out = []
+    for i, ids in enumerate(prompts):
+        t0 = time.perf_counter()
+        o = generate(model, info, [ids], cfg, SamplingSpec(temperature=temperature, seed=seed + i),
+                     max_tokens=max_tokens)[0]
+        out.append({"token_ids": o.token_ids, "seconds": time.perf_counter() - t0, **o.stats.as_dict()})
+    return out
+
+
+def _vllm_worker(model_path: str, cfg: dict, prompts: list, max_tokens: int, temperature: float, seed: int) -> list:
+    """Runs in a subprocess: one engine for ``cfg``; each request alone, engine steps (= forwards) counted."""
+    from vllm import LLM, SamplingParams
+
+    spec = {"method": "s2d2", **cfg}
+    llm = LLM(model=model_path, speculative_config=spec, dtype="bfloat16", seed=seed, max_model_len=2048,
+              gpu_memory_utilization=0.4)
+    engine = llm.llm_engine
+    out = []
+    for i, ids in enumerate(prompts):
+        sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
+        engine.add_request(f"demo-{i}", {"prompt_token_ids": ids}, sp)
+        steps, toks, t0 = 0, [], time.perf_counter()
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    toks = list(o.outputs[0].token_ids)
+            steps += 1
+        out.append({"token_ids": toks, "seconds": time.perf_counter() - t0, "forwards": steps,
+                    "generated_tokens": len(toks), "tokens_per_forward": len(toks) / max(1, steps)})
+    return out
+
+
+def _vllm_decode(model_path: Path, prompts, cfg_dict: dict, max_tokens: int, temperature: float, seed: int):
+    payload = json.dumps([str(model_path), cfg_dict, prompts, max_tokens, temperature, seed])
+    code = ("import json,sys; from vllm_s2d2.cli import _vllm_worker; a = json.loads(sys.stdin.read()); "
+            "print('DEMO_JSON=' + json.dumps(_vllm_worker(*a)))")
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("DEMO_JSON=")]
+    if not line:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "engine failed")
+    return json.loads(line[-1][len("DEMO_JSON="):])
+
+
+# -- printing -----------------------------------------------------------------------------------------------
+def _wrap_lines(text: str, width: int, max_lines: int) -> list[str]:
+    out: list[str] = []
+    for ln in text.expandtabs(4).splitlines() or [""]:
+        out.extend(textwrap.wrap(ln, width, drop_whitespace=False, replace_whitespace=False) or [""])
+    if len(out) > max_lines:
+        out = out[:max_lines - 1] + ["..."]
+    return out
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _stats_lines(r: dict) -> list[str]:
+    verify = r.get("verify_rate")
+    acc = r.get("acceptance_rate") if r.get("proposed_tokens") else None
+    fwd = r.get("forwards")
+    fused = (r["generated_tokens"] / max(1, fwd - r["commit_forwards"])) if "commit_forwards" in r else None
+    return [f"tokens {r['generated_tokens']}  forwards {_fmt(fwd, 'd')}",
+            f"tok/fwd {_fmt(r.get('tokens_per_forward'), '.2f')} (fused {_fmt(fused, '.2f')})",
+            f"verify rate {_fmt(verify, '.2f')}",
+            f"accept {_fmt(acc, '.2f')}  tok/s {r['generated_tokens'] / max(1e-9, r['seconds']):.0f}"]
+
+
+def _print_columns(headers: list[str], bodies: list[list[str]], width: int) -> None:
+    sep = "+" + "+".join("-" * (width + 2) for _ in headers) + "+"
+    print(sep)
+    print("| " + " | ".join(h[:width].ljust(width) for h in headers) + " |")
+    print(sep)
+    rows = max(len(b) for b in bodies)
+    for i in range(rows):
+        print("| " + " | ".join((b[i] if i < len(b) else "").ljust(width) for b in bodies) + " |")
+    print(sep)
+
+
+def demo(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vllm-s2d2 demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help=f"checkpoint dir (default: ${DEMO_MODEL_ENV} or assets/"
+                                                 f"{DEMO_MODEL_NAME} of the source checkout)")
+    ap.add_argument("--num-prompts", type=int, default=3)
+    ap.add_argument("--first-prompt", type=int, default=0, help="index of the first held-out prompt")
+    ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--columns", default=DEFAULT_COLUMNS, help=f"comma-separated, from {list(DEMO_CONFIGS)}")
+    ap.add_argument("--backend", choices=["auto", "reference", "vllm"], default="auto")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", type=int, default=None, help="terminal width (default: detected)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for the reference decoder")
+    args = ap.parse_args(argv)
+
+    model_path = Path(args.model) if args.model else default_model_path()
+    if model_path is None or not (model_path / "config.json").is_file():
+        print(f"error: no demo checkpoint found (looked at {model_path or 'assets/' + DEMO_MODEL_NAME}); pass "
+              f"--model DIR or set ${DEMO_MODEL_ENV} (the checkpoint ships in the source repository under "
+              f"assets/{DEMO_MODEL_NAME})", file=sys.stderr)
+        return 2
+    cols = [c.strip() for c in args.columns.split(",") if c.strip()]
+    bad = [c for c in cols if c not in DEMO_CONFIGS]
+    if bad or not cols:
+        print(f"error: unknown column(s) {bad}; choose from {list(DEMO_CONFIGS)}", file=sys.stderr)
+        return 2
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from vllm_s2d2 import register
+    from vllm_s2d2.configs import load_family_info
+    from vllm_s2d2.reference.models import ReferenceModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    register()
+    info = load_family_info(model_path)
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    prompt_file = model_path / "heldout_prompts.jsonl"
+    if not prompt_file.is_file():
+        print(f"error: {prompt_file} is missing", file=sys.stderr)
+        return 2
+    with open(prompt_file, encoding="utf-8") as f:
+        rows = [json.loads(x) for x in f if x.strip()][args.first_prompt:args.first_prompt + args.num_prompts]
+    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+
+    engine_ok, why_not = _engine_available()
+    if args.backend == "vllm" and not engine_ok:
+        print(f"error: --backend vllm: {why_not}", file=sys.stderr)
+        return 2
+    use_engine = engine_ok and args.backend != "reference"
+    n_params = None
+    ref = None
+
+    def reference():
+        nonlocal ref, n_params
+        if ref is None:
+            ref = ReferenceModel.load(str(model_path))
+            n_params = sum(p.numel() for p in ref.module.parameters())
+        return ref
+
+    results, backends = {}, {}
+    for c in cols:
+        label, cfg = DEMO_CONFIGS[c]
+        verifies = cfg.get("verify", True)
+        if use_engine and not verifies:
+            try:
+                results[c] = _vllm_decode(model_path, prompts, cfg, args.max_tokens, args.temperature, args.seed)
+                backends[c] = "vLLM engine (GPU)"
+                continue
+            except Exception as e:  # noqa: BLE001 - fall back, say why
+                backends[c] = f"reference decoder on CPU (engine failed: {str(e)[:80]})"
+        elif use_engine:
+            backends[c] = "reference decoder on CPU (S2D2 verification is not in the engine yet)"
+        else:
+            backends[c] = f"reference decoder on CPU ({why_not or 'requested'})"
+        results[c] = _reference_decode(reference(), info, prompts, cfg, args.max_tokens, args.temperature, args.seed)
+
+    width = args.width or shutil.get_terminal_size((132, 40)).columns
+    colw = max(24, (width - 1) // len(cols) - 3)
+    size = f", {n_params / 1e6:.1f} M params" if n_params else ""
+    print(f"vllm-s2d2 demo: {model_path} (SDAR, block {info.block_size}{size}); greedy"
+          if args.temperature == 0 else f"vllm-s2d2 demo: {model_path}; temperature {args.temperature}")
+    for c in cols:
+        print(f"  {DEMO_CONFIGS[c][0]}: {backends[c]}")
+    for i, r in enumerate(rows):
+        print(f"\n=== prompt {args.first_prompt + i + 1}: {r['module']} :: {r['function']}() "
+              f"(held out from training; {len(prompts[i])} tokens)")
+        plines = r["prompt"].rstrip("\n").splitlines()
+        shown = plines if len(plines) <= 8 else plines[:3] + ["    ..."] + plines[-4:]
+        print("\n".join("  " + ln for ln in shown))
+        bodies = []
+        for c in cols:
+            res = results[c][i]
+            text = tok.decode(res["token_ids"], skip_special_tokens=True)
+            bodies.append(_wrap_lines(text, colw, 12) + [""] + _stats_lines(res))
+        _print_columns([DEMO_CONFIGS[c][0] for c in cols], bodies, colw)
+        truth = [ln for ln in r["target"].splitlines() if ln.strip()][:3]
+        print("  source continues: " + " | ".join(t.strip() for t in truth))
+    print("\n=== totals over the prompts")
+    for c in cols:
+        rs = results[c]
+        tokens = sum(x["generated_tokens"] for x in rs)
+        fwd = sum(x["forwards"] for x in rs) if all("forwards" in x for x in rs) else None
+        secs = sum(x["seconds"] for x in rs)
+        prop = sum(x.get("proposed_tokens", 0) for x in rs)
+        acc = sum(x.get("accepted_tokens", 0) for x in rs) / prop if prop else None
+        steps = sum(x.get("steps", 0) for x in rs)
+        vr = sum(x.get("verify_steps", 0) for x in rs) / steps if steps else None
+        commits = sum(x.get("commit_forwards", 0) for x in rs)
+        fused = tokens / (fwd - commits) if fwd and any("commit_forwards" in x for x in rs) else None
+        print(f"  {DEMO_CONFIGS[c][0]:32s} tokens {tokens:4d}  forwards {_fmt(fwd, '4d')}  "
+              f"tokens/forward {_fmt(tokens / fwd if fwd else None, '.2f')} (fused {_fmt(fused, '.2f')})  "
+              f"verify rate {_fmt(vr, '.2f')}  "
+              f"acceptance {_fmt(acc, '.2f')}  {tokens / max(1e-9, secs):5.0f} tok/s")
+    print("  forwards: every forward counted (prefill, draft, verify, commit); fused: each block's commit forward "
+          "merged into the\n  next block's first draft, as the vLLM engine's canvas does.  Reference decoder tok/s "
+          "is CPU eager speed (no KV cache), not a benchmark.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: vllm-s2d2 demo [options]   (vllm-s2d2 demo --help)\n\n"
+              "  demo   decode held-out code prompts with the trained demo checkpoint: AR mode, threshold "
+              "baseline and S2D2 side by side")
+        return 0 if argv else 2
+    if argv[0] == "demo":
+        return demo(argv[1:])
+    print(f"vllm-s2d2: unknown command {argv[0]!r} (available: demo)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
