@@ -42,9 +42,11 @@ class EmuRequest:
     kv_tokens: dict[int, int] = field(default_factory=dict)  # position -> token written there
     forwards: int = 0
 
+    prefill_tokens: list[int] | None = None  # prompt + outputs after a preemption (vLLM re-prefills them)
+
     @property
     def prefill_len(self) -> int:
-        return len(self.prompt)
+        return len(self.prefill_tokens if self.prefill_tokens is not None else self.prompt)
 
     @property
     def prefilling(self) -> bool:
@@ -81,10 +83,13 @@ class Emulator:
         self.steps = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def add(self, req: EmuRequest) -> None:
+    def add(self, req: EmuRequest, saved: torch.Tensor | None = None) -> None:
         req.slot = self.free.pop(0)
+        tokens = req.prefill_tokens if req.prefill_tokens is not None else req.prompt
         self.req_states.all_token_ids.gpu[req.slot].zero_()
-        self.req_states.all_token_ids.gpu[req.slot, :len(req.prompt)] = torch.tensor(req.prompt)
+        self.req_states.all_token_ids.gpu[req.slot, :len(tokens)] = torch.tensor(tokens)
+        if saved is not None:
+            self.sampler.next_saved[req.slot] = saved
         self.sampler.add_request(req.slot, len(req.prompt), req.sampling)
         self.sampler.apply_staged_writes()
         self.running.append(req)
@@ -92,6 +97,17 @@ class Emulator:
     def abort(self, req: EmuRequest) -> None:
         req.finished, req.finish_reason = True, "abort"
         self._remove(req)
+
+    def preempt(self, req: EmuRequest) -> None:
+        """vLLM preemption: KV freed, the request later re-prefills prompt + outputs (model state snapshot)."""
+        saved = self.stepper.remove_request(req.slot, save=True)
+        self.running.remove(req)
+        self.free.append(req.slot)
+        req.num_computed = 0
+        req.rows.clear()
+        req.kv_tokens.clear()
+        req.prefill_tokens = req.prompt + req.output
+        self.add(req, saved)
 
     def _remove(self, req: EmuRequest) -> None:
         self.stepper.remove_request(req.slot)
@@ -150,7 +166,8 @@ class Emulator:
         for i, (r, n, spec) in enumerate(sched):
             p = r.num_computed
             if r.prefilling:
-                ids = r.prompt[p:p + n]
+                src = r.prefill_tokens if r.prefill_tokens is not None else r.prompt
+                ids = src[p:p + n]
             else:
                 ids = self.req_states.draft_tokens[r.slot, :n].tolist()
             rr = [x for x in ranges.get(i, []) if x[0] < x[1]]

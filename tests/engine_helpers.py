@@ -5,7 +5,10 @@ Temporary local builder (``vllm_s2d2.testing.build_tiny_checkpoint`` is not ther
 scales ``lm_head`` so that the tiny model is *confident* (peaked distributions): dynamic remasking then commits
 several tokens per step and greedy argmax has clear margins (fewer fp near-ties between engine and reference);
 ``lin_std`` (attention / MLP projections) is large enough that outputs depend on the context (with small
-projections a random model repeats one token, which would hide position bugs).
+projections a random model repeats one token, which would hide position bugs).  The mask token's ``lm_head``
+row is zero (logit 0, far below the top logits): a random head would otherwise sometimes make ``<MASK>`` the
+most likely token, and a block whose committed token *is* the mask id never finishes (the reference decoder
+loops forever; the engine suppresses the mask logit, see ``S2D2Stepper``).
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def _tensors(cfg: dict, gen: torch.Generator, head_std: float, emb_std: float, l
             t = emb_std * torch.randn(s, generator=gen)
         else:
             t = lin_std * torch.randn(s, generator=gen)
+        if k == "lm_head.weight":
+            t[MASK_ID] = 0.0  # like a trained model, never *predict* the mask token (see module docstring)
         out[k] = t.to(torch.bfloat16).contiguous()
     return out
 

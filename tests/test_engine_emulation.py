@@ -59,7 +59,7 @@ def reference(tiny, s2d2: dict, prompt, sp) -> list[int]:
     return out[0].token_ids
 
 
-def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None):
+def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None, preempt=None):
     model, _, hf, prompts = tiny
     emu = Emulator(model, hf, s2d2, token_budget=budget, max_model_len=max_model_len)
     reqs = [EmuRequest(f"r{i}", list(p), sp) for i, (p, sp) in enumerate(zip(prompts, sps))]
@@ -72,6 +72,10 @@ def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None
         assert n < 500, "engine does not terminate"
         if abort and n == abort[0]:
             emu.abort(reqs[abort[1]])
+        if preempt and n in preempt[0]:
+            for i in preempt[1]:
+                if reqs[i] in emu.running:
+                    emu.preempt(reqs[i])
     return reqs, emu
 
 
@@ -135,3 +139,10 @@ def test_max_model_len_caps_without_hanging(tiny):
                       max_model_len=15)
     for r in reqs:
         assert r.finish_reason == "length" and len(r.prompt) + len(r.output) == 15
+
+
+def test_preemption_resumes_the_interrupted_block(tiny):
+    # requests 1 and 5 are preempted twice (mid-block); vLLM re-prefills prompt + outputs and the model state's
+    # snapshot continues the block with its RNG counter: outputs still equal the reference (sampled too)
+    sps = [sampling_params(max_tokens=m, temperature=1.0, seed=i) for i, m in enumerate(MAX_TOKENS)]
+    check(tiny, {"verify": False}, sps, preempt=({3, 6}, (1, 5)))

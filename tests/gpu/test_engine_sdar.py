@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -84,16 +85,24 @@ def ref_models(ckpts):
             for k, p in ckpts.items()}
 
 
-def run_engine(spec: dict, tmp_path) -> dict:
+def run_engine(spec: dict, tmp_path, timeout: int = 200) -> dict:
+    """Run one engine in its own process; its log goes to ``$S2D2_GPU_LOG_DIR`` (if set) as it runs."""
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_worker.py"), str(spec_path), str(out_path)],
-                          capture_output=True, text=True, timeout=540)
-    log_dir = os.environ.get("S2D2_GPU_LOG_DIR")
-    if log_dir:
-        with open(os.path.join(log_dir, f"{tmp_path.name}.log"), "w") as f:
-            f.write(proc.stdout[-20000:] + "\n---- stderr ----\n" + proc.stderr[-60000:])
-    assert proc.returncode == 0, f"engine failed:\n{proc.stderr[-6000:]}"
+    log_dir = os.environ.get("S2D2_GPU_LOG_DIR") or str(tmp_path)
+    log_path = os.path.join(log_dir, f"{tmp_path.name}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "engine_worker.py"), str(spec_path),
+                                 str(out_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the engine-core grandchild too (GPU memory)
+            proc.wait()
+            pytest.fail(f"engine did not finish within {timeout}s (log: {log_path})")
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            pytest.fail(f"engine failed (rc {proc.returncode}):\n{f.read()[-6000:]}")
     return json.loads(out_path.read_text())
 
 

@@ -33,6 +33,11 @@ part is complete, which ends the request (length cap).  A COMMIT whose next bloc
 
 RNG: ``core.rng`` keyed by (seed, counter); the counter advances once per draft step, exactly like the
 reference decoder's, so sampled decoding equals the reference for the same seed.
+
+Guard: the mask token's logit is set to -inf before ``draft_step`` (a drafted ``<MASK>`` would be committed as a
+token equal to the mask id, i.e. stay masked, and the block would never finish -- the reference decoder loops
+forever in that case).  For checkpoints that never predict ``<MASK>`` (trained ones) this changes nothing; the
+proper home of this rule is ``core`` (reported), so that the reference applies it too.
 """
 
 from __future__ import annotations
@@ -322,6 +327,9 @@ class S2D2Stepper:
         rows = torch.where(in_rows, rows, torch.zeros_like(rows)).clamp(0, max(logits.shape[0] - 1, 0))
         block_logits = logits[rows.reshape(-1)].view(R, B, -1)
         block_logits = torch.where(in_rows[..., None], block_logits, torch.zeros_like(block_logits))
+        # The mask token is never a valid output: committing it would leave the position masked forever (the
+        # block could never finish).  Suppress it (a no-op for models that never predict <MASK>).
+        block_logits[..., self.mask_id] = float("-inf")
 
         sl_np = slots_np
         params = self.params.gather(slots, bool(self.top_k_on[sl_np].any()), bool(self.top_p_on[sl_np].any()))
