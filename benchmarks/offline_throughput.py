@@ -17,7 +17,9 @@ model forward) is timed: ``step_ms_median`` is the median step time over the run
 random weights the distributions are flat, so dynamic remasking rarely clears 0.85 (``d`` ~ ``c``): the
 tokens-per-forward numbers of block diffusion need a trained checkpoint; the step-cost comparison does not.
 
-Usage (GPU host): ``python benchmarks/offline_throughput.py --out benchmarks/results/offline_throughput.json``
+Usage (GPU host): ``python benchmarks/offline_throughput.py --out benchmarks/results/offline_throughput.json``.
+An engine of this size takes ~1.5-2 min to start (torch.compile + graph capture), so under the device's 10-minute
+call limit run the groups in separate calls: ``--modes a --merge``, ``--modes b --merge``, ``--modes cd --merge``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,7 +71,12 @@ def write_checkpoints(root: str) -> dict[str, str]:
 
 def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
                capture_sizes: list[int]) -> dict:
-    """Inside the worker process: one engine, the given modes (sharing it), every batch size."""
+    """Inside the worker process: one engine, the given modes (sharing it), every batch size.
+
+    The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that one ``LLMEngine.step``
+    is exactly one scheduler step = one model forward (with the default multiprocess core, ``step`` returns
+    per *output batch*, and block-diffusion draft steps emit nothing, so forwards would be undercounted)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import numpy as np
     from vllm import LLM, SamplingParams
 
@@ -125,7 +133,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--modes", default="a,b,cd", help="comma-separated engine groups (modes sharing an engine)")
     ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
-    ap.add_argument("--timeout", type=int, default=400, help="per-engine timeout (s)")
+    ap.add_argument("--timeout", type=int, default=420, help="per-engine timeout (s)")
+    ap.add_argument("--merge", action="store_true", help="update an existing --out file (run groups separately)")
     ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256,512,1024,2048",
                     help="CUDA-graph capture sizes (tokens) for every mode: the decode shapes of all batches")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
@@ -138,30 +147,48 @@ def main() -> None:
         print("BENCH_JSON=" + json.dumps(res), flush=True)
         return
 
-    import torch
-    import vllm
-
     root = tempfile.mkdtemp(prefix="s2d2_bench_")
     paths = write_checkpoints(root)
     results: dict = {}
     errors: dict = {}
+    if args.merge and os.path.exists(args.out):  # groups may run in separate calls (10-min device limit)
+        with open(args.out) as f:
+            old = json.load(f)
+        results, errors = old.get("results", {}), old.get("errors", {})
     for group in args.modes.split(","):
         model = paths[MODES[group[0]]["arch"]]
         cmd = [sys.executable, os.path.abspath(__file__), "--batches", args.batches, "--prompt-len",
                str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--capture-sizes", args.capture_sizes,
                "--_worker", model, group]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON=")]
-            if not line:
-                errors[group] = proc.stderr[-4000:]
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+            try:
+                stdout, _ = proc.communicate(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the engine-core grandchild holds the GPU memory
+                stdout, _ = proc.communicate()
+                err.seek(0)
+                errors[group] = f"timeout after {args.timeout}s: {err.read()[-3000:]}"
+                _write(args, batches, results, errors)
                 continue
-            res = json.loads(line[-1][len("BENCH_JSON="):])
-            results[f"_engine_{group}"] = {"startup_s": res.pop("_startup_s"),
-                                           "cudagraph_mode": res.pop("_cudagraph_mode")}
-            results.update(res)
-        except subprocess.TimeoutExpired as e:
-            errors[group] = f"timeout after {args.timeout}s: {(e.stderr or b'')[-2000:]!r}"
+            err.seek(0)
+            line = [ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON=")]
+            if not line:
+                errors[group] = err.read()[-4000:]
+            else:
+                res = json.loads(line[-1][len("BENCH_JSON="):])
+                results[f"_engine_{group}"] = {"startup_s": res.pop("_startup_s"),
+                                               "cudagraph_mode": res.pop("_cudagraph_mode")}
+                results.update(res)
+                errors.pop(group, None)
+        _write(args, batches, results, errors)
+    _write(args, batches, results, errors)
+
+
+def _write(args, batches, results, errors) -> None:
+    import torch
+    import vllm
+
     ratios = {}
     for bs in batches:
         a, c = results.get(f"a/{bs}"), results.get(f"c/{bs}")
@@ -177,7 +204,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
-    print(json.dumps({"ratios": ratios, "errors": list(errors)}, indent=1))
+    print(json.dumps({"ratios": ratios, "errors": list(errors)}, indent=1), flush=True)
 
 
 if __name__ == "__main__":

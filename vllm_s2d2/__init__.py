@@ -10,9 +10,10 @@ With vLLM importable, ``register()`` also (``VLLM_0_26.md`` §11):
 2. registers ``SDARForCausalLM`` / ``SDARMoeForCausalLM`` with ``ModelRegistry`` as lazy
    ``"module:Class"`` strings (nothing imported until vLLM resolves the architecture);
 3. adds the config hook (:class:`vllm_s2d2.engine.config_hooks.S2D2ConfigHook`) to ``MODELS_CONFIG_MAP``;
-4. installs the ``speculative_config="s2d2"`` alias and the sampling-parameter shim (:mod:`vllm_s2d2.patches`).
+4. registers the attention backend (TRITON_ATTN + the 2L verify launch) as ``AttentionBackendEnum.CUSTOM``;
+5. installs the ``speculative_config="s2d2"`` alias and the sampling-parameter shim (:mod:`vllm_s2d2.patches`).
 
-Steps 2-4 need vLLM 0.26.0 exactly; with another version they raise a clear error (vLLM logs a failing plugin
+Steps 2-5 need vLLM 0.26.0 exactly; with another version they raise a clear error (vLLM logs a failing plugin
 and carries on without it).
 """
 
@@ -27,6 +28,9 @@ MODEL_CLASSES = {
     "SDARForCausalLM": "vllm_s2d2.model_executor.models.sdar:SDARForCausalLM",
     "SDARMoeForCausalLM": "vllm_s2d2.model_executor.models.sdar:SDARMoeForCausalLM",
 }
+
+
+ATTENTION_BACKEND = "vllm_s2d2.model_executor.attention.backend.S2D2AttentionBackend"
 
 
 def _vllm_available() -> bool:
@@ -59,6 +63,9 @@ def register() -> None:
         for arch, target in MODEL_CLASSES.items():
             ModelRegistry.register_model(arch, target)
             MODELS_CONFIG_MAP[arch] = S2D2ConfigHook
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.CUSTOM, ATTENTION_BACKEND)
         spec_alias.install()
         sampling_validation.install()
     _registered = True

@@ -3,9 +3,10 @@
 Run on the GPU host (``pytest -m gpu tests``).  Tiny random checkpoints (``tests/engine_helpers.py``: real SDAR
 tensor names, V = 512, a confident head so greedy decisions have clear margins) are decoded by
 ``LLM.generate`` (each engine in its own process, ``engine_worker.py``) and by ``vllm_s2d2.reference.generate``
-(dense fp32 on the same GPU).  Engines run in fp32 so that the two implementations agree to rounding; the Triton
-attention kernel computes its fp32 dot products in TF32, so a decision whose top-2 gap is below ~1e-3 could in
-principle flip -- the confident head makes that negligible and a mismatch report names the request.
+(dense fp32 on the same GPU).  Engines run in fp32 so that the two implementations agree to rounding, and
+``engine_worker.py`` sets ``TRITON_F32_DEFAULT=ieee``: Triton's default fp32 ``tl.dot`` is TF32, whose ~1e-3
+relative error in the attention scores flipped 2 of 40 near-tied static-remasking confidence rankings in a first
+H100 run (the outputs diverged from that token on); with IEEE fp32 dots every run matched exactly.
 
 Covered: greedy; SDAR default (dynamic remasking 0.85, cache_ver + draft_ver) with **PIECEWISE CUDA graphs**,
 static remasking (per-request ``extra_args``), AR mode (block 1), block-causal caching; batch 1 and 40 concurrent

@@ -19,6 +19,17 @@ import torch
 GREEDY_TEMPERATURE = 1e-6
 
 
+def exclude_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
+    """``logits`` with one token made impossible (a copy).  Block diffusion never outputs the mask token:
+    committing it would leave the position masked and the block could never finish (the reference code has
+    no such guard and can loop forever on a model that predicts ``<MASK>``)."""
+    if not 0 <= token_id < logits.shape[-1]:
+        return logits  # an id outside the vocabulary is never drawn anyway
+    out = logits.clone()
+    out[..., token_id] = float("-inf")
+    return out
+
+
 def transform_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None = None,
                     top_p: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 probabilities ``[R, L, V]`` under each request's sampling transform."""

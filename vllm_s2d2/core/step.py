@@ -26,7 +26,7 @@ from vllm_s2d2.core.acceptance import accept_span
 from vllm_s2d2.core.estimators import acceptance_estimate, draft_stats, expected_accepted
 from vllm_s2d2.core.params import FamilyRules, StepParams
 from vllm_s2d2.core.policies import PolicyState, route, score, ucb_bucket, ucb_update
-from vllm_s2d2.core.sampling import sample, transform_probs
+from vllm_s2d2.core.sampling import exclude_token, sample, transform_probs
 from vllm_s2d2.core.spans import first_mask_span
 from vllm_s2d2.core.unmasking import editing_positions, remask_commit, threshold_plus_argmax
 
@@ -80,6 +80,7 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
                policy_state: PolicyState) -> tuple[Draft, PolicyState]:
     """Everything decided from the draft forward alone (S2D2_SPEC.md §3.1 steps 2-3, §5 step 1, §7)."""
     R, B, _ = logits.shape
+    logits = exclude_token(logits, rules.mask_token_id)
     probs = transform_probs(logits, params.temperature, params.top_k, params.top_p)
     x0, p0 = sample(probs, params.greedy, rng.uniform(params.seed, block.counter, rng.STREAM_DRAFT, B))
     is_mask = block.tokens == rules.mask_token_id
@@ -130,6 +131,7 @@ def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules:
     the 2L forward; Fast-dLLM v2: the shifted causal forward).  Returns (commit [R, B], tokens [R, B],
     num_accepted [R])."""
     R, B, _ = q_logits.shape
+    q_logits = exclude_token(q_logits, rules.mask_token_id)
     q = transform_probs(q_logits, params.temperature, params.top_k, params.top_p)
     verdict = accept_span(
         draft.x0, draft.probs, q, draft.span,

@@ -8,7 +8,7 @@ is pickled to the engine core and the workers.  The hook:
   the checkpoint and stores the normalised dict back (errors are ``ValueError`` at start-up);
 * makes the model a vLLM diffusion model: ``hf_config.canvas_length = W = 2B`` (``is_diffusion``, which forces
   Model Runner V2), ``DiffusionConfig(canvas_length=W)``; a mismatching user ``diffusion_config`` is an error;
-* attention: TRITON_ATTN by default (per-request bidirectional ranges, :mod:`.attention`); any other backend is
+* attention: the plugin's backend (CUSTOM = TRITON_ATTN + the 2L verify launch) (per-request bidirectional ranges, :mod:`.attention`); any other backend is
   rejected with a clear message (FLASHINFER has no per-request masks; FA/FLEX are not wired);
 * CUDA graphs: PIECEWISE by default (the range tensor is rebuilt each step, so FULL graphs would replay a stale
   mask); FULL modes are rejected;
@@ -87,10 +87,11 @@ class S2D2ConfigHook(VerifyAndUpdateConfig):
         # Attention backend.
         att = vllm_config.attention_config
         if att.backend is None:
-            att.backend = AttentionBackendEnum.TRITON_ATTN
-        elif att.backend != AttentionBackendEnum.TRITON_ATTN:
+            att.backend = AttentionBackendEnum.CUSTOM
+        elif att.backend != AttentionBackendEnum.CUSTOM:
             raise ValueError(f"attention backend {att.backend.name} cannot apply S2D2's per-request "
-                             "block-diffusion masks; use TRITON_ATTN (the default for these models)")
+                             "block-diffusion and 2L-verifier masks; leave the backend unset (the plugin's "
+                             "Triton-based backend, registered as CUSTOM, is selected)")
 
         # CUDA graphs: PIECEWISE (masks change every step).
         cc = vllm_config.compilation_config

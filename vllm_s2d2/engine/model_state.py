@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -34,7 +35,9 @@ from vllm.v1.worker.gpu.model_states.interface import ModelState
 
 from vllm_s2d2.engine.attention import step_ranges
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
-from vllm_s2d2.engine.stepper import S2D2Stepper
+from vllm_s2d2.engine.stepper import VERIFY, S2D2Stepper
+from vllm_s2d2.model_executor.attention.backend import VerifyGroup
+from vllm_s2d2.model_executor.attention.verify_kernel import verifier_qq_bias
 
 _MAX_SAVED = 4096
 
@@ -59,6 +62,7 @@ class S2D2ModelState(ModelState):
         self._req_to_slot: dict[str, int] = {}
         self._saved: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
+        self._qq_bias = verifier_qq_bias(self.settings.block_size, device=device)
         self._sampler = None
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -94,10 +98,32 @@ class S2D2ModelState(ModelState):
     def get_mm_embeddings(self, scheduled_encoder_inputs, input_batch, req_states):
         return None
 
+    def _verifying(self, input_batch: InputBatch) -> np.ndarray:
+        """Batch indices of requests whose coming step is a 2L verification with its full 2B canvas."""
+        R = input_batch.num_reqs
+        st = self.stepper
+        st.sync_host()
+        slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
+        q_len = np.asarray(input_batch.num_scheduled_tokens[:R])
+        ok = ((st.phase_host[slots] == VERIFY) & st.active[slots]
+              & ~np.asarray(input_batch.is_prefilling_np[:R], dtype=bool) & (q_len == st.W))
+        return np.nonzero(ok)[0]
+
+    def _verify_rows(self, input_batch: InputBatch, reqs: np.ndarray, first: int, count: int) -> torch.Tensor:
+        qsl = np.asarray(input_batch.query_start_loc_np[:input_batch.num_reqs + 1], dtype=np.int64)
+        rows = (qsl[reqs][:, None] + first + np.arange(count)[None, :]).reshape(-1)
+        return torch.from_numpy(rows).to(self.device, non_blocking=True)
+
     def prepare_inputs(self, input_batch: InputBatch, req_states: Any) -> dict[str, Any]:
         n = input_batch.num_tokens_after_padding
         pos = self._positions[:n]
         pos.copy_(input_batch.positions[:n])
+        reqs = self._verifying(input_batch)
+        if reqs.size:
+            # 2L canvas: the mask half (local slots B..2B-1) takes the first half's positions p .. p+B-1.
+            B = self.settings.block_size
+            rows = self._verify_rows(input_batch, reqs, B, B)
+            pos.index_copy_(0, rows, pos.index_select(0, rows) - B)
         return {"positions": pos}
 
     def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
@@ -121,7 +147,7 @@ class S2D2ModelState(ModelState):
         else:
             max_seq_len = int(seq_lens_cpu_upper_bound[:num_reqs].max())
             ranges = step_ranges(self.stepper, input_batch)
-        return build_attn_metadata(
+        metadata = build_attn_metadata(
             attn_groups=attn_groups,
             num_reqs=num_reqs,
             num_tokens=num_tokens,
@@ -141,3 +167,18 @@ class S2D2ModelState(ModelState):
             for_cudagraph_capture=for_capture,
             causal=True,
         )
+        reqs = np.zeros(0, dtype=np.int64) if for_capture else self._verifying(input_batch)
+        if reqs.size:
+            W = self.stepper.W
+            idx = torch.from_numpy(reqs).to(self.device, non_blocking=True)
+            group = VerifyGroup(
+                rows=self._verify_rows(input_batch, reqs, 0, W),
+                cu_seqlens_q=torch.arange(0, (reqs.size + 1) * W, W, dtype=torch.int32, device=self.device),
+                seqused_k=input_batch.seq_lens.index_select(0, idx).to(torch.int32),
+                block_table=block_tables[0].index_select(0, idx),
+                max_seqlen_q=W,
+                max_seqlen_k=int(np.asarray(seq_lens_cpu_upper_bound[:num_reqs])[reqs].max()),
+                qq_bias=self._qq_bias)
+            for md in {id(m): m for m in metadata.values()}.values():
+                md.s2d2_verify = group
+        return metadata

@@ -8,10 +8,10 @@ Where the knobs live in vLLM 0.26 (``VLLM_0_26.md`` §3, §4, §11):
   ``additional_config={"s2d2": {...}}`` directly, and a block-diffusion checkpoint with no S2D2 settings at all
   runs the plain block-diffusion baseline (``verify=False``);
 * the canvas width W is ``DiffusionConfig.canvas_length`` = ``hf_config.canvas_length`` = 2·B (room for the
-  fused commit+draft canvas now and the 2L verifier later);
+  fused commit+draft canvas and the 2L verifier);
 * per request, ``SamplingParams.extra_args["s2d2"]`` (a dict of S2D2Config keys, OpenAI ``vllm_xargs``) overrides
   knobs that change neither the canvas nor the committed KV: everything except ``block_size``,
-  ``sub_block_size`` and ``cache_ver`` (and ``verify``, which must stay off until Engine II).
+  ``sub_block_size`` and ``cache_ver``.
 
 This module imports nothing from vLLM, so the CPU tests and the frontend can use it freely.
 """
@@ -31,16 +31,9 @@ EXTRA_ARGS_KEY = "s2d2"
 # reference decoder but no engine model yet.
 ENGINE_ARCHS = ("SDARForCausalLM", "SDARMoeForCausalLM")
 
-VERIFY_NOT_SUPPORTED = (
-    "S2D2 verification (verify=true, the S2D2Config default) is not supported by the vLLM engine yet "
-    "(Engine II). Pass {\"method\": \"s2d2\", \"verify\": false, ...} to run the plain block-diffusion "
-    "baseline (static / dynamic remasking, AR mode with block_size=1)."
-)
-
-
 def canvas_length(block_size: int) -> int:
-    """Canvas width W for block size B: the fused [final block | next block] commit canvas (and, later, the
-    2L verifier) needs 2·B slots."""
+    """Canvas width W for block size B: the fused [final block | next block] commit canvas and the 2L verifier
+    need 2·B slots."""
     return 2 * block_size
 
 
@@ -83,17 +76,14 @@ def resolve_engine_settings(hf_config: Any, s2d2: Mapping[str, Any] | S2D2Config
         cfg = s2d2
     else:
         cfg = S2D2Config.from_dict(dict(s2d2))
-    resolved = cfg.resolve(info.family, info.block_size)
-    if resolved.verify:
-        raise ValueError(VERIFY_NOT_SUPPORTED)
-    return EngineSettings(info=info, config=resolved)
+    return EngineSettings(info=info, config=cfg.resolve(info.family, info.block_size))
 
 
 def request_config(engine: S2D2Config, extra_args: Mapping[str, Any] | None, family: str,
                    checkpoint_block_size: int) -> S2D2Config:
     """The resolved config of one request: the engine config with ``extra_args["s2d2"]`` applied.
 
-    Raises ``ValueError`` for unknown keys, bad values, a different ``block_size`` or ``verify=true``."""
+    Raises ``ValueError`` for unknown keys, bad values or a different ``block_size``."""
     overrides = (extra_args or {}).get(EXTRA_ARGS_KEY) if extra_args else None
     if not overrides:
         return engine
@@ -113,11 +103,7 @@ def request_config(engine: S2D2Config, extra_args: Mapping[str, Any] | None, fam
         raise ValueError(
             f"per-request cache_ver={overrides['cache_ver']!r} differs from the engine's cache_ver="
             f"{engine.cache_ver}; committed-KV semantics (and prefix caching) are fixed per engine")
-    cfg = engine.replace(**overrides)  # validates keys and values
-    resolved = cfg.resolve(family, checkpoint_block_size)
-    if resolved.verify:
-        raise ValueError(VERIFY_NOT_SUPPORTED)
-    return resolved
+    return engine.replace(**overrides).resolve(family, checkpoint_block_size)  # validates keys and values
 
 
 def is_engine_arch(architectures: Any) -> bool:

@@ -15,6 +15,10 @@ Per request (p = ``num_computed_tokens``, B = block size, W = 2B canvas, blocks 
             (rows of the block: cache + block bidirectional; with draft_ver the rows before the
              block's first mask are token-causal)
       -> when the block has no mask left: COMMIT
+      -> when the routing policy chose to verify: VERIFY (nothing committed by this step)
+    VERIFY  canvas [first half (drafts filled) | MASK filler | mask half Lb x MASK | filler] (:mod:`.verify`)
+            2L mask, mask half at the first half's positions; q = mask-half logits; accept / resample /
+            quota top-up with the draft saved at the DRAFT step; emit 0 -> DRAFT or COMMIT
     COMMIT  canvas [final block[p-bs:] (Lb) | next block: B x MASK | filler]
             first half = the committed KV (token-causal rows with cache_ver, else block-bidirectional);
             second half = the next block's first draft (sees the first half); emit Lb tokens
@@ -50,10 +54,11 @@ import torch
 
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
 from vllm_s2d2.core.policies import PolicyState
-from vllm_s2d2.core.step import BlockState, draft_step, finish_step
+from vllm_s2d2.core.step import BlockState, draft_step, finish_step, verify_step
+from vllm_s2d2.engine.verify import DraftStore, verify_canvas
 from vllm_s2d2.s2d2_config import S2D2Config
 
-DRAFT, COMMIT = 0, 1
+DRAFT, COMMIT, VERIFY = 0, 1, 2
 NO_LIMIT = 2 ** 62
 # attention spec columns: two bidirectional ranges [lo, hi] (absolute, inclusive; lo >= hi means none)
 SPEC_COLS = 4
@@ -164,6 +169,10 @@ class S2D2Stepper:
         self.step_idx = torch.zeros(n, **long)
         self.counter = torch.zeros(n, **long)
         self.phase = torch.zeros(n, **long)
+        self.drafts: DraftStore | None = None  # allocated on the first (profiling) step: needs V and dtype
+        self.phase_host = np.zeros(n, dtype=np.int64)  # phases of the coming step, for inputs/attention
+        # Per-slot counters [draft steps, verify steps, proposed span tokens, accepted drafts, commits]
+        self.stats = torch.zeros(n, 5, **long)
         self.policy = PolicyState.zeros(n, device)
         self.attn_spec = torch.zeros(n, SPEC_COLS, dtype=torch.int32, device=device)
         self._cols = torch.arange(B, device=device)
@@ -194,6 +203,7 @@ class S2D2Stepper:
         self.attn_spec_host = torch.zeros(n, SPEC_COLS, dtype=torch.int32,
                                           pin_memory=(device.type == "cuda"))
         self._spec_event = torch.cuda.Event() if device.type == "cuda" else None
+        self._phase_pinned = torch.zeros(n, dtype=torch.int64, pin_memory=(device.type == "cuda"))
         self._spec_published = False
 
     # ------------------------------------------------------------------------------------------------------
@@ -218,6 +228,7 @@ class S2D2Stepper:
         self.top_k_on[slot] = sampling.top_k > 0 and sampling.temperature >= 1e-6
         self.top_p_on[slot] = sampling.top_p < 1.0 and sampling.temperature >= 1e-6
         self.prompt_len[slot] = prompt_len
+        self.phase_host[slot] = DRAFT
         self._pending_reset[slot] = saved
 
     def remove_request(self, slot: int, save: bool = False) -> torch.Tensor | None:
@@ -241,6 +252,7 @@ class S2D2Stepper:
         self.counter[slots] = 0
         self.step_idx[slots] = 0
         self.phase[slots] = DRAFT
+        self.stats[slots] = 0
         self.policy.scatter_(slots, PolicyState.zeros(slots.numel(), self.device))
         for slot, saved in self._pending_reset.items():
             if saved is not None:
@@ -272,7 +284,8 @@ class S2D2Stepper:
                 self.tokens[slot] = torch.where(same, saved[:B], self.tokens[slot])
                 self.block_start[slot] = torch.where(same, saved[B], self.block_start[slot])
                 self.step_idx[slot] = torch.where(same, saved[B + 1], self.step_idx[slot])
-                self.phase[slot] = torch.where(same, saved[B + 3], self.phase[slot])
+                ph = torch.where(saved[B + 3] == VERIFY, torch.full_like(saved[B + 3], DRAFT), saved[B + 3])
+                self.phase[slot] = torch.where(same, ph, self.phase[slot])
                 self.counter[slot] = saved[B + 2]
         self._write_next(slots, P, draft_tokens)
 
@@ -288,6 +301,7 @@ class S2D2Stepper:
         B, W, mask_id = self.B, self.W, self.mask_id
         dev = logits.device
         R = slots.numel()
+        self.sync_host()
         p = p.to(torch.int64)
         q_len = q_len.to(torch.int64)
         row0 = row0.to(torch.int64)
@@ -304,13 +318,15 @@ class S2D2Stepper:
         off = (p - bs).clamp(0, B)
         Lb = B - off
         is_commit = phase == COMMIT
-        need = torch.where(is_commit, Lb + B, Lb)
+        is_verify = phase == VERIFY
+        need = torch.where(is_commit | is_verify, Lb + B, Lb)
         full = q_len >= need
         clipped = ~full & (p + q_len >= self.max_model_len)
         commit_ok = is_commit & (q_len >= Lb)
         draft_rows_avail = q_len - torch.where(is_commit, Lb, torch.zeros_like(Lb))
         draft_ok = torch.where(is_commit, full | (clipped & commit_ok & (draft_rows_avail > 0)),
-                               full | (clipped & (q_len > 0)))
+                               full | (clipped & (q_len > 0))) & ~is_verify
+        verify_ok = is_verify & full  # a verify canvas is only ever written when it fits (see below)
 
         # The block this step denoises: the current one (DRAFT) or the fresh next one (COMMIT).
         mask_block = torch.full_like(tok, mask_id)
@@ -327,18 +343,32 @@ class S2D2Stepper:
         rows = torch.where(in_rows, rows, torch.zeros_like(rows)).clamp(0, max(logits.shape[0] - 1, 0))
         block_logits = logits[rows.reshape(-1)].view(R, B, -1)
         block_logits = torch.where(in_rows[..., None], block_logits, torch.zeros_like(block_logits))
-        # The mask token is never a valid output: committing it would leave the position masked forever (the
-        # block could never finish).  Suppress it (a no-op for models that never predict <MASK>).
-        block_logits[..., self.mask_id] = float("-inf")
 
         sl_np = slots_np
         params = self.params.gather(slots, bool(self.top_k_on[sl_np].any()), bool(self.top_p_on[sl_np].any()))
         pol = self.policy.index(slots)
         state = BlockState(dblock, editable, region, dstep, ctr)
+        self._ensure_drafts(block_logits)
         draft, pol2 = draft_step(block_logits, state, params, self.rules, pol)
+        # A verify canvas needs 2B slots from the block start: near max_model_len the step falls back to the
+        # baseline rule (the routing state already counted the decision).
+        starts_verify = draft_ok & draft.do_verify & (dbs + 2 * B <= self.max_model_len)
+        draft.do_verify = starts_verify
         result, pol3 = finish_step(state, draft, None, None, None, params, pol2)
-        new_tok = torch.where(draft_ok[:, None], result.tokens, dblock)
-        self._merge_policy(slots, pol, pol3, draft_ok)
+        new_tok = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, dblock)
+        self.drafts.save(slots, starts_verify, draft, block_logits, ctr, dstep)
+        pol_next = self._pick_policy(pol, pol3, draft_ok & ~starts_verify)
+        pol_next = self._pick_policy(pol_next, pol2, starts_verify)  # reward recorded when the verify ends
+
+        verified_np = self.phase_host[slots_np] == VERIFY
+        n_accepted = torch.zeros_like(p)
+        if verified_np.any():
+            v_tok, pol_v, n_accepted = self._verify(logits, slots, verified_np, tok, editable, off, row0, ctr,
+                                                    stp, params, pol)
+            new_tok = torch.where(verify_ok[:, None], v_tok, new_tok)
+            pol_next = self._pick_policy(pol_next, pol_v, verify_ok)
+        self.policy.scatter_(slots, pol_next)
+        ran = draft_ok | verify_ok
 
         # Early finish: a final prefix (from doff) that already ends the request is emitted now.
         blocking = ((new_tok == mask_id) | ~region) & (cols >= doff[:, None])
@@ -349,7 +379,7 @@ class S2D2Stepper:
         out_before = dbs + doff - prompt_len  # output tokens emitted before this block's rows
         reach_max = out_before + leading >= max_tokens
         region_done = ~((new_tok == mask_id) & region).any(1)
-        finish = draft_ok & (leading > 0) & (is_stop.any(1) | reach_max | (clipped & region_done))
+        finish = ran & ~starts_verify & (leading > 0) & (is_stop.any(1) | reach_max | (clipped & region_done))
 
         emitted = torch.where(commit_ok, Lb, torch.zeros_like(Lb)) + torch.where(finish, leading,
                                                                                   torch.zeros_like(leading))
@@ -368,19 +398,56 @@ class S2D2Stepper:
         self.tokens[slots] = tok_n
         self.step_idx[slots] = stp_n
         self.counter[slots] = ctr + draft_ok.long()
-        self.phase[slots] = torch.where((tok_n == mask_id).any(1), torch.full_like(phase, DRAFT),
-                                        torch.full_like(phase, COMMIT))
+        phase_n = torch.where((tok_n == mask_id).any(1), torch.full_like(phase, DRAFT),
+                              torch.full_like(phase, COMMIT))
+        stay = starts_verify | (is_verify & ~verify_ok)  # a truncated verify step is retried
+        self.phase[slots] = torch.where(stay, torch.full_like(phase, VERIFY), phase_n)
+        self.stats[slots] += torch.stack([draft_ok.long(), verify_ok.long(),
+                                          torch.where(verify_ok, self.drafts.reqs["span_length"][slots], 0),
+                                          torch.where(verify_ok, n_accepted, 0), commit_ok.long()], dim=1)
         p_n = p + emitted
         self._write_next(slots, p_n, draft_tokens)
         return StepOutput(out_tokens, emitted.to(torch.int32), (q_len - emitted).to(torch.int32))
 
-    def _merge_policy(self, slots: torch.Tensor, old: PolicyState, new: PolicyState, keep: torch.Tensor) -> None:
+    @staticmethod
+    def _pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> PolicyState:
         def pick(a, b):
             k = keep.view(-1, *([1] * (a.dim() - 1)))
             return torch.where(k, b, a)
-        self.policy.scatter_(slots, PolicyState(pick(old.hysteresis_on, new.hysteresis_on),
-                                                pick(old.ucb_t, new.ucb_t), pick(old.ucb_n, new.ucb_n),
-                                                pick(old.ucb_mu, new.ucb_mu)))
+        return PolicyState(pick(old.hysteresis_on, new.hysteresis_on), pick(old.ucb_t, new.ucb_t),
+                           pick(old.ucb_n, new.ucb_n), pick(old.ucb_mu, new.ucb_mu))
+
+    def _ensure_drafts(self, block_logits: torch.Tensor) -> None:
+        if self.drafts is None:
+            self.drafts = DraftStore(self.max_num_reqs, self.B, block_logits.shape[-1], block_logits.dtype,
+                                     self.device)
+
+    def _verify(self, logits, slots, verified_np, tok, editable, off, row0, ctr, stp, params, pol):
+        """The VERIFY rows: q from the mask half (canvas rows B + i), ``core.step.verify_step`` against the
+        saved draft, then ``finish_step``.  Returns full-batch [R, B] tokens, policy state and accepted counts
+        (rows that did not verify carry unused values)."""
+        B = self.B
+        vi = torch.from_numpy(np.nonzero(verified_np)[0]).to(slots.device)
+        vparams = params.index(vi)
+        draft = self.drafts.load(slots[vi], vparams, self.mask_id)
+        cols = self._cols[None, :]
+        voff = off[vi]
+        known = cols >= voff[:, None]
+        rows = row0[vi][:, None] + B + (cols - voff[:, None])
+        rows = torch.where(known, rows, torch.zeros_like(rows)).clamp(0, logits.shape[0] - 1)
+        q_logits = logits[rows.reshape(-1)].view(vi.numel(), B, -1)
+        q_logits = torch.where(known[..., None], q_logits, torch.zeros_like(q_logits))
+        commit, tokens, accepted = verify_step(draft, q_logits, vparams, self.rules, self.drafts.counter[slots[vi]])
+        vstate = BlockState(tok[vi], editable[vi], torch.ones_like(editable[vi]), stp[vi], ctr[vi])
+        vpol = pol.index(vi)
+        res, vpol = finish_step(vstate, draft, commit, tokens, accepted, vparams, vpol)
+        out_tok = tok.clone()
+        out_tok[vi] = res.tokens
+        full_pol = PolicyState(pol.hysteresis_on.clone(), pol.ucb_t.clone(), pol.ucb_n.clone(), pol.ucb_mu.clone())
+        full_pol.scatter_(vi, vpol)
+        n_acc = torch.zeros(slots.numel(), dtype=torch.int64, device=slots.device)
+        n_acc[vi] = res.num_accepted
+        return out_tok, full_pol, n_acc
 
     def _write_next(self, slots: torch.Tensor, p_next: torch.Tensor, draft_tokens: torch.Tensor) -> None:
         """Next canvas ``[block[off:] | MASK ...]`` and next attention ranges for ``slots`` at query start
@@ -396,6 +463,10 @@ class S2D2Stepper:
         src = (off[:, None] + self._wcols[None, :]).clamp(max=B - 1)
         canvas = torch.where(self._wcols[None, :] < Lb[:, None], tok.gather(1, src),
                              torch.full_like(src, mask_id))
+        is_verify = phase == VERIFY
+        if self.drafts is not None:
+            vcanvas = verify_canvas(self.drafts.rows["first_half"][slots], off, mask_id)
+            canvas = torch.where(is_verify[:, None], vcanvas, canvas)
         draft_tokens[slots, :W] = canvas.to(draft_tokens.dtype)
 
         is_mask = tok == mask_id
@@ -408,24 +479,37 @@ class S2D2Stepper:
         r1_hi = torch.where(is_commit, torch.where(cache_ver, none, end), end)
         r2_lo = torch.where(is_commit, bs + B, none)
         r2_hi = torch.where(is_commit, bs + 2 * B - 1, none)
-        self.attn_spec[slots] = torch.stack([r1_lo, r1_hi, r2_lo, r2_hi], dim=1).to(torch.int32)
+        spec = torch.stack([r1_lo, r1_hi, r2_lo, r2_hi], dim=1)
+        spec = torch.where(is_verify[:, None], torch.zeros_like(spec), spec)  # the verify launch masks these
+        self.attn_spec[slots] = spec.to(torch.int32)
 
     # ------------------------------------------------------------------------------------------------------
     # host mirror of the attention ranges
     def publish(self) -> None:
-        """Start the device-to-host copy of the next step's attention ranges (after every sampler call)."""
+        """Start the device-to-host copy of the next step's attention ranges and phases (after every sampler
+        call)."""
         if self.device.type == "cuda":
             self.attn_spec_host.copy_(self.attn_spec, non_blocking=True)
+            self._phase_pinned.copy_(self.phase, non_blocking=True)
             self._spec_event.record()
         else:
             self.attn_spec_host.copy_(self.attn_spec)
+            self._phase_pinned.copy_(self.phase)
         self._spec_published = True
 
-    def host_attn_spec(self) -> np.ndarray:
-        """``[max_num_reqs, 4]`` ranges for the coming step (waits for the copy started by :meth:`publish`,
-        which has long finished: vLLM already synchronised on this step's sampled tokens)."""
-        if self._spec_event is not None and self._spec_published:
+    def sync_host(self) -> None:
+        """Make ``attn_spec_host`` / ``phase_host`` current (waits for the copy started by :meth:`publish`,
+        which has long finished: vLLM already synchronised on that step's sampled tokens)."""
+        if not self._spec_published:
+            return
+        if self._spec_event is not None:
             self._spec_event.synchronize()
+        self.phase_host[:] = self._phase_pinned.numpy()
+        self._spec_published = False
+
+    def host_attn_spec(self) -> np.ndarray:
+        """``[max_num_reqs, 4]`` ranges for the coming step."""
+        self.sync_host()
         return self.attn_spec_host.numpy()
 
     # ------------------------------------------------------------------------------------------------------
@@ -441,5 +525,6 @@ class S2D2Stepper:
                            torch.zeros(num_reqs, dtype=torch.int64, device=self.device),
                            torch.zeros(num_reqs, dtype=torch.int64, device=self.device))
         pol = PolicyState.zeros(num_reqs, self.device)
+        self._ensure_drafts(logits.view(num_reqs, B, -1))
         draft, pol = draft_step(logits.view(num_reqs, B, -1), state, params, self.rules, pol)
         finish_step(state, draft, None, None, None, params, pol)

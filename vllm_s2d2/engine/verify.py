@@ -25,7 +25,7 @@ from dataclasses import fields
 import torch
 
 from vllm_s2d2.core.params import StepParams
-from vllm_s2d2.core.sampling import transform_probs
+from vllm_s2d2.core.sampling import exclude_token, transform_probs
 from vllm_s2d2.core.step import Draft
 
 _PER_ROW = ("x0", "p0", "is_mask", "eligible", "edits", "first_half", "span", "baseline_commit")
@@ -67,9 +67,10 @@ class DraftStore:
         put(self.counter, counter)
         put(self.step, step)
 
-    def load(self, slots: torch.Tensor, params: StepParams) -> Draft:
-        """The saved drafts of ``slots``; ``probs`` recomputed from the saved logits."""
-        logits = self.logits[slots]
+    def load(self, slots: torch.Tensor, params: StepParams, mask_token_id: int) -> Draft:
+        """The saved drafts of ``slots``; ``probs`` recomputed from the saved logits exactly as
+        ``core.step.draft_step`` computed them."""
+        logits = exclude_token(self.logits[slots], mask_token_id)
         kw = {name: self.rows[name][slots] for name in _PER_ROW}
         kw.update({name: self.reqs[name][slots] for name in _PER_REQ})
         kw["probs"] = transform_probs(logits, params.temperature, params.top_k, params.top_p)
