@@ -12,7 +12,10 @@ following the 0.26 source:
 * the paged KV cache: every position keeps the attention row it was written with (what the KV of that slot
   encodes); a forward is a dense recompute of ``[cached | query]`` where cached rows use their recorded rows
   and query rows use the TRITON kernel's mask (causal OR ranges, ``attention.kernel_visibility``) -- the same
-  device the reference decoder uses, so the emulated engine must equal ``reference.generate`` token for token.
+  device the reference decoder uses, so the emulated engine must equal ``reference.generate`` token for token;
+* a VERIFY step (the stepper's phase, full 2B canvas, as ``S2D2ModelState`` selects it) runs what the CUSTOM
+  backend's verify launch computes: the 2L mask (``core.masks.verifier_2l``) with the mask half at the first
+  half's positions.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from vllm_s2d2.core.masks import verifier_2l
 from vllm_s2d2.engine.attention import kernel_visibility, step_ranges
 from vllm_s2d2.engine.settings import resolve_engine_settings
-from vllm_s2d2.engine.stepper import S2D2Stepper
+from vllm_s2d2.engine.stepper import VERIFY, S2D2Stepper
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Emulator:
         self.free = list(range(max_num_reqs))
         self.running: list[EmuRequest] = []
         self.steps = 0
+        self.verify_forwards = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def add(self, req: EmuRequest, saved: torch.Tensor | None = None) -> None:
@@ -171,7 +176,10 @@ class Emulator:
             else:
                 ids = self.req_states.draft_tokens[r.slot, :n].tolist()
             rr = [x for x in ranges.get(i, []) if x[0] < x[1]]
-            logits = self._forward(r, p, ids, rr)
+            verify = (not r.prefilling and n == self.W
+                      and int(self.stepper.phase_host[r.slot]) == VERIFY)
+            logits = self._forward(r, p, ids, rr, verify)
+            self.verify_forwards += int(verify)
             r.forwards += 1
             if spec:
                 logits_rows.append(logits)
@@ -205,7 +213,7 @@ class Emulator:
             return "length"
         return None
 
-    def _forward(self, r: EmuRequest, p: int, ids: list[int], ranges) -> torch.Tensor:
+    def _forward(self, r: EmuRequest, p: int, ids: list[int], ranges, verify: bool = False) -> torch.Tensor:
         n = p + len(ids)
         tokens = [r.kv_tokens[k] for k in range(p)] + list(ids)
         vis = torch.zeros(n, n, dtype=torch.bool)
@@ -216,8 +224,14 @@ class Emulator:
             m = min(row.numel(), n)
             vis[k, :m] = row[:m]
         q_pos = torch.arange(p, n)
-        vis[p:] = kernel_visibility(q_pos, n, ranges)
-        logits = self.model.logits(torch.tensor(tokens), torch.arange(n), vis, rows=q_pos)
+        positions = torch.arange(n)
+        if verify:
+            B = self.W // 2
+            vis[p:] = verifier_2l(p, B)
+            positions[p + B:] -= B  # mask half at the first half's positions
+        else:
+            vis[p:] = kernel_visibility(q_pos, n, ranges)
+        logits = self.model.logits(torch.tensor(tokens), positions, vis, rows=q_pos)
         for j, k in enumerate(range(p, n)):  # KV written by this forward (overwrites rejected slots)
             r.rows[k] = vis[k].clone()
             r.kv_tokens[k] = ids[j]

@@ -392,7 +392,7 @@ class S2D2Stepper:
         # Next state.
         bs_n = torch.where(commit_ok, bs + B, bs)
         tok_n = torch.where(commit_ok[:, None], torch.where(draft_ok[:, None], new_tok, mask_block),
-                            torch.where(draft_ok[:, None], new_tok, tok))
+                            torch.where(ran[:, None], new_tok, tok))
         stp_n = torch.where(commit_ok, draft_ok.long(), stp + draft_ok.long())
         self.block_start[slots] = bs_n
         self.tokens[slots] = tok_n
