@@ -1,0 +1,65 @@
+"""GPU: S2D2 verification inside vLLM 0.26 (Engine II) equals the reference decoder token for token.
+
+One engine (PIECEWISE CUDA graphs on, fp32, ``TRITON_F32_DEFAULT=ieee`` as in ``test_engine_sdar.py``) serves
+every job; policies differ *per request* through ``SamplingParams.extra_args["s2d2"]``, so each batch mixes
+draft, 2L-verify and commit steps of requests with different policies.  Acceptance is random even with greedy
+drafts, so requests are seeded; the counter-based RNG (``core.rng``) makes the engine and the reference draw
+the same numbers, so equality is exact, sampled decoding included.
+
+* I1 in the engine: always verify + greedy acceptance + ``cache_ver`` reproduces the reference's AR mode
+  (block size 1) token for token, at batch 1 and 32 concurrent prompts.
+* Every routing policy (score_threshold = paper Config-A, hysteresis, UCB, span length) and the baseline, mixed
+  in one batch of 40 prompts of mixed lengths and ``max_tokens``; seeded sampling (temperature 1, top-k).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("vllm")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_engine_sdar import _prompts, _sp, ckpts, compare, ref_models, reference, run_engine  # noqa: E402,F401
+
+POLICIES = [
+    {},  # engine default: SDAR Config-A (score_threshold 0, difference_static, c = 1)
+    {"verify_policy": "score_hysteresis", "score_type": "difference_dynamic"},
+    {"verify_policy": "contextual_bandit_ucb"},
+    {"verify_policy": "mask_span_length", "min_span_length": 2},
+    {"verify_policy": "mask_span_length", "acceptance": "greedy"},
+    {"verify": False},
+]
+ALWAYS_GREEDY = {"s2d2": {"verify_policy": "mask_span_length", "acceptance": "greedy"}}
+
+
+def test_s2d2_engine_equals_reference(ckpts, ref_models, tmp_path):
+    s2d2 = {"method": "s2d2"}
+    i1_batch = {"name": "i1_batch", "mode": "batch", "prompts": _prompts(32, 31),
+                "sampling": [_sp(1 + (5 * i) % 20, seed=i, extra=ALWAYS_GREEDY) for i in range(32)]}
+    i1_single = {"name": "i1_single", "mode": "single", "prompts": _prompts(3, 32),
+                 "sampling": [_sp(m, seed=0, extra=ALWAYS_GREEDY) for m in (13, 6, 19)]}
+    mixed = {"name": "mixed", "mode": "batch", "prompts": _prompts(40, 33),
+             "sampling": [_sp(1 + (7 * i) % 24, seed=1000 + i, extra={"s2d2": POLICIES[i % len(POLICIES)]})
+                          for i in range(40)]}
+    sampled = {"name": "sampled", "mode": "batch", "prompts": _prompts(12, 34),
+               "sampling": [_sp(12, temperature=1.0, top_k=20, seed=200 + i,
+                                extra={"s2d2": POLICIES[i % 4]}) for i in range(12)]}
+    spec = {"model": ckpts["sdar"], "speculative_config": s2d2, "enforce_eager": False,
+            "jobs": [i1_batch, i1_single, mixed, sampled]}
+    res = run_engine(spec, tmp_path, timeout=400)
+    assert "PIECEWISE" in res["cudagraph_mode"], res["cudagraph_mode"]
+    for job in (i1_batch, i1_single, mixed, sampled):
+        compare(ref_models, "sdar", s2d2, job, res[job["name"]])
+    # I1: the same outputs are the reference's AR mode (block size 1, token-causal KV)
+    ar = {"method": "s2d2", "verify": False, "block_size": 1, "denoising_steps": 1}
+    for job in (i1_batch, i1_single):
+        for prompt, kw, o in zip(job["prompts"], job["sampling"], res[job["name"]]):
+            kw_ar = {k: v for k, v in kw.items() if k != "extra_args"}
+            assert o["token_ids"] == reference(ref_models, "sdar", ar, prompt, kw_ar)
