@@ -13,7 +13,7 @@ trained on the Python stdlib); the prompts are function headers + docstrings fro
   of the generated tokens under the model itself (nats / token, block size 1 = the verifier's distribution).
 
 Backends: ``reference`` (the eager reference decoder, CPU by default; slow but exact) and ``vllm`` (the plugin's
-engine on a GPU host; only the configurations the engine supports -- no S2D2 verification until Engine II).
+engine on a GPU host, every configuration (not run yet)).
 
     python benchmarks/quality.py --num-prompts 8 --max-tokens 32            # a few minutes on 2 CPU cores
     python benchmarks/quality.py --num-prompts 256 --workers 8 --threads 2  # every prompt (16 cores)
@@ -224,7 +224,6 @@ def run_reference(model_path: Path, prompts: list[dict], names: list[str], max_t
 
 
 # -- vLLM backend -------------------------------------------------------------------------------------------
-VLLM_SKIP = "S2D2 verification is not in the vLLM engine yet (Engine II): run these with --backend reference"
 
 
 def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, temperature: float, seed: int) -> list:
@@ -254,7 +253,7 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
 
 def run_vllm(model_path: Path, prompts: list[dict], names: list[str], max_tokens: int, temperature: float,
              seed: int, dtype: str) -> tuple[list[dict], dict]:
-    """Baselines (verify=false) through the plugin's engine, one engine per block size in a subprocess; the
+    """Every configuration through the plugin's engine, one engine per block size in a subprocess; the
     quality metrics (and the AR NLL) are then computed with the reference model on the CPU."""
     try:
         import torch
@@ -263,7 +262,7 @@ def run_vllm(model_path: Path, prompts: list[dict], names: list[str], max_tokens
         raise NotImplementedError(f"--backend vllm needs vLLM and a CUDA GPU ({e})") from None
     if not torch.cuda.is_available():
         raise NotImplementedError("--backend vllm needs a CUDA GPU (the engine does not run on CPU)")
-    skipped = {n: VLLM_SKIP for n in names if CONFIGS[n][1].get("verify", True)}
+    skipped = {}
     run = [n for n in names if n not in skipped]
     tok = _tokenizer(str(model_path))
     items = [(i, tok(p["prompt"], add_special_tokens=False)["input_ids"], p["target"])

@@ -5,9 +5,8 @@
 standard library) and prints the text and the decoding statistics of AR mode, the confidence-threshold
 block-diffusion baseline and S2D2 side by side.
 
-Backend: the vLLM engine when ``vllm`` is importable *and* a CUDA GPU is present (for the configurations the
-engine runs: everything without S2D2 verification until Engine II); otherwise -- and always for S2D2 columns
-the engine cannot run yet -- the eager reference decoder on the CPU.  The output says which backend produced
+Backend: the vLLM engine when ``vllm`` is importable *and* a CUDA GPU is present; otherwise (or if the engine
+fails to start, with the reason) the eager reference decoder on the CPU.  The output says which backend produced
 each column.
 """
 
@@ -215,16 +214,13 @@ def demo(argv: list[str] | None = None) -> int:
     results, backends = {}, {}
     for c in cols:
         label, cfg = DEMO_CONFIGS[c]
-        verifies = cfg.get("verify", True)
-        if use_engine and not verifies:
+        if use_engine:
             try:
                 results[c] = _vllm_decode(model_path, prompts, cfg, args.max_tokens, args.temperature, args.seed)
                 backends[c] = "vLLM engine (GPU)"
                 continue
             except Exception as e:  # noqa: BLE001 - fall back, say why
                 backends[c] = f"reference decoder on CPU (engine failed: {str(e)[:80]})"
-        elif use_engine:
-            backends[c] = "reference decoder on CPU (S2D2 verification is not in the engine yet)"
         else:
             backends[c] = f"reference decoder on CPU ({why_not or 'requested'})"
         results[c] = _reference_decode(reference(), info, prompts, cfg, args.max_tokens, args.temperature, args.seed)

@@ -298,8 +298,7 @@ class S2D2Stepper:
         ``logits [N, V]``: the canvas logits of the batch; request r's canvas rows are
         ``row0[r] .. row0[r] + q_len[r] - 1`` (query positions ``p[r] ..``).  ``slots``: their state rows.
         Writes the next canvas into ``draft_tokens[slot, :W]``; returns the emitted tokens."""
-        B, W, mask_id = self.B, self.W, self.mask_id
-        dev = logits.device
+        B, mask_id = self.B, self.mask_id
         R = slots.numel()
         self.sync_host()
         p = p.to(torch.int64)

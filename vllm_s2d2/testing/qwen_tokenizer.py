@@ -214,7 +214,7 @@ def build_qwen_tokenizer_json(
     tiktoken_path: str | os.PathLike | None = None,
 ) -> str:
     """Convert ``qwen.tiktoken`` into a ``tokenizer.json`` string (slow: a few seconds; see the cache)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
     ranks = _load_ranks(Path(tiktoken_path) if tiktoken_path else qwen_tiktoken_path())
