@@ -235,7 +235,8 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
     engine = llm.llm_engine
     out = []
     for name, cfg, items in jobs:
-        extra = {k: v for k, v in cfg.items() if k not in ("block_size", "verify")}
+        # per request: everything but the engine-wide block size (verification included)
+        extra = {k: v for k, v in cfg.items() if k != "block_size"}
         for i, prompt_ids, _ in items:
             sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i,
                                 extra_args={"s2d2": extra} if extra else None)

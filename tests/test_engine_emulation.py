@@ -196,3 +196,20 @@ def test_s2d2_preemption_during_verification(tiny):
     for r in reqs:
         assert len(r.output) == r.sampling.max_tokens  # finishes (outputs may differ from the reference: the
         # interrupted draft is redone with a fresh RNG draw)
+
+
+def test_s2d2_engine_statistics(tiny):
+    """Engine counters: verify steps <= draft steps = forwards that verified, accepted <= proposed, and the log
+    line the sampler prints."""
+    from vllm_s2d2.engine.sampler import format_stats
+
+    _, emu = emulate(tiny, {"verify_policy": "mask_span_length"}, greedy(seed=3))
+    t = emu.stepper.host_totals()
+    assert 0 < t["verify_steps"] <= t["draft_steps"] and t["accepted_tokens"] <= t["proposed_tokens"]
+    assert t["verify_steps"] == emu.verify_forwards
+    assert t["committed_blocks"] > 0
+    line = format_stats(t)
+    assert line.startswith("S2D2 stats:") and f"verify steps {t['verify_steps']}" in line
+    _, base = emulate(tiny, {"verify": False}, greedy())
+    tb = base.stepper.host_totals()
+    assert tb["verify_steps"] == 0 and tb["proposed_tokens"] == 0 and tb["draft_steps"] > 0

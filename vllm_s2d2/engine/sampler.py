@@ -17,6 +17,7 @@ engine cannot honour).  Penalties are not applied (``penalties_state`` is a stub
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,7 +29,18 @@ from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
 from vllm_s2d2.core.params import SamplingSpec
 from vllm_s2d2.engine.settings import EngineSettings, request_config
-from vllm_s2d2.engine.stepper import S2D2Stepper
+from vllm_s2d2.engine.stepper import STAT_NAMES, S2D2Stepper
+
+LOG_INTERVAL_S = 10.0
+
+
+def format_stats(t: dict[str, int]) -> str:
+    """``S2D2 stats: ...`` with verify rate (verify / draft steps) and acceptance (accepted / proposed)."""
+    rate = t["verify_steps"] / max(1, t["draft_steps"])
+    acc = t["accepted_tokens"] / max(1, t["proposed_tokens"])
+    return (f"S2D2 stats: draft steps {t['draft_steps']}, verify steps {t['verify_steps']} (verify rate {rate:.2f}), "
+            f"span tokens proposed {t['proposed_tokens']}, accepted {t['accepted_tokens']} (acceptance {acc:.2f}), "
+            f"blocks committed {t['committed_blocks']}")
 
 logger = init_logger(__name__)
 
@@ -59,6 +71,8 @@ class S2D2Sampler:
         self.vocab_size = vocab_size
         self.next_saved: dict[int, torch.Tensor] = {}  # resume snapshots handed over by the model state
         self._profiled = False
+        self._last_log = time.monotonic()
+        self._logged: dict[str, int] | None = None
 
     @property
     def penalties_state(self):
@@ -130,7 +144,21 @@ class S2D2Sampler:
             num_rejected[idx] = out.num_rejected
 
         st.publish()
+        self._maybe_log()
         return SamplerOutput(sampled, None, None, num_sampled, num_rejected)
+
+    def _maybe_log(self, every_s: float = LOG_INTERVAL_S) -> None:
+        """Every ``every_s`` seconds, one INFO line with the engine's S2D2 counters (reads the host copy of the
+        previous step, so it never waits for the GPU)."""
+        now = time.monotonic()
+        if now - self._last_log < every_s:
+            return
+        self._last_log = now
+        t = dict(zip(STAT_NAMES, self.stepper.totals_host.tolist()))
+        if t == self._logged:
+            return
+        self._logged = t
+        logger.info(format_stats(t))
 
 
 def _to_dev(x: np.ndarray, device: torch.device) -> torch.Tensor:

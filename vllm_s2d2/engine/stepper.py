@@ -59,6 +59,7 @@ from vllm_s2d2.engine.verify import DraftStore, verify_canvas
 from vllm_s2d2.s2d2_config import S2D2Config
 
 DRAFT, COMMIT, VERIFY = 0, 1, 2
+STAT_NAMES = ("draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens", "committed_blocks")
 NO_LIMIT = 2 ** 62
 # attention spec columns: two bidirectional ranges [lo, hi] (absolute, inclusive; lo >= hi means none)
 SPEC_COLS = 4
@@ -171,8 +172,11 @@ class S2D2Stepper:
         self.phase = torch.zeros(n, **long)
         self.drafts: DraftStore | None = None  # allocated on the first (profiling) step: needs V and dtype
         self.phase_host = np.zeros(n, dtype=np.int64)  # phases of the coming step, for inputs/attention
-        # Per-slot counters [draft steps, verify steps, proposed span tokens, accepted drafts, commits]
-        self.stats = torch.zeros(n, 5, **long)
+        # Counters per slot and for the engine: STAT_NAMES (device; the engine totals reach the host with
+        # every publish(), see S2D2Sampler's periodic log line)
+        self.stats = torch.zeros(n, len(STAT_NAMES), **long)
+        self.totals = torch.zeros(len(STAT_NAMES), **long)
+        self.totals_host = torch.zeros(len(STAT_NAMES), dtype=torch.int64, pin_memory=(device.type == "cuda"))
         self.policy = PolicyState.zeros(n, device)
         self.attn_spec = torch.zeros(n, SPEC_COLS, dtype=torch.int32, device=device)
         self._cols = torch.arange(B, device=device)
@@ -401,9 +405,11 @@ class S2D2Stepper:
                               torch.full_like(phase, COMMIT))
         stay = starts_verify | (is_verify & ~verify_ok)  # a truncated verify step is retried
         self.phase[slots] = torch.where(stay, torch.full_like(phase, VERIFY), phase_n)
-        self.stats[slots] += torch.stack([draft_ok.long(), verify_ok.long(),
-                                          torch.where(verify_ok, self.drafts.reqs["span_length"][slots], 0),
-                                          torch.where(verify_ok, n_accepted, 0), commit_ok.long()], dim=1)
+        inc = torch.stack([draft_ok.long(), verify_ok.long(),
+                           torch.where(verify_ok, self.drafts.reqs["span_length"][slots], 0),
+                           torch.where(verify_ok, n_accepted, 0), commit_ok.long()], dim=1)
+        self.stats[slots] += inc
+        self.totals += inc.sum(dim=0)
         p_n = p + emitted
         self._write_next(slots, p_n, draft_tokens)
         return StepOutput(out_tokens, emitted.to(torch.int32), (q_len - emitted).to(torch.int32))
@@ -490,10 +496,12 @@ class S2D2Stepper:
         if self.device.type == "cuda":
             self.attn_spec_host.copy_(self.attn_spec, non_blocking=True)
             self._phase_pinned.copy_(self.phase, non_blocking=True)
+            self.totals_host.copy_(self.totals, non_blocking=True)
             self._spec_event.record()
         else:
             self.attn_spec_host.copy_(self.attn_spec)
             self._phase_pinned.copy_(self.phase)
+            self.totals_host.copy_(self.totals)
         self._spec_published = True
 
     def sync_host(self) -> None:
@@ -505,6 +513,11 @@ class S2D2Stepper:
             self._spec_event.synchronize()
         self.phase_host[:] = self._phase_pinned.numpy()
         self._spec_published = False
+
+    def host_totals(self) -> dict[str, int]:
+        """Engine-wide counters as of the last published step."""
+        self.sync_host()
+        return dict(zip(STAT_NAMES, self.totals_host.tolist()))
 
     def host_attn_spec(self) -> np.ndarray:
         """``[max_num_reqs, 4]`` ranges for the coming step."""
