@@ -63,14 +63,14 @@ def test_request_config_overrides():
                          "sdar", 4)
     assert cfg.remasking == "low_confidence_static" and cfg.draft_ver is False and cfg.block_size == 4
     assert request_config(st.config, None, "sdar", 4) is st.config
-    for bad in ({"block_size": 8}, {"cache_ver": False}, {"nope": 1}, {"preset": "sdar-a"}):
-        with pytest.raises(ValueError):
+    for bad, name in (({"block_size": 8}, "block_size"), ({"cache_ver": False}, "cache_ver"), ({"nope": 1}, "nope"),
+                      ({"preset": "sdar-b"}, "block_size"), ({"preset": "nope"}, "preset")):
+        with pytest.raises(ValueError, match=name):
             request_config(st.config, {"s2d2": bad}, "sdar", 4)
-    import vllm_s2d2.engine.settings as settings
-
-    if hasattr(settings, "VERIFY_NOT_SUPPORTED"):  # Engine I: verification rejected at start-up
-        with pytest.raises(ValueError, match="not supported by the vLLM engine yet"):
-            resolve_engine_settings(SDAR, {"verify": True})
+    # a preset per request: its options, with the request's explicit keys winning
+    cfg = request_config(st.config, {"s2d2": {"preset": "sdar-a", "score_threshold": 0.5}}, "sdar", 4)
+    assert cfg.verify_policy == "score_threshold" and cfg.score_penalty_coef == 1.0 and cfg.score_threshold == 0.5
+    assert resolve_engine_settings(SDAR, {"verify": True}).config.verify  # verification runs in the engine
     with pytest.raises(ValueError, match="no vLLM engine model"):
         resolve_engine_settings(dict(SDAR, architectures=["LLaDA2MoeModelLM"]), {"verify": False})
 

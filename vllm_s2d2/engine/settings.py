@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from vllm_s2d2.configs import ARCH_TO_FAMILY, FamilyInfo, family_info
-from vllm_s2d2.s2d2_config import S2D2Config
+from vllm_s2d2.s2d2_config import PRESETS, S2D2Config
 
 ADDITIONAL_CONFIG_KEY = "s2d2"
 EXTRA_ARGS_KEY = "s2d2"
@@ -91,8 +91,12 @@ def request_config(engine: S2D2Config, extra_args: Mapping[str, Any] | None, fam
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping of S2D2 options, got {overrides!r}")
     overrides = dict(overrides)
     overrides.pop("method", None)
-    if "preset" in overrides:
-        raise ValueError("per-request S2D2 options cannot select a preset; set the options themselves")
+    preset = overrides.pop("preset", None)
+    if preset is not None:
+        # a preset names a set of options; explicit keys of the request win, engine-fixed ones are checked below
+        if preset not in PRESETS:
+            raise ValueError(f"unknown S2D2 preset {preset!r}; valid presets: {sorted(PRESETS)}")
+        overrides = {**PRESETS[preset], **overrides}
     if "block_size" in overrides and overrides["block_size"] != engine.block_size:
         raise ValueError(
             f"per-request block_size={overrides['block_size']!r} differs from the engine's block_size="
