@@ -230,6 +230,8 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
     """Inside a subprocess: one engine for block size ``block``; each request alone, engine steps counted."""
     from vllm import LLM, SamplingParams
 
+    from vllm_s2d2.engine.offline import decode_alone
+
     llm = LLM(model=model_path, speculative_config={"method": "s2d2", "verify": False, "block_size": block},
               dtype="bfloat16", seed=seed, max_model_len=2048, gpu_memory_utilization=0.5)
     engine = llm.llm_engine
@@ -240,15 +242,8 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
         for i, prompt_ids, _ in items:
             sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i,
                                 extra_args={"s2d2": extra} if extra else None)
-            engine.add_request(f"{name}-{i}", {"prompt_token_ids": prompt_ids}, sp)
-            steps, ids, t0 = 0, [], time.perf_counter()
-            while engine.has_unfinished_requests():
-                for o in engine.step():
-                    if o.finished:
-                        ids = list(o.outputs[0].token_ids)
-                steps += 1
-            out.append({"config": name, "prompt": i, "token_ids": ids, "forwards": steps,
-                        "seconds": time.perf_counter() - t0})
+            ids, steps, secs = decode_alone(engine, f"{name}-{i}", prompt_ids, sp)
+            out.append({"config": name, "prompt": i, "token_ids": ids, "forwards": steps, "seconds": secs})
     return out
 
 

@@ -82,6 +82,8 @@ def _vllm_worker(model_path: str, cfg: dict, prompts: list, max_tokens: int, tem
     """Runs in a subprocess: one engine for ``cfg``; each request alone, engine steps (= forwards) counted."""
     from vllm import LLM, SamplingParams
 
+    from vllm_s2d2.engine.offline import decode_alone
+
     spec = {"method": "s2d2", **cfg}
     llm = LLM(model=model_path, speculative_config=spec, dtype="bfloat16", seed=seed, max_model_len=2048,
               gpu_memory_utilization=0.4)
@@ -89,14 +91,8 @@ def _vllm_worker(model_path: str, cfg: dict, prompts: list, max_tokens: int, tem
     out = []
     for i, ids in enumerate(prompts):
         sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
-        engine.add_request(f"demo-{i}", {"prompt_token_ids": ids}, sp)
-        steps, toks, t0 = 0, [], time.perf_counter()
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    toks = list(o.outputs[0].token_ids)
-            steps += 1
-        out.append({"token_ids": toks, "seconds": time.perf_counter() - t0, "forwards": steps,
+        toks, steps, secs = decode_alone(engine, f"demo-{i}", ids, sp)
+        out.append({"token_ids": toks, "seconds": secs, "forwards": steps,
                     "generated_tokens": len(toks), "tokens_per_forward": len(toks) / max(1, steps)})
     return out
 

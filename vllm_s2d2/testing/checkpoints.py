@@ -479,10 +479,10 @@ def write_synthetic_tokenizer(
     """Write a synthetic byte-level tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) covering ids
     ``[0, vocab_size)``; the family's special tokens sit at their real ids, or at the ids of
     :func:`small_vocab_id` when ``small_vocab``."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import BPE
 
-    from .qwen_tokenizer import bytes_to_unicode
+    from .qwen_tokenizer import byte_level_tokenizer_json, bytes_to_unicode
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -501,23 +501,8 @@ def write_synthetic_tokenizer(
         vocab[by_id.get(i, f"<|t{i}|>")] = i
     tk = Tokenizer(BPE(vocab=vocab, merges=[], byte_fallback=False, fuse_unk=False))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    tk.decoder = decoders.ByteLevel()
-    data = json.loads(tk.to_str())
-    data["added_tokens"] = [
-        {
-            "id": tid,
-            "content": content,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": special,
-        }
-        for tid, content, special in sorted(added)
-    ]
     with open(path / "tokenizer.json", "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
+        f.write(byte_level_tokenizer_json(tk, added))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,

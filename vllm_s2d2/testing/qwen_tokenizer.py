@@ -214,7 +214,7 @@ def build_qwen_tokenizer_json(
     tiktoken_path: str | os.PathLike | None = None,
 ) -> str:
     """Convert ``qwen.tiktoken`` into a ``tokenizer.json`` string (slow: a few seconds; see the cache)."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
     ranks = _load_ranks(Path(tiktoken_path) if tiktoken_path else qwen_tiktoken_path())
@@ -241,19 +241,20 @@ def build_qwen_tokenizer_json(
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
+    return byte_level_tokenizer_json(tk, added_tokens)
+
+
+def byte_level_tokenizer_json(tk, added_tokens) -> str:
+    """``tokenizer.json`` text of a byte-level BPE ``tokenizers.Tokenizer`` with ``added_tokens``
+    (``(id, content, special)`` triples) written as exact, unnormalised added tokens."""
+    from tokenizers import decoders, processors
+
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tk.decoder = decoders.ByteLevel()
     data = json.loads(tk.to_str())
     data["added_tokens"] = [
-        {
-            "id": tid,
-            "content": content,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": special,
-        }
+        {"id": tid, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": special}
         for tid, content, special in sorted(added_tokens)
     ]
     return json.dumps(data, ensure_ascii=False)
