@@ -20,12 +20,6 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 from engine_helpers import build_tiny_checkpoint  # noqa: E402
 
-from vllm_s2d2.engine import settings as _settings  # noqa: E402
-
-# Engine I rejects verify=true at start-up; once Engine II's verifier is wired in, the alias accepts it.
-VERIFY_SUPPORTED = not hasattr(_settings, "VERIFY_NOT_SUPPORTED")
-BACKENDS = ("TRITON_ATTN", "CUSTOM")  # stock Triton, or the plugin's Triton-based backend (+ 2L verify launch)
-
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
@@ -53,7 +47,7 @@ def test_alias_dict_builds_a_diffusion_v2_config(probe):
     d = probe["dict"]
     assert d["is_diffusion"] and d["v2"] and not d["spec"] and not d["async"]
     assert d["canvas"] == d["num_spec"] == 16  # 2 x block_size 8
-    assert d["backend"] in BACKENDS
+    assert d["backend"] == "CUSTOM"  # the plugin's backend: stock Triton + the 2L verify launch
     assert d["s2d2"]["block_size"] == 8 and d["s2d2"]["denoising_steps"] == 4 and d["s2d2"]["verify"] is False
     assert d["arch"] == ["SDARForCausalLM"]
 
@@ -88,20 +82,15 @@ def test_startup_errors(probe, case, needle):
 
 def test_verify_true(probe):
     err = probe["errors"]["bare_string_verify"]  # speculative_config="s2d2" = S2D2 with verification
-    if VERIFY_SUPPORTED:
-        assert err is None, err
-    else:
-        assert err is not None and "not supported by the vLLM engine yet" in err, err
+    assert err is None, err
 
 
 def test_sampling_validation(probe):
     s = probe["sampling"]
-    for ok in ("greedy_seed_topk", "temperature", "extra_ok"):
+    for ok in ("greedy_seed_topk", "temperature", "extra_ok", "extra_verify"):
         assert s[ok] is None, s[ok]
     cases = [("n2", "n=2"), ("logprobs", "logprobs"), ("min_p", "min_p"), ("penalty", "penalties"),
              ("extra_block", "block_size"), ("extra_unknown", "nope")]
-    if not VERIFY_SUPPORTED:
-        cases.append(("extra_verify", "verification"))
     for case, needle in cases:
         assert s[case] is not None and needle in s[case], (case, s[case])
     # other diffusion models keep vLLM's own rejection of greedy sampling
