@@ -215,7 +215,6 @@ class _Request:
                 break
             if self._stop_before_mask(tokens[0], mask_id, block_start):
                 break
-        self.seq = self.seq[:block_start] + tokens[0].tolist()
         if self._finished(end):
             return True
         self._append_shifted_token(self._store(end))
