@@ -9,7 +9,11 @@ head_dim 128, intermediate 6144, vocab 151936, untied head; bf16; vLLM ``load_fo
   covering every decode shape up to batch 256 x canvas 8);
 * ``b``  the plugin in AR mode (``block_size=1``: canvas 2, one token per forward);
 * ``c``  the plugin, static remasking, block 4 / 4 steps;
-* ``d``  the plugin, dynamic remasking, threshold 0.85 (same engine as ``c``, per-request ``extra_args``).
+* ``d``  the plugin, dynamic remasking, threshold 0.85 (same engine as ``c``, per-request ``extra_args``);
+* ``s h u m v``  S2D2 on the same engine (dynamic 0.85 + verification, per request): Config-A
+  (``score_threshold``), ``score_hysteresis``, ``contextual_bandit_ucb``, ``mask_span_length`` (min span 2) and
+  always-verify (min span 1).  Their rows add the plugin's counters: verify rate (verify / draft steps) and
+  acceptance rate (accepted / proposed span tokens).
 
 Each mode runs in its own process.  Requests are driven through ``LLMEngine.step`` so every engine step (= one
 model forward) is timed: ``step_ms_median`` is the median step time over the run (decode steps dominate),
@@ -51,6 +55,16 @@ MODES = {
           "extra": {"s2d2": {"remasking": "low_confidence_dynamic", "confidence_threshold": 0.85}},
           "label": "plugin dynamic, threshold 0.85"},
 }
+# S2D2 (Engine II): the same engine as c/d, verification switched on per request.
+_S2D2 = {"remasking": "low_confidence_dynamic", "confidence_threshold": 0.85, "verify": True}
+for _key, _label, _opts in (
+        ("s", "S2D2 Config-A (score_threshold)", {"preset": "sdar-a"}),
+        ("h", "S2D2 score_hysteresis", {"verify_policy": "score_hysteresis", "score_type": "difference_dynamic"}),
+        ("u", "S2D2 contextual_bandit_ucb", {"verify_policy": "contextual_bandit_ucb"}),
+        ("m", "S2D2 mask_span_length (min 2)", {"verify_policy": "mask_span_length", "min_span_length": 2}),
+        ("v", "S2D2 always verify (min span 1)", {"verify_policy": "mask_span_length", "min_span_length": 1})):
+    MODES[_key] = {"arch": "sdar", "spec": MODES["c"]["spec"], "extra": {"s2d2": {**_S2D2, **_opts}},
+                   "label": _label}
 
 
 def write_checkpoints(root: str) -> dict[str, str]:
@@ -104,6 +118,7 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
                 engine.add_request(f"{mode}-{bs}-{i}", {"prompt_token_ids": rng.integers(0, 150000, prompt_len)
                                                         .tolist()}, sp)
             steps, times, tokens = 0, [], 0
+            before = _s2d2_totals(llm)
             t_start = time.perf_counter()
             while engine.has_unfinished_requests():
                 t = time.perf_counter()
@@ -113,16 +128,36 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
                 times.append(time.perf_counter() - t)
                 steps += 1
             elapsed = time.perf_counter() - t_start
+            s2d2 = _stats_delta(before, _s2d2_totals(llm))
             out[f"{mode}/{bs}"] = {
                 "mode": mode, "label": MODES[mode]["label"], "batch": bs, "elapsed_s": elapsed,
                 "steps": steps, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
                 "forwards_per_s": steps / elapsed, "tokens_per_forward": tokens / max(1, steps * bs),
                 "step_ms_median": 1e3 * float(np.median(times)), "step_ms_mean": 1e3 * elapsed / steps,
+                **s2d2,
             }
             print(json.dumps(out[f"{mode}/{bs}"]), flush=True)
     out["_startup_s"] = startup
     out["_cudagraph_mode"] = str(engine.vllm_config.compilation_config.cudagraph_mode)
     return out
+
+
+def _s2d2_totals(llm) -> dict | None:
+    """The plugin's engine-wide S2D2 counters (None for vLLM's own engine)."""
+    def read(worker):
+        st = getattr(worker.model_runner.model_state, "stepper", None)
+        return None if st is None else st.host_totals()
+    return llm.collective_rpc(read)[0]
+
+
+def _stats_delta(before: dict | None, after: dict | None) -> dict:
+    """Counters of one run: verify rate = verify steps / draft steps, acceptance = accepted / proposed span
+    tokens."""
+    if before is None or after is None:
+        return {}
+    d = {k: after[k] - before[k] for k in after}
+    return {"s2d2_counters": d, "verify_rate": d["verify_steps"] / max(1, d["draft_steps"]),
+            "acceptance_rate": d["accepted_tokens"] / max(1, d["proposed_tokens"])}
 
 
 def main() -> None:
