@@ -59,9 +59,9 @@ def reference(tiny, s2d2: dict, prompt, sp) -> list[int]:
     return out[0].token_ids
 
 
-def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None, preempt=None):
+def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None, preempt=None, static=False):
     model, _, hf, prompts = tiny
-    emu = Emulator(model, hf, s2d2, token_budget=budget, max_model_len=max_model_len)
+    emu = Emulator(model, hf, s2d2, token_budget=budget, max_model_len=max_model_len, static_shapes=static)
     reqs = [EmuRequest(f"r{i}", list(p), sp) for i, (p, sp) in enumerate(zip(prompts, sps))]
     for r in reqs:
         emu.add(r)
@@ -213,3 +213,19 @@ def test_s2d2_engine_statistics(tiny):
     _, base = emulate(tiny, {"verify": False}, greedy())
     tb = base.stepper.host_totals()
     assert tb["verify_steps"] == 0 and tb["proposed_tokens"] == 0 and tb["draft_steps"] > 0
+
+
+@pytest.mark.parametrize("budget", [4096, 9])
+def test_static_shape_step_matches_reference(tiny, budget):
+    """The CUDA-graph step path (static buffers, batch padded to a power of two with SCRATCH rows, verification
+    computed for every row) run eagerly on CPU: same outputs as the reference, padding adds nothing to the
+    counters."""
+    policies = [{"verify_policy": "mask_span_length"}, {"verify": False}, {"verify_policy": "score_hysteresis"},
+                {"verify_policy": "contextual_bandit_ucb"}, {"acceptance": "greedy"}, {}]
+    sps = [sampling_params(max_tokens=m, seed=i, temperature=1.0 if i % 2 else 0.0, top_k=5 if i == 3 else 0,
+                           top_p=0.9 if i == 5 else 1.0, extra_args={"s2d2": pol})
+           for i, (m, pol) in enumerate(zip(MAX_TOKENS, policies))]
+    _, emu = check(tiny, {}, sps, budget=budget, static=True)
+    assert emu.verify_forwards > 0
+    _, eager = emulate(tiny, {}, sps, budget=budget)
+    assert emu.stepper.host_totals() == eager.stepper.host_totals()

@@ -58,7 +58,8 @@ class S2D2ModelState(ModelState):
         self.stepper = S2D2Stepper(
             max_num_reqs=self.max_num_reqs, block_size=self.settings.block_size,
             family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
-            engine_config=self.settings.config, max_model_len=self.max_model_len, device=device)
+            engine_config=self.settings.config, max_model_len=self.max_model_len, device=device,
+            use_cuda_graphs=vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE)
         self._req_to_slot: dict[str, int] = {}
         self._saved: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)

@@ -152,8 +152,12 @@ class S2D2Stepper:
 
     def __init__(self, *, max_num_reqs: int, block_size: int, family: str, mask_token_id: int,
                  engine_config: S2D2Config, max_model_len: int, device: torch.device | str,
-                 max_stop_ids: int = 8):
-        self.max_num_reqs = n = max_num_reqs
+                 max_stop_ids: int = 8, use_cuda_graphs: bool = False):
+        self.max_num_reqs = max_num_reqs
+        # Every per-slot buffer has one extra row, SCRATCH = max_num_reqs: the padding rows of a CUDA-graph step
+        # point there (their writes land in it and are never read back).
+        self.scratch = max_num_reqs
+        n = max_num_reqs + 1
         self.B = B = block_size
         self.W = 2 * block_size
         self.mask_id = mask_token_id
@@ -170,6 +174,7 @@ class S2D2Stepper:
         self.step_idx = torch.zeros(n, **long)
         self.counter = torch.zeros(n, **long)
         self.phase = torch.zeros(n, **long)
+        self.canvas = torch.full((n, self.W), mask_token_id, **long)  # next canvas per slot (-> draft_tokens)
         self.drafts: DraftStore | None = None  # allocated on the first (profiling) step: needs V and dtype
         self.phase_host = np.zeros(n, dtype=np.int64)  # phases of the coming step, for inputs/attention
         # Counters per slot and for the engine: STAT_NAMES (device; the engine totals reach the host with
@@ -209,6 +214,18 @@ class S2D2Stepper:
         self._spec_event = torch.cuda.Event() if device.type == "cuda" else None
         self._phase_pinned = torch.zeros(n, dtype=torch.int64, pin_memory=(device.type == "cuda"))
         self._spec_published = False
+
+        # CUDA graphs of the decode step (see _graph_step); eager on CPU or when vLLM runs enforce_eager.
+        # (On a CPU device the same static-buffer path runs without a graph: the tests check it there.)
+        self.use_cuda_graphs = bool(use_cuda_graphs)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._graph_pool = None
+        self._wlogits: torch.Tensor | None = None  # [max_num_reqs * W, V] static copy of the canvas logits
+        self._g_slots = torch.full((max_num_reqs,), self.scratch, **long)
+        self._g_p = torch.zeros(max_num_reqs, **long)
+        self._g_q_len = torch.zeros(max_num_reqs, **long)
+        self._g_valid = torch.zeros(max_num_reqs, dtype=torch.bool, device=device)
+        self._g_row0 = torch.arange(max_num_reqs, **long) * self.W
 
     # ------------------------------------------------------------------------------------------------------
     # request lifecycle (host side, staged)
@@ -291,7 +308,13 @@ class S2D2Stepper:
                 ph = torch.where(saved[B + 3] == VERIFY, torch.full_like(saved[B + 3], DRAFT), saved[B + 3])
                 self.phase[slot] = torch.where(same, ph, self.phase[slot])
                 self.counter[slot] = saved[B + 2]
-        self._write_next(slots, P, draft_tokens)
+        self._write_next(slots, P)
+        self.export_canvas(slots, draft_tokens)
+
+    def export_canvas(self, slots: torch.Tensor, draft_tokens: torch.Tensor) -> None:
+        """Copy the next canvases of ``slots`` into the runner's ``draft_tokens`` (the input ids of the next
+        step)."""
+        draft_tokens[slots, :self.W] = self.canvas[slots].to(draft_tokens.dtype)
 
     # ------------------------------------------------------------------------------------------------------
     # one decode step
@@ -301,13 +324,94 @@ class S2D2Stepper:
 
         ``logits [N, V]``: the canvas logits of the batch; request r's canvas rows are
         ``row0[r] .. row0[r] + q_len[r] - 1`` (query positions ``p[r] ..``).  ``slots``: their state rows.
-        Writes the next canvas into ``draft_tokens[slot, :W]``; returns the emitted tokens."""
+        Writes the next canvas into ``draft_tokens[slot, :W]``; returns the emitted tokens.
+
+        The tensor work (:meth:`_step_core`) runs eagerly or, with ``use_cuda_graphs``, as a CUDA graph captured
+        per (padded batch size, any verifying row, any top-k, any top-p): same kernels, same numbers, no
+        per-op launch cost."""
+        self.sync_host()
+        has_verify = bool((self.phase_host[slots_np] == VERIFY).any())
+        use_top_k, use_top_p = bool(self.top_k_on[slots_np].any()), bool(self.top_p_on[slots_np].any())
+        p, q_len, row0 = p.to(torch.int64), q_len.to(torch.int64), row0.to(torch.int64)
+        self._ensure_drafts(logits.shape[-1], logits.dtype)
+        if self.use_cuda_graphs:
+            tokens, emitted, rejected = self._graph_step(logits, slots, p, q_len, row0, has_verify, use_top_k,
+                                                         use_top_p)
+        else:
+            tokens, emitted, rejected = self._step_core(logits, slots, p, q_len, row0, None, has_verify,
+                                                        use_top_k, use_top_p)
+        self.export_canvas(slots, draft_tokens)
+        return StepOutput(tokens, emitted, rejected)
+
+    # ------------------------------------------------------------------------------------------------------
+    # CUDA graphs of the step
+    def _bucket(self, R: int) -> int:
+        b = 1
+        while b < R:
+            b *= 2
+        return min(b, self.max_num_reqs)
+
+    def _graph_step(self, logits, slots, p, q_len, row0, has_verify, use_top_k, use_top_p):
+        """Copy the step's inputs into static buffers (the W canvas logits rows of each request into
+        ``_wlogits``; padding rows -> SCRATCH, ``q_len`` 0, invalid) and replay the graph of this shape."""
+        W, R = self.W, slots.numel()
+        Rp = self._bucket(R)
+        rows = row0[:, None] + torch.minimum(self._wcols[None, :], (q_len - 1).clamp_min(0)[:, None])
+        torch.index_select(logits, 0, rows.reshape(-1), out=self._wlogits[:R * W])
+        self._g_slots[:R].copy_(slots)
+        self._g_p[:R].copy_(p)
+        self._g_q_len[:R].copy_(q_len)
+        self._g_valid[:R] = True
+        self._g_slots[R:Rp] = self.scratch
+        self._g_q_len[R:Rp] = 0
+        self._g_p[R:Rp] = 0
+        self._g_valid[R:Rp] = False
+        key = (Rp, has_verify, use_top_k, use_top_p)
+        if self.device.type != "cuda":
+            tokens, emitted, rejected = self._step_core(*self._static_args(key))
+        else:
+            if key not in self._graphs:
+                self._capture(key)
+            graph, (tokens, emitted, rejected) = self._graphs[key]
+            graph.replay()
+        return tokens[:R], emitted[:R], rejected[:R]
+
+    def _static_args(self, key) -> tuple:
+        Rp, has_verify, use_top_k, use_top_p = key
+        return (self._wlogits[:Rp * self.W], self._g_slots[:Rp], self._g_p[:Rp], self._g_q_len[:Rp],
+                self._g_row0[:Rp], self._g_valid[:Rp], has_verify, use_top_k, use_top_p)
+
+    def _capture(self, key) -> None:
+        Rp = key[0]
+        args = lambda: self._static_args(key)  # noqa: E731
+        # Warm-up run on padding only (writes land in SCRATCH; the counters add zero), then capture.
+        saved = [t.clone() for t in (self._g_slots, self._g_p, self._g_q_len, self._g_valid)]
+        self._g_slots[:Rp] = self.scratch
+        self._g_q_len[:Rp] = 0
+        self._g_p[:Rp] = 0
+        self._g_valid[:Rp] = False
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step_core(*args())
+        torch.cuda.current_stream().wait_stream(side)
+        for buf, old in zip((self._g_slots, self._g_p, self._g_q_len, self._g_valid), saved):
+            buf.copy_(old)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            outs = self._step_core(*args())
+        self._graphs[key] = (graph, outs)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _step_core(self, logits: torch.Tensor, slots: torch.Tensor, p: torch.Tensor, q_len: torch.Tensor,
+                   row0: torch.Tensor, valid: torch.Tensor | None, has_verify: bool, use_top_k: bool,
+                   use_top_p: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's tensor work (no host syncs, no host-dependent shapes): state in, state + outputs out.
+        ``valid`` (None = all) masks padding rows out of the engine counters."""
         B, mask_id = self.B, self.mask_id
         R = slots.numel()
-        self.sync_host()
-        p = p.to(torch.int64)
-        q_len = q_len.to(torch.int64)
-        row0 = row0.to(torch.int64)
         cols = self._cols[None, :]
 
         bs = self.block_start[slots]
@@ -347,11 +451,9 @@ class S2D2Stepper:
         block_logits = logits[rows.reshape(-1)].view(R, B, -1)
         block_logits = torch.where(in_rows[..., None], block_logits, torch.zeros_like(block_logits))
 
-        sl_np = slots_np
-        params = self.params.gather(slots, bool(self.top_k_on[sl_np].any()), bool(self.top_p_on[sl_np].any()))
+        params = self.params.gather(slots, use_top_k, use_top_p)
         pol = self.policy.index(slots)
         state = BlockState(dblock, editable, region, dstep, ctr)
-        self._ensure_drafts(block_logits)
         draft, pol2 = draft_step(block_logits, state, params, self.rules, pol)
         # A verify canvas needs 2B slots from the block start: near max_model_len the step falls back to the
         # baseline rule (the routing state already counted the decision).
@@ -363,11 +465,9 @@ class S2D2Stepper:
         pol_next = self._pick_policy(pol, pol3, draft_ok & ~starts_verify)
         pol_next = self._pick_policy(pol_next, pol2, starts_verify)  # reward recorded when the verify ends
 
-        verified_np = self.phase_host[slots_np] == VERIFY
         n_accepted = torch.zeros_like(p)
-        if verified_np.any():
-            v_tok, pol_v, n_accepted = self._verify(logits, slots, verified_np, tok, editable, off, row0, ctr,
-                                                    stp, params, pol)
+        if has_verify:
+            v_tok, pol_v, n_accepted = self._verify(logits, slots, tok, editable, off, row0, ctr, stp, params, pol)
             new_tok = torch.where(verify_ok[:, None], v_tok, new_tok)
             pol_next = self._pick_policy(pol_next, pol_v, verify_ok)
         self.policy.scatter_(slots, pol_next)
@@ -408,11 +508,12 @@ class S2D2Stepper:
         inc = torch.stack([draft_ok.long(), verify_ok.long(),
                            torch.where(verify_ok, self.drafts.reqs["span_length"][slots], 0),
                            torch.where(verify_ok, n_accepted, 0), commit_ok.long()], dim=1)
+        if valid is not None:
+            inc = inc * valid[:, None].long()
         self.stats[slots] += inc
         self.totals += inc.sum(dim=0)
-        p_n = p + emitted
-        self._write_next(slots, p_n, draft_tokens)
-        return StepOutput(out_tokens, emitted.to(torch.int32), (q_len - emitted).to(torch.int32))
+        self._write_next(slots, p + emitted)
+        return out_tokens, emitted.to(torch.int32), (q_len - emitted).to(torch.int32)
 
     @staticmethod
     def _pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> PolicyState:
@@ -422,42 +523,34 @@ class S2D2Stepper:
         return PolicyState(pick(old.hysteresis_on, new.hysteresis_on), pick(old.ucb_t, new.ucb_t),
                            pick(old.ucb_n, new.ucb_n), pick(old.ucb_mu, new.ucb_mu))
 
-    def _ensure_drafts(self, block_logits: torch.Tensor) -> None:
+    def _ensure_drafts(self, vocab_size: int, dtype: torch.dtype) -> None:
         if self.drafts is None:
-            self.drafts = DraftStore(self.max_num_reqs, self.B, block_logits.shape[-1], block_logits.dtype,
-                                     self.device)
+            self.drafts = DraftStore(self.max_num_reqs + 1, self.B, vocab_size, dtype, self.device)
+        if self.use_cuda_graphs and self._wlogits is None:
+            self._wlogits = torch.zeros(self.max_num_reqs * self.W, vocab_size, dtype=dtype, device=self.device)
 
-    def _verify(self, logits, slots, verified_np, tok, editable, off, row0, ctr, stp, params, pol):
-        """The VERIFY rows: q from the mask half (canvas rows B + i), ``core.step.verify_step`` against the
-        saved draft, then ``finish_step``.  Returns full-batch [R, B] tokens, policy state and accepted counts
-        (rows that did not verify carry unused values)."""
+    def _verify(self, logits, slots, tok, editable, off, row0, ctr, stp, params, pol):
+        """Verification over every row (the caller keeps the rows whose step is a VERIFY): q from the mask half
+        (canvas rows B + i), ``core.step.verify_step`` against the saved draft, then ``finish_step``.  Rows are
+        independent, so computing all of them keeps the shapes static (CUDA graphs) and changes no number.
+        Returns [R, B] tokens, policy state and accepted counts."""
         B = self.B
-        vi = torch.from_numpy(np.nonzero(verified_np)[0]).to(slots.device)
-        vparams = params.index(vi)
-        draft = self.drafts.load(slots[vi], vparams, self.mask_id)
+        draft = self.drafts.load(slots, params, self.mask_id)
         cols = self._cols[None, :]
-        voff = off[vi]
-        known = cols >= voff[:, None]
-        rows = row0[vi][:, None] + B + (cols - voff[:, None])
+        known = cols >= off[:, None]
+        rows = row0[:, None] + B + (cols - off[:, None])
         rows = torch.where(known, rows, torch.zeros_like(rows)).clamp(0, logits.shape[0] - 1)
-        q_logits = logits[rows.reshape(-1)].view(vi.numel(), B, -1)
+        q_logits = logits[rows.reshape(-1)].view(slots.numel(), B, -1)
         q_logits = torch.where(known[..., None], q_logits, torch.zeros_like(q_logits))
-        commit, tokens, accepted = verify_step(draft, q_logits, vparams, self.rules, self.drafts.counter[slots[vi]])
-        vstate = BlockState(tok[vi], editable[vi], torch.ones_like(editable[vi]), stp[vi], ctr[vi])
-        vpol = pol.index(vi)
-        res, vpol = finish_step(vstate, draft, commit, tokens, accepted, vparams, vpol)
-        out_tok = tok.clone()
-        out_tok[vi] = res.tokens
-        full_pol = PolicyState(pol.hysteresis_on.clone(), pol.ucb_t.clone(), pol.ucb_n.clone(), pol.ucb_mu.clone())
-        full_pol.scatter_(vi, vpol)
-        n_acc = torch.zeros(slots.numel(), dtype=torch.int64, device=slots.device)
-        n_acc[vi] = res.num_accepted
-        return out_tok, full_pol, n_acc
+        commit, tokens, accepted = verify_step(draft, q_logits, params, self.rules, self.drafts.counter[slots])
+        vstate = BlockState(tok, editable, torch.ones_like(editable), stp, ctr)
+        res, vpol = finish_step(vstate, draft, commit, tokens, accepted, params, pol)
+        return res.tokens, vpol, res.num_accepted
 
-    def _write_next(self, slots: torch.Tensor, p_next: torch.Tensor, draft_tokens: torch.Tensor) -> None:
+    def _write_next(self, slots: torch.Tensor, p_next: torch.Tensor) -> None:
         """Next canvas ``[block[off:] | MASK ...]`` and next attention ranges for ``slots`` at query start
         ``p_next``."""
-        B, W, mask_id = self.B, self.W, self.mask_id
+        B, mask_id = self.B, self.mask_id
         bs = self.block_start[slots]
         tok = self.tokens[slots]
         phase = self.phase[slots]
@@ -472,7 +565,7 @@ class S2D2Stepper:
         if self.drafts is not None:
             vcanvas = verify_canvas(self.drafts.rows["first_half"][slots], off, mask_id)
             canvas = torch.where(is_verify[:, None], vcanvas, canvas)
-        draft_tokens[slots, :W] = canvas.to(draft_tokens.dtype)
+        self.canvas[slots] = canvas
 
         is_mask = tok == mask_id
         first_mask = torch.where(is_mask.any(1), is_mask.int().argmax(1), torch.full_like(off, B))
@@ -537,6 +630,6 @@ class S2D2Stepper:
                            torch.zeros(num_reqs, dtype=torch.int64, device=self.device),
                            torch.zeros(num_reqs, dtype=torch.int64, device=self.device))
         pol = PolicyState.zeros(num_reqs, self.device)
-        self._ensure_drafts(logits.view(num_reqs, B, -1))
+        self._ensure_drafts(vocab_size, dtype)
         draft, pol = draft_step(logits.view(num_reqs, B, -1), state, params, self.rules, pol)
         finish_step(state, draft, None, None, None, params, pol)
