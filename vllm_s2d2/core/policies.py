@@ -54,7 +54,8 @@ def score(score_type: torch.Tensor, k_hat: torch.Tensor, n_high_conf: torch.Tens
 
 def _bin(value: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
     """min(n - 1, int(n * (v - lo) / (hi - lo))) with n = 2 bins; a degenerate range gives bin 0."""
-    width = torch.as_tensor(hi, dtype=torch.float32, device=value.device) - lo
+    hi = hi.float() if isinstance(hi, torch.Tensor) else torch.full_like(value, hi, dtype=torch.float32)
+    width = hi - lo  # (a Python float becomes a device tensor without a host-to-device copy)
     frac = torch.where(width > 0, (value.float() - lo) / width.clamp_min(1e-12), torch.zeros_like(value.float()))
     return (UCB_BINS * frac).floor().clamp(0, UCB_BINS - 1).long()
 
