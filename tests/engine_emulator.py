@@ -45,6 +45,7 @@ class EmuRequest:
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> recorded visibility row
     kv_tokens: dict[int, int] = field(default_factory=dict)  # position -> token written there
     forwards: int = 0
+    stats: dict | None = None  # the stepper's counters when the request left (what the model state records)
 
     prefill_tokens: list[int] | None = None  # prompt + outputs after a preemption (vLLM re-prefills them)
 
@@ -116,6 +117,7 @@ class Emulator:
         self.add(req, saved)
 
     def _remove(self, req: EmuRequest) -> None:
+        req.stats = self.stepper.host_slot_stats(req.slot)
         self.stepper.remove_request(req.slot)
         self.running.remove(req)
         self.free.append(req.slot)

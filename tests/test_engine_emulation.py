@@ -48,6 +48,10 @@ def tiny(tmp_path_factory):
 
 
 def reference(tiny, s2d2: dict, prompt, sp) -> list[int]:
+    return reference_output(tiny, s2d2, prompt, sp).token_ids
+
+
+def reference_output(tiny, s2d2: dict, prompt, sp):
     model, info, _, _ = tiny
     cfg = dict(s2d2)
     if sp.extra_args:
@@ -56,7 +60,7 @@ def reference(tiny, s2d2: dict, prompt, sp) -> list[int]:
     out = generate(model, info, [prompt], S2D2Config.from_dict(cfg),
                    sampling=SamplingSpec(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed),
                    max_tokens=sp.max_tokens, ignore_eos=not stops, stop_token_ids=stops or None)
-    return out[0].token_ids
+    return out[0]
 
 
 def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None, preempt=None, static=False):
@@ -201,7 +205,7 @@ def test_s2d2_preemption_during_verification(tiny):
 def test_s2d2_engine_statistics(tiny):
     """Engine counters: verify steps <= draft steps = forwards that verified, accepted <= proposed, and the log
     line the sampler prints."""
-    from vllm_s2d2.engine.sampler import format_stats
+    from vllm_s2d2.engine.stats import format_stats
 
     _, emu = emulate(tiny, {"verify_policy": "mask_span_length"}, greedy(seed=3))
     t = emu.stepper.host_totals()
@@ -229,3 +233,25 @@ def test_static_shape_step_matches_reference(tiny, budget):
     assert emu.verify_forwards > 0
     _, eager = emulate(tiny, {}, sps, budget=budget)
     assert emu.stepper.host_totals() == eager.stepper.host_totals()
+
+
+def test_per_request_statistics_equal_the_reference(tiny):
+    """Each request's counters (what ``vllm_s2d2.request_stats`` returns) equal the reference decoder's: verify
+    steps, proposed and accepted span tokens; policies mixed per request, seeded.  Outputs end on a block boundary:
+    a request ending mid-block finishes in the engine as soon as its last token is final, while the reference
+    decoder completes the block first (same tokens, possibly more verify steps)."""
+    B = tiny[1].block_size
+    policies = [{"verify_policy": "mask_span_length"}, {"verify": False}, {"verify_policy": "score_hysteresis"},
+                {"verify_policy": "contextual_bandit_ucb"}, {"acceptance": "greedy"}, {}]
+    sps = [sampling_params(max_tokens=(B - n % B) % B + 2 * B, seed=20 + i, extra_args={"s2d2": pol})
+           for i, (n, pol) in enumerate(zip(PROMPT_LENS, policies))]
+    reqs, _ = emulate(tiny, {}, sps)
+    total_verified = 0
+    for r in reqs:
+        ref = reference_output(tiny, {}, r.prompt, r.sampling).stats
+        got = r.stats
+        assert r.output == reference(tiny, {}, r.prompt, r.sampling)
+        assert (got["verify_steps"], got["proposed_tokens"], got["accepted_tokens"]) == (
+            ref.verify_steps, ref.proposed_tokens, ref.accepted_tokens), (r.sampling.extra_args, got, ref)
+        total_verified += got["verify_steps"]
+    assert total_verified > 0

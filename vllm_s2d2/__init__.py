@@ -19,7 +19,10 @@ and carries on without it).
 
 from __future__ import annotations
 
+from vllm_s2d2.engine.stats import request_stats  # per-request S2D2 counters of an LLM (no heavy imports)
+
 __version__ = "0.1.0"
+__all__ = ["register", "request_stats"]
 
 _registered = False
 

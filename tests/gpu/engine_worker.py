@@ -49,7 +49,14 @@ def run(spec: dict) -> dict:
         if job["mode"] == "single":  # batch size 1: one request at a time
             outs = [_out(llm.generate([p], [s], use_tqdm=False)[0]) for p, s in zip(prompts, sps)]
         elif job["mode"] == "batch":
-            outs = [_out(o) for o in llm.generate(prompts, sps, use_tqdm=False)]
+            raw = llm.generate(prompts, sps, use_tqdm=False)
+            outs = [_out(o) for o in raw]
+            if job.get("stats"):  # per-request S2D2 counters (vllm_s2d2.request_stats)
+                from vllm_s2d2 import request_stats
+
+                got = request_stats(llm, [o.request_id for o in raw])
+                for o, d in zip(raw, outs):
+                    d["s2d2_stats"] = got.get(o.request_id)
         elif job["mode"] == "abort":
             engine = llm.llm_engine
             ids = [f"{job['name']}-{i}" for i in range(len(prompts))]

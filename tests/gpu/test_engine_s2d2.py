@@ -10,6 +10,9 @@ the same numbers, so equality is exact, sampled decoding included.
   (block size 1) token for token, at batch 1 and 32 concurrent prompts.
 * Every routing policy (score_threshold = paper Config-A, hysteresis, UCB, span length) and the baseline, mixed
   in one batch of 40 prompts of mixed lengths and ``max_tokens``; seeded sampling (temperature 1, top-k).
+* Per-request statistics (``vllm_s2d2.request_stats``) of that batch equal the reference decoder's verify steps,
+  proposed and accepted span tokens (for outputs ending on a block boundary: a request ending mid-block
+  finishes in the engine as soon as its last token is final, the reference completes the block first).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def test_s2d2_engine_equals_reference(ckpts, ref_models, tmp_path):
                  "sampling": [_sp(m, seed=0, extra=ALWAYS_GREEDY) for m in (13, 6, 19)]}
     mixed = {"name": "mixed", "mode": "batch", "prompts": _prompts(40, 33),
              "sampling": [_sp(1 + (7 * i) % 24, seed=1000 + i, extra={"s2d2": POLICIES[i % len(POLICIES)]})
-                          for i in range(40)]}
+                          for i in range(40)], "stats": True}
     sampled = {"name": "sampled", "mode": "batch", "prompts": _prompts(12, 34),
                "sampling": [_sp(12, temperature=1.0, top_k=20, seed=200 + i,
                                 extra={"s2d2": POLICIES[i % 4]}) for i in range(12)]}
@@ -63,3 +66,33 @@ def test_s2d2_engine_equals_reference(ckpts, ref_models, tmp_path):
         for prompt, kw, o in zip(job["prompts"], job["sampling"], res[job["name"]]):
             kw_ar = {k: v for k, v in kw.items() if k != "extra_args"}
             assert o["token_ids"] == reference(ref_models, "sdar", ar, prompt, kw_ar)
+
+    check_request_stats(ref_models, s2d2, mixed, res["mixed"])
+
+
+def check_request_stats(ref_models, s2d2, job, outs) -> None:
+    from vllm_s2d2.core.params import SamplingSpec
+    from vllm_s2d2.reference.decoder import generate
+    from vllm_s2d2.s2d2_config import S2D2Config
+
+    model, info = ref_models["sdar"]
+    B = info.block_size
+    compared = verified = 0
+    for prompt, kw, o in zip(job["prompts"], job["sampling"], outs):
+        st = o["s2d2_stats"]
+        assert st is not None, "no per-request stats returned"
+        assert st["accepted_tokens"] <= st["proposed_tokens"] and st["verify_steps"] <= st["draft_steps"]
+        opts = kw["extra_args"]["s2d2"]
+        if opts.get("verify") is False:
+            assert st["verify_steps"] == 0
+        verified += st["verify_steps"]
+        if (len(prompt) + len(o["token_ids"])) % B or o["finish_reason"] != "length":
+            continue
+        ref = generate(model, info, [prompt], S2D2Config.from_dict({**opts}),
+                       sampling=SamplingSpec(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
+                                             seed=kw.get("seed")),
+                       max_tokens=kw["max_tokens"], ignore_eos=kw.get("ignore_eos", False), device="cuda")[0].stats
+        assert (st["verify_steps"], st["proposed_tokens"], st["accepted_tokens"]) == (
+            ref.verify_steps, ref.proposed_tokens, ref.accepted_tokens), (opts, st, ref)
+        compared += 1
+    assert verified > 0 and compared >= 3, (verified, compared)

@@ -34,6 +34,7 @@ from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.interface import ModelState
 
 from vllm_s2d2.engine.attention import step_ranges
+from vllm_s2d2.engine.stats import external_request_id
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
 from vllm_s2d2.engine.stepper import VERIFY, S2D2Stepper
 from vllm_s2d2.model_executor.attention.backend import VerifyGroup
@@ -62,6 +63,7 @@ class S2D2ModelState(ModelState):
             use_cuda_graphs=vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE)
         self._req_to_slot: dict[str, int] = {}
         self._saved: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._finished_stats: OrderedDict[str, dict[str, int]] = OrderedDict()
         self._positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
         self._qq_bias = verifier_qq_bias(self.settings.block_size, device=device)
         self._sampler = None
@@ -83,11 +85,33 @@ class S2D2ModelState(ModelState):
         slot = self._req_to_slot.pop(req_id, None)
         if slot is None:
             return
+        if not req_id.startswith("_"):  # (vLLM's dummy requests)
+            self._record_stats(req_id, slot)
         snap = self.stepper.remove_request(slot, save=not req_id.startswith("_"))
         if snap is not None:
             self._saved[req_id] = snap
             while len(self._saved) > _MAX_SAVED:
                 self._saved.popitem(last=False)
+
+    def _record_stats(self, req_id: str, slot: int) -> None:
+        """Keep the counters of a request leaving the worker (finished, aborted or preempted: a preempted
+        request's counters restart on resume and are added up here)."""
+        key = external_request_id(req_id)
+        counters = self.stepper.host_slot_stats(slot)
+        old = self._finished_stats.pop(key, None)
+        if old is not None:
+            counters = {k: counters[k] + old[k] for k in counters}
+        self._finished_stats[key] = counters
+        while len(self._finished_stats) > _MAX_SAVED:
+            self._finished_stats.popitem(last=False)
+
+    def pop_request_stats(self, request_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+        """Counters of requests that left the worker (see :func:`vllm_s2d2.engine.stats.request_stats`)."""
+        if request_ids is None:
+            out = dict(self._finished_stats)
+            self._finished_stats.clear()
+            return out
+        return {r: self._finished_stats.pop(r) for r in request_ids if r in self._finished_stats}
 
     def custom_sampler(self, sampler: Any):
         from vllm_s2d2.engine.sampler import S2D2Sampler

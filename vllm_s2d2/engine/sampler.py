@@ -29,18 +29,11 @@ from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
 from vllm_s2d2.core.params import SamplingSpec
 from vllm_s2d2.engine.settings import EngineSettings, request_config
-from vllm_s2d2.engine.stepper import STAT_NAMES, S2D2Stepper
+from vllm_s2d2.engine.stats import STAT_NAMES, format_stats
+from vllm_s2d2.engine.stepper import S2D2Stepper
 
 LOG_INTERVAL_S = 10.0
 
-
-def format_stats(t: dict[str, int]) -> str:
-    """``S2D2 stats: ...`` with verify rate (verify / draft steps) and acceptance (accepted / proposed)."""
-    rate = t["verify_steps"] / max(1, t["draft_steps"])
-    acc = t["accepted_tokens"] / max(1, t["proposed_tokens"])
-    return (f"S2D2 stats: draft steps {t['draft_steps']}, verify steps {t['verify_steps']} (verify rate {rate:.2f}), "
-            f"span tokens proposed {t['proposed_tokens']}, accepted {t['accepted_tokens']} (acceptance {acc:.2f}), "
-            f"blocks committed {t['committed_blocks']}")
 
 logger = init_logger(__name__)
 

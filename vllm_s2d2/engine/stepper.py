@@ -55,11 +55,11 @@ import torch
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
 from vllm_s2d2.core.policies import PolicyState
 from vllm_s2d2.core.step import BlockState, draft_step, finish_step, verify_step
+from vllm_s2d2.engine.stats import STAT_NAMES
 from vllm_s2d2.engine.verify import DraftStore, verify_canvas
 from vllm_s2d2.s2d2_config import S2D2Config
 
 DRAFT, COMMIT, VERIFY = 0, 1, 2
-STAT_NAMES = ("draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens", "committed_blocks")
 NO_LIMIT = 2 ** 62
 # attention spec columns: two bidirectional ranges [lo, hi] (absolute, inclusive; lo >= hi means none)
 SPEC_COLS = 4
@@ -182,6 +182,7 @@ class S2D2Stepper:
         self.stats = torch.zeros(n, len(STAT_NAMES), **long)
         self.totals = torch.zeros(len(STAT_NAMES), **long)
         self.totals_host = torch.zeros(len(STAT_NAMES), dtype=torch.int64, pin_memory=(device.type == "cuda"))
+        self.stats_host = torch.zeros(n, len(STAT_NAMES), dtype=torch.int64, pin_memory=(device.type == "cuda"))
         self.policy = PolicyState.zeros(n, device)
         self.attn_spec = torch.zeros(n, SPEC_COLS, dtype=torch.int32, device=device)
         self._cols = torch.arange(B, device=device)
@@ -590,11 +591,13 @@ class S2D2Stepper:
             self.attn_spec_host.copy_(self.attn_spec, non_blocking=True)
             self._phase_pinned.copy_(self.phase, non_blocking=True)
             self.totals_host.copy_(self.totals, non_blocking=True)
+            self.stats_host.copy_(self.stats, non_blocking=True)
             self._spec_event.record()
         else:
             self.attn_spec_host.copy_(self.attn_spec)
             self._phase_pinned.copy_(self.phase)
             self.totals_host.copy_(self.totals)
+            self.stats_host.copy_(self.stats)
         self._spec_published = True
 
     def sync_host(self) -> None:
@@ -611,6 +614,11 @@ class S2D2Stepper:
         """Engine-wide counters as of the last published step."""
         self.sync_host()
         return dict(zip(STAT_NAMES, self.totals_host.tolist()))
+
+    def host_slot_stats(self, slot: int) -> dict[str, int]:
+        """Counters of one slot as of the last published step."""
+        self.sync_host()
+        return dict(zip(STAT_NAMES, self.stats_host[slot].tolist()))
 
     def host_attn_spec(self) -> np.ndarray:
         """``[max_num_reqs, 4]`` ranges for the coming step."""

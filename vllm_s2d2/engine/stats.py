@@ -1,0 +1,71 @@
+"""S2D2 counters: engine totals (periodic log line) and per-request statistics (no vLLM imports).
+
+What is counted (per request slot on the device, :class:`~vllm_s2d2.engine.stepper.S2D2Stepper`):
+
+* ``draft_steps``      forwards that drafted (a commit is fused into the next block's first draft);
+* ``verify_steps``     2L verification forwards;
+* ``proposed_tokens``  draft tokens offered to verification (the span length, summed over verifications);
+* ``accepted_tokens``  of those, accepted by the min(1, q/p) test (or greedy acceptance);
+* ``committed_blocks`` blocks written to the KV cache.
+
+Routes out of the engine (vLLM 0.26 has no per-request extension field on ``RequestOutput``):
+
+* engine totals: one ``S2D2 stats:`` INFO line every 10 s (:class:`~vllm_s2d2.engine.sampler.S2D2Sampler`);
+  vLLM's own diffusion counters (``vllm:diffusion_num_denoising_steps`` ...) count engine steps and commits;
+* per request: when vLLM removes a finished (or aborted / preempted) request from the worker, the model state
+  keeps its counters (bounded, most recent 4096); :func:`request_stats` fetches and clears them through
+  ``LLM.collective_rpc`` (works with in-process and multiprocess engine cores)::
+
+      outs = llm.generate(prompts, params)
+      stats = request_stats(llm)            # {request_id: {"draft_steps": ..., "verify_rate": ..., ...}}
+      stats[outs[0].request_id]
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+STAT_NAMES = ("draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens", "committed_blocks")
+_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def external_request_id(req_id: str) -> str:
+    """vLLM 0.26 makes engine-internal ids unique as ``f"{request_id}-{8 hex}"``
+    (``v1/engine/input_processor.py:assign_request_id``); the user sees ``request_id``."""
+    return _INTERNAL_SUFFIX.sub("", req_id)
+
+
+def derived(counters: dict[str, int]) -> dict[str, Any]:
+    """Counters plus verify rate (verify / draft steps) and acceptance rate (accepted / proposed tokens)."""
+    out: dict[str, Any] = dict(counters)
+    out["verify_rate"] = counters["verify_steps"] / max(1, counters["draft_steps"])
+    out["acceptance_rate"] = counters["accepted_tokens"] / max(1, counters["proposed_tokens"])
+    return out
+
+
+def format_stats(t: dict[str, int]) -> str:
+    """``S2D2 stats: ...`` with verify rate (verify / draft steps) and acceptance (accepted / proposed)."""
+    d = derived(t)
+    return (f"S2D2 stats: draft steps {t['draft_steps']}, verify steps {t['verify_steps']} (verify rate "
+            f"{d['verify_rate']:.2f}), span tokens proposed {t['proposed_tokens']}, accepted "
+            f"{t['accepted_tokens']} (acceptance {d['acceptance_rate']:.2f}), blocks committed "
+            f"{t['committed_blocks']}")
+
+
+def _pop_worker_stats(worker: Any, request_ids: list[str] | None) -> dict[str, dict[str, int]]:
+    state = getattr(worker.model_runner, "model_state", None)
+    pop = getattr(state, "pop_request_stats", None)
+    return {} if pop is None else pop(request_ids)
+
+
+def request_stats(llm: Any, request_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per-request S2D2 statistics of finished requests (and clears them): ``{request_id: counters + verify_rate
+    + acceptance_rate}``.  ``request_ids`` (the ``RequestOutput.request_id`` values) selects some; None takes
+    all.  Needs an ``LLM`` running this plugin's engine; returns ``{}`` for other engines."""
+    ids = None if request_ids is None else [str(r) for r in request_ids]
+    merged: dict[str, dict[str, Any]] = {}
+    for part in llm.collective_rpc(_pop_worker_stats, args=(ids,)):
+        for rid, counters in (part or {}).items():
+            merged[rid] = derived(counters)
+    return merged
