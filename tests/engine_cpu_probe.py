@@ -76,6 +76,7 @@ def main(ckpt: str, qwen3: str) -> dict:
             "prefix_caching": cfg.cache_config.enable_prefix_caching,
             "gen_defaults": cfg.model_config.get_diff_sampling_param(),
             "arch": cfg.model_config.architectures,
+            "worker_ext": cfg.parallel_config.worker_extension_cls,
         }
 
     out["dict"] = summary(_engine_config(ckpt, speculative_config={"method": "s2d2", "verify": False,

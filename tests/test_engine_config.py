@@ -50,6 +50,7 @@ def test_alias_dict_builds_a_diffusion_v2_config(probe):
     assert d["backend"] == "CUSTOM"  # the plugin's backend: stock Triton + the 2L verify launch
     assert d["s2d2"]["block_size"] == 8 and d["s2d2"]["denoising_steps"] == 4 and d["s2d2"]["verify"] is False
     assert d["arch"] == ["SDARForCausalLM"]
+    assert d["worker_ext"] == "vllm_s2d2.engine.worker_ext.S2D2WorkerExtension"  # request_stats' RPC
 
 
 def test_alias_variants(probe):

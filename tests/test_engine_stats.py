@@ -54,12 +54,33 @@ def test_model_state_records_sums_preemptions_and_pops():
     assert list(ms.pop_request_stats()) == ["b"] and ms.pop_request_stats() == {}
 
 
-def test_request_stats_through_collective_rpc():
+def test_request_stats_through_the_worker_extension():
+    from vllm_s2d2.engine.worker_ext import S2D2WorkerExtension
+
     counters = dict(zip(STAT_NAMES, (4, 2, 6, 3, 1)))
     state = SimpleNamespace(pop_request_stats=lambda ids: {"r1": counters} if ids in (None, ["r1"]) else {})
-    worker = SimpleNamespace(model_runner=SimpleNamespace(model_state=state))
-    llm = SimpleNamespace(collective_rpc=lambda fn, args=(): [fn(worker, *args)])
-    out = request_stats(llm, ["r1"])
+
+    class Worker(S2D2WorkerExtension):
+        model_runner = SimpleNamespace(model_state=state)
+
+    def rpc(worker):
+        return lambda method, args=(): [getattr(worker, method)(*args)]  # what collective_rpc does per worker
+
+    out = request_stats(SimpleNamespace(collective_rpc=rpc(Worker())), ["r1"])
     assert out["r1"]["verify_steps"] == 2 and out["r1"]["acceptance_rate"] == pytest.approx(0.5)
-    plain = SimpleNamespace(model_runner=SimpleNamespace(model_state=object()))  # not this plugin's engine
-    assert request_stats(SimpleNamespace(collective_rpc=lambda fn, args=(): [fn(plain, *args)])) == {}
+
+    class Other(S2D2WorkerExtension):  # the extension on an engine whose model state is not the plugin's
+        model_runner = SimpleNamespace(model_state=object())
+
+    assert request_stats(SimpleNamespace(collective_rpc=rpc(Other()))) == {}
+    with pytest.raises(RuntimeError, match="worker extension"):
+        request_stats(SimpleNamespace(collective_rpc=rpc(object())))
+
+
+def test_config_hook_installs_the_worker_extension():
+    pytest.importorskip("vllm")
+    from vllm_s2d2.engine.worker_ext import QUALNAME
+
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    assert resolve_obj_by_qualname(QUALNAME).__name__ == "S2D2WorkerExtension"

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
+from vllm_s2d2.engine.worker_ext import QUALNAME as WORKER_EXTENSION
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
 
 if TYPE_CHECKING:
@@ -122,6 +123,14 @@ class S2D2ConfigHook(VerifyAndUpdateConfig):
             logger.info("S2D2: disabling prefix caching (cache_ver=false: block-causal prompt KV is not "
                         "reusable across prompt lengths)")
             cache.enable_prefix_caching = False
+
+        # Worker extension: per-request statistics through collective_rpc (vllm_s2d2.request_stats).
+        pc = vllm_config.parallel_config
+        if not pc.worker_extension_cls:
+            pc.worker_extension_cls = WORKER_EXTENSION
+        elif pc.worker_extension_cls != WORKER_EXTENSION:
+            logger.warning("S2D2: worker_extension_cls=%s is kept; vllm_s2d2.request_stats() needs %s",
+                           pc.worker_extension_cls, WORKER_EXTENSION)
 
         # Generation-config sampling defaults.
         overrides = model_config.override_generation_config

@@ -14,7 +14,8 @@ Routes out of the engine (vLLM 0.26 has no per-request extension field on ``Requ
   vLLM's own diffusion counters (``vllm:diffusion_num_denoising_steps`` ...) count engine steps and commits;
 * per request: when vLLM removes a finished (or aborted / preempted) request from the worker, the model state
   keeps its counters (bounded, most recent 4096); :func:`request_stats` fetches and clears them through
-  ``LLM.collective_rpc`` (works with in-process and multiprocess engine cores)::
+  ``LLM.collective_rpc("s2d2_pop_request_stats")``, a method of the plugin's worker extension
+  (:mod:`.worker_ext`; works with in-process and multiprocess engine cores)::
 
       outs = llm.generate(prompts, params)
       stats = request_stats(llm)            # {request_id: {"draft_steps": ..., "verify_rate": ..., ...}}
@@ -53,19 +54,19 @@ def format_stats(t: dict[str, int]) -> str:
             f"{t['committed_blocks']}")
 
 
-def _pop_worker_stats(worker: Any, request_ids: list[str] | None) -> dict[str, dict[str, int]]:
-    state = getattr(worker.model_runner, "model_state", None)
-    pop = getattr(state, "pop_request_stats", None)
-    return {} if pop is None else pop(request_ids)
-
-
 def request_stats(llm: Any, request_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
     """Per-request S2D2 statistics of finished requests (and clears them): ``{request_id: counters + verify_rate
     + acceptance_rate}``.  ``request_ids`` (the ``RequestOutput.request_id`` values) selects some; None takes
-    all.  Needs an ``LLM`` running this plugin's engine; returns ``{}`` for other engines."""
+    all.  Needs an ``LLM`` running this plugin's engine (its worker extension answers the call)."""
     ids = None if request_ids is None else [str(r) for r in request_ids]
+    try:
+        parts = llm.collective_rpc("s2d2_pop_request_stats", args=(ids,))
+    except AttributeError as e:
+        raise RuntimeError("this LLM does not run the S2D2 engine's worker extension "
+                           "(vllm_s2d2.engine.worker_ext.S2D2WorkerExtension); per-request statistics need a "
+                           "block-diffusion model served by the plugin") from e
     merged: dict[str, dict[str, Any]] = {}
-    for part in llm.collective_rpc(_pop_worker_stats, args=(ids,)):
+    for part in parts:
         for rid, counters in (part or {}).items():
             merged[rid] = derived(counters)
     return merged

@@ -1,0 +1,17 @@
+"""Worker extension (vLLM's ``parallel_config.worker_extension_cls``, set by the config hook): methods that
+``LLM.collective_rpc`` can call by name on every worker.  Named methods are what vLLM's message serializer
+accepts in multiprocess engines (a function would need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUALNAME = "vllm_s2d2.engine.worker_ext.S2D2WorkerExtension"
+
+
+class S2D2WorkerExtension:
+    def s2d2_pop_request_stats(self, request_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+        """Per-request S2D2 counters of requests that left this worker (see ``vllm_s2d2.request_stats``)."""
+        state: Any = getattr(self.model_runner, "model_state", None)  # type: ignore[attr-defined]
+        pop = getattr(state, "pop_request_stats", None)
+        return {} if pop is None else pop(request_ids)
