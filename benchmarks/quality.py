@@ -13,7 +13,8 @@ trained on the Python stdlib); the prompts are function headers + docstrings fro
   of the generated tokens under the model itself (nats / token, block size 1 = the verifier's distribution).
 
 Backends: ``reference`` (the eager reference decoder, CPU by default; slow but exact) and ``vllm`` (the plugin's
-engine on a GPU host, every configuration (not run yet)).
+engine on a GPU host: per configuration all prompts in one batch, forwards and acceptance from each request's
+S2D2 counters, ``vllm_s2d2.request_stats``; seconds are the batch's wall time shared out per prompt).
 
     python benchmarks/quality.py --num-prompts 8 --max-tokens 32            # a few minutes on 2 CPU cores
     python benchmarks/quality.py --num-prompts 256 --workers 8 --threads 2  # every prompt (16 cores)
@@ -226,24 +227,37 @@ def run_reference(model_path: Path, prompts: list[dict], names: list[str], max_t
 # -- vLLM backend -------------------------------------------------------------------------------------------
 
 
-def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, temperature: float, seed: int) -> list:
-    """Inside a subprocess: one engine for block size ``block``; each request alone, engine steps counted."""
+def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, temperature: float, seed: int,
+                 dtype: str) -> list:
+    """Inside a subprocess: one engine for block size ``block``; per configuration all prompts in one batch,
+    each request's forwards from its S2D2 counters (``vllm_s2d2.request_stats``; a commit is fused into the
+    next block's first draft, so ``commit`` forwards are reported as in the reference but cost nothing)."""
+    import time
+
     from vllm import LLM, SamplingParams
 
-    from vllm_s2d2.engine.offline import decode_alone
+    from vllm_s2d2 import request_stats
 
     llm = LLM(model=model_path, speculative_config={"method": "s2d2", "verify": False, "block_size": block},
-              dtype="bfloat16", seed=seed, max_model_len=2048, gpu_memory_utilization=0.5)
-    engine = llm.llm_engine
+              dtype=dtype, seed=seed, max_model_len=2048, gpu_memory_utilization=0.5, max_num_seqs=256)
     out = []
     for name, cfg, items in jobs:
         # per request: everything but the engine-wide block size (verification included)
         extra = {k: v for k, v in cfg.items() if k != "block_size"}
-        for i, prompt_ids, _ in items:
-            sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i,
-                                extra_args={"s2d2": extra} if extra else None)
-            ids, steps, secs = decode_alone(engine, f"{name}-{i}", prompt_ids, sp)
-            out.append({"config": name, "prompt": i, "token_ids": ids, "forwards": steps, "seconds": secs})
+        prompts = [{"prompt_token_ids": list(ids)} for _, ids, _ in items]
+        sps = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i,
+                              extra_args={"s2d2": extra} if extra else None) for i, _, _ in items]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        secs = time.perf_counter() - t0
+        stats = request_stats(llm, [o.request_id for o in outs])
+        for (i, _, _), o in zip(items, outs):
+            st = stats[o.request_id]
+            out.append({"config": name, "prompt": i, "token_ids": list(o.outputs[0].token_ids), "prefill": 1,
+                        "draft": st["draft_steps"], "verify": st["verify_steps"], "commit": st["committed_blocks"],
+                        "steps": st["draft_steps"], "verify_steps": st["verify_steps"],
+                        "proposed": st["proposed_tokens"], "accepted": st["accepted_tokens"],
+                        "seconds": secs / len(items), "finish": o.outputs[0].finish_reason})
     return out
 
 
@@ -269,7 +283,7 @@ def run_vllm(model_path: Path, prompts: list[dict], names: list[str], max_tokens
         by_block.setdefault(cfg["block_size"], []).append((n, cfg, items))
     raw: list[dict] = []
     for block, jobs in by_block.items():
-        payload = json.dumps([str(model_path), block, jobs, max_tokens, temperature, seed])
+        payload = json.dumps([str(model_path), block, jobs, max_tokens, temperature, seed, dtype])
         code = ("import json,sys; sys.path.insert(0, %r); from benchmarks.quality import _vllm_worker; "
                 "a = json.loads(sys.stdin.read()); print('QUALITY_JSON=' + json.dumps(_vllm_worker(*a)))"
                 % str(REPO))
@@ -286,8 +300,8 @@ def run_vllm(model_path: Path, prompts: list[dict], names: list[str], max_tokens
         prompt_ids, target = items[i][1], items[i][2]
         text = tok.decode(r["token_ids"], skip_special_tokens=True)
         nll = ar_nll(model, prompt_ids, r["token_ids"], info.mask_token_id)
-        records.append({"config": r["config"], "prompt": i, "tokens": len(r["token_ids"]), "forwards": r["forwards"],
-                        "nll_sum": float(sum(nll)), "nll_count": len(nll), "seconds": r["seconds"],
+        kept = {k: v for k, v in r.items() if k != "token_ids"}
+        records.append({**kept, "tokens": len(r["token_ids"]), "nll_sum": float(sum(nll)), "nll_count": len(nll),
                         **score_text(text, target), "text": text[:160]})
     return sorted(records, key=lambda r: (names.index(r["config"]), r["prompt"])), skipped
 
@@ -313,10 +327,6 @@ def summarize(records: list[dict], names: list[str]) -> dict:
                      verify_rate=sum(r["verify_steps"] for r in rs) / max(1, steps),
                      acceptance_rate=sum(r["accepted"] for r in rs) / proposed if proposed else None,
                      proposed=proposed, accepted=sum(r["accepted"] for r in rs))
-        else:  # vLLM: engine steps only
-            forwards = sum(r["forwards"] for r in rs)
-            s.update(forwards=forwards, tokens_per_forward=tokens / max(1, forwards), tpf_fused=None,
-                     verify_rate=0.0, acceptance_rate=None)
         nll_n = sum(r["nll_count"] for r in rs)
         secs = sum(r["seconds"] for r in rs)
         s.update(em1=sum(r["em1"] for r in rs) / len(rs), em2=sum(r["em2"] for r in rs) / len(rs),

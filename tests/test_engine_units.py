@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -73,6 +74,27 @@ def test_request_config_overrides():
     assert resolve_engine_settings(SDAR, {"verify": True}).config.verify  # verification runs in the engine
     with pytest.raises(ValueError, match="no vLLM engine model"):
         resolve_engine_settings(dict(SDAR, architectures=["LLaDA2MoeModelLM"]), {"verify": False})
+
+
+def test_request_overrides_spellings():
+    from vllm_s2d2.engine.settings import request_overrides
+
+    want = {"verify_policy": "score_hysteresis", "confidence_threshold": 0.9, "draft_ver": False}
+    assert request_overrides({"s2d2": want}) == want
+    assert request_overrides({"s2d2": json.dumps(want)}) == want
+    flat = {"s2d2.verify_policy": "score_hysteresis", "s2d2.confidence_threshold": "0.9", "s2d2.draft_ver": "false",
+            "other_plugin": 1}
+    assert request_overrides(flat) == want
+    assert request_overrides({"other": 1}) == {} and request_overrides(None) == {}
+    for bad, needle in (({"s2d2": "{nope"}, "not valid JSON"), ({"s2d2": [1]}, "mapping"),
+                        ({"s2d2": {"block_size": 4}, "s2d2.block_size": 4}, "given twice")):
+        with pytest.raises(ValueError, match=needle):
+            request_overrides(bad)
+    st = resolve_engine_settings(SDAR, {"verify": False})
+    cfg = request_config(st.config, flat, "sdar", 4)
+    assert cfg.verify_policy == "score_hysteresis" and cfg.confidence_threshold == 0.9 and cfg.draft_ver is False
+    with pytest.raises(ValueError, match="verify_polcy"):
+        request_config(st.config, {"s2d2.verify_polcy": "x"}, "sdar", 4)
 
 
 def test_packed_params_roundtrip():

@@ -96,3 +96,63 @@ def check_request_stats(ref_models, s2d2, job, outs) -> None:
             ref.verify_steps, ref.proposed_tokens, ref.accepted_tokens), (opts, st, ref)
         compared += 1
     assert verified > 0 and compared >= 3, (verified, compared)
+
+
+N_STAT = 200
+ACC_TOL = 0.02  # absolute tolerance on the aggregate acceptance rate and tokens per forward
+
+
+def test_stochastic_acceptance_statistics_over_200_prompts(ckpts, ref_models, tmp_path):
+    """Stochastic acceptance (temperature 1, min(1, q/p), residual resampling) over 200 seeded prompts: the
+    engine's aggregate acceptance rate and tokens per forward lie within ``ACC_TOL`` of the reference decoder's
+    (the counter-based RNG makes them equal request by request: that is checked and reported too).  Outputs end
+    on a block boundary so that both decoders run the same steps (see ``check_request_stats``)."""
+    from vllm_s2d2.core.params import SamplingSpec
+    from vllm_s2d2.reference.decoder import generate
+    from vllm_s2d2.s2d2_config import S2D2Config
+
+    model, info = ref_models["sdar"]
+    B = info.block_size
+    prompts = _prompts(N_STAT, 35)
+    pols = [{"verify_policy": "mask_span_length"}, {}]  # always verify / Config-A
+    sampling = [_sp((B - len(p) % B) % B + 3 * B, temperature=1.0, seed=5000 + i, extra={"s2d2": pols[i % 2]})
+                for i, p in enumerate(prompts)]
+    job = {"name": "stat", "mode": "batch", "prompts": prompts, "sampling": sampling, "stats": True}
+    res = run_engine({"model": ckpts["sdar"], "speculative_config": {"method": "s2d2"}, "enforce_eager": False,
+                      "max_num_seqs": 128, "jobs": [job]}, tmp_path, timeout=400)
+    eng = {"tokens": 0, "forwards": 0, "proposed": 0, "accepted": 0}
+    ref = dict(eng)
+    same_tokens = same_counts = 0
+    for prompt, kw, o in zip(prompts, sampling, res["stat"]):
+        st = o["s2d2_stats"]
+        r = generate(model, info, [prompt], S2D2Config.from_dict(dict(kw["extra_args"]["s2d2"])),
+                     sampling=SamplingSpec(temperature=1.0, top_k=0, top_p=1.0, seed=kw["seed"]),
+                     max_tokens=kw["max_tokens"], ignore_eos=True, device="cuda")[0]
+        for acc, tokens, fwd, prop, accd in (
+                (eng, len(o["token_ids"]), st["draft_steps"] + st["verify_steps"], st["proposed_tokens"],
+                 st["accepted_tokens"]),
+                (ref, len(r.token_ids), r.stats.draft_forwards + r.stats.verify_forwards, r.stats.proposed_tokens,
+                 r.stats.accepted_tokens)):
+            acc["tokens"] += tokens
+            acc["forwards"] += fwd
+            acc["proposed"] += prop
+            acc["accepted"] += accd
+        same_tokens += o["token_ids"] == r.token_ids
+        same_counts += (st["verify_steps"], st["proposed_tokens"], st["accepted_tokens"]) == (
+            r.stats.verify_steps, r.stats.proposed_tokens, r.stats.accepted_tokens)
+    rate = {k: (v["accepted"] / max(1, v["proposed"]), v["tokens"] / max(1, v["forwards"]))
+            for k, v in (("engine", eng), ("reference", ref))}
+    print(f"S2D2 stochastic statistics over {N_STAT} prompts: engine acceptance {rate['engine'][0]:.4f}, "
+          f"tokens/forward {rate['engine'][1]:.4f}; reference {rate['reference'][0]:.4f}, "
+          f"{rate['reference'][1]:.4f}; identical outputs {same_tokens}/{N_STAT}, identical counters "
+          f"{same_counts}/{N_STAT}; proposed {eng['proposed']} / {ref['proposed']}")
+    if os.environ.get("S2D2_GPU_LOG_DIR"):  # the record (device tool: $OUT)
+        import json
+
+        with open(os.path.join(os.environ["S2D2_GPU_LOG_DIR"], "s2d2_stochastic_200.json"), "w") as f:
+            json.dump({"prompts": N_STAT, "engine": eng, "reference": ref, "identical_outputs": same_tokens,
+                       "identical_counters": same_counts, "acceptance_and_tokens_per_forward": rate,
+                       "tolerance": ACC_TOL}, f, indent=1)
+    assert eng["proposed"] > 200, eng  # verification really ran
+    assert abs(rate["engine"][0] - rate["reference"][0]) <= ACC_TOL, rate
+    assert abs(rate["engine"][1] - rate["reference"][1]) <= ACC_TOL, rate

@@ -9,7 +9,8 @@ Where the knobs live in vLLM 0.26 (``VLLM_0_26.md`` §3, §4, §11):
   runs the plain block-diffusion baseline (``verify=False``);
 * the canvas width W is ``DiffusionConfig.canvas_length`` = ``hf_config.canvas_length`` = 2·B (room for the
   fused commit+draft canvas and the 2L verifier);
-* per request, ``SamplingParams.extra_args["s2d2"]`` (a dict of S2D2Config keys, OpenAI ``vllm_xargs``) overrides
+* per request, ``SamplingParams.extra_args["s2d2"]`` (a dict of S2D2Config keys; over OpenAI's ``vllm_xargs``, which
+  takes only flat string / number values, a JSON string or ``"s2d2.<option>"`` keys: :func:`request_overrides`) overrides
   knobs that change neither the canvas nor the committed KV: everything except ``block_size``,
   ``sub_block_size`` and ``cache_ver``.
 
@@ -18,6 +19,7 @@ This module imports nothing from vLLM, so the CPU tests and the frontend can use
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -79,17 +81,58 @@ def resolve_engine_settings(hf_config: Any, s2d2: Mapping[str, Any] | S2D2Config
     return EngineSettings(info=info, config=cfg.resolve(info.family, info.block_size))
 
 
+def _xarg_value(v: Any) -> Any:
+    """A flat ``vllm_xargs`` value (str / int / float): JSON literals (``true``, ``0.9``, ``null``) decoded,
+    other strings kept."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def request_overrides(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The S2D2 options of one request from ``SamplingParams.extra_args``, in any of three spellings:
+
+    * ``{"s2d2": {"verify_policy": "score_hysteresis"}}`` (Python ``SamplingParams``);
+    * ``{"s2d2": "{\"verify_policy\": \"score_hysteresis\"}"}`` (a JSON object as a string);
+    * ``{"s2d2.verify_policy": "score_hysteresis", "s2d2.confidence_threshold": 0.9}`` (flat keys: OpenAI's
+      ``vllm_xargs`` accepts only string / number values).
+
+    Raises ``ValueError`` for anything malformed."""
+    if not extra_args:
+        return {}
+    if not isinstance(extra_args, Mapping):
+        raise ValueError(f"extra_args must be a mapping, got {type(extra_args).__name__}")
+    raw = extra_args.get(EXTRA_ARGS_KEY)
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] is not valid JSON: {e}") from None
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping of S2D2 options (or a JSON object "
+                         f"string), got {raw!r}")
+    out = dict(raw or {})
+    prefix = EXTRA_ARGS_KEY + "."
+    for k, v in extra_args.items():
+        if isinstance(k, str) and k.startswith(prefix):
+            name = k[len(prefix):]
+            if name in out:
+                raise ValueError(f"S2D2 option {name!r} given twice (in {EXTRA_ARGS_KEY!r} and as {k!r})")
+            out[name] = _xarg_value(v)
+    return out
+
+
 def request_config(engine: S2D2Config, extra_args: Mapping[str, Any] | None, family: str,
                    checkpoint_block_size: int) -> S2D2Config:
     """The resolved config of one request: the engine config with ``extra_args["s2d2"]`` applied.
 
     Raises ``ValueError`` for unknown keys, bad values or a different ``block_size``."""
-    overrides = (extra_args or {}).get(EXTRA_ARGS_KEY) if extra_args else None
+    overrides = request_overrides(extra_args)
     if not overrides:
         return engine
-    if not isinstance(overrides, Mapping):
-        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping of S2D2 options, got {overrides!r}")
-    overrides = dict(overrides)
     overrides.pop("method", None)
     preset = overrides.pop("preset", None)
     if preset is not None:

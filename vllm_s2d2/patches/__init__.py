@@ -2,7 +2,9 @@
 
 * :mod:`.spec_alias` -- ``speculative_config="s2d2"`` / ``{"method": "s2d2", ...}`` on
   ``EngineArgs.create_engine_config`` (every entry point: ``LLM``, ``AsyncLLM``, ``vllm serve``);
-* :mod:`.sampling_validation` -- ``SamplingParams._validate_diffusion`` for the plugin's architectures.
+* :mod:`.sampling_validation` -- ``SamplingParams._validate_diffusion`` for the plugin's architectures;
+* :mod:`.cli_alias` -- ``--speculative-config s2d2`` (a bare word) on ``FlexibleArgumentParser.parse_args``; also
+  installed early by the ``vllm.platform_plugins`` entry point ``s2d2_cli`` (before vLLM parses its CLI).
 """
 
 from __future__ import annotations

@@ -49,10 +49,14 @@ def validate_s2d2_sampling(sp: Any, model_config: Any) -> None:
         raise ValueError(
             "block-diffusion decoding (vllm-s2d2) does not support these sampling parameters: "
             + ", ".join(bad) + ". Supported: temperature (0 = greedy), top_k, top_p, seed, max_tokens, "
-            "stop / stop_token_ids, ignore_eos, and extra_args['s2d2'] decoding options.")
+            "stop / stop_token_ids, ignore_eos, and S2D2 decoding options in extra_args['s2d2'] (OpenAI: "
+            "vllm_xargs {'s2d2': '<JSON object>'} or {'s2d2.<option>': value}).")
     extra = getattr(sp, "extra_args", None)
-    if extra and extra.get("s2d2"):
-        _validate_request_options(extra, model_config)
+    if extra:
+        from vllm_s2d2.engine.settings import request_overrides
+
+        if request_overrides(extra):  # (raises ValueError for malformed S2D2 options)
+            _validate_request_options(extra, model_config)
 
 
 def _validate_request_options(extra: dict, model_config: Any) -> None:

@@ -8,12 +8,12 @@ config names ``s2d2`` (also ``spec_method="s2d2"``), it
 1. validates the remaining keys as an :class:`~vllm_s2d2.s2d2_config.S2D2Config` (unknown keys or bad values ->
    ``ValueError`` naming them),
 2. reads the checkpoint's ``config.json``: a non-block-diffusion architecture -> ``ValueError`` naming it,
-3. resolves the config for the family (``verify=true`` -> "not yet supported" until Engine II),
+3. resolves the config for the family,
 4. sets ``diffusion_config = {"canvas_length": 2B, ...}``, ``hf_overrides["canvas_length"] = 2B`` and
    ``additional_config["s2d2"]`` and clears ``speculative_config``, then calls the original method (the
    config hook, :mod:`vllm_s2d2.engine.config_hooks`, does the rest).
 
-From the CLI the bare string must be JSON: ``--speculative-config '"s2d2"'`` or
+From the CLI: ``--speculative-config s2d2`` (:mod:`.cli_alias` turns the bare word into the JSON string) or
 ``--speculative-config '{"method": "s2d2", "verify": false}'``.
 """
 
