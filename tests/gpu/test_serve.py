@@ -86,8 +86,8 @@ def test_completion_streaming_and_seeds(server):
     chunks = list(_complete(server, stream=True))
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     assert streamed == text, (streamed, text)
-    a = _complete(server, temperature=1.0, top_p=0.9, top_k=20, seed=123).choices[0].text
-    b = _complete(server, temperature=1.0, top_p=0.9, top_k=20, seed=123).choices[0].text
+    a = _complete(server, temperature=1.0, top_p=0.9, seed=123, extra_body={"top_k": 20}).choices[0].text
+    b = _complete(server, temperature=1.0, top_p=0.9, seed=123, extra_body={"top_k": 20}).choices[0].text
     assert a == b  # per-request seeds reproduce
     stop = _complete(server, stop=["\n"], max_tokens=48).choices[0]
     assert "\n" not in stop.text
@@ -126,7 +126,7 @@ def test_64_concurrent_mixed_requests(server):
 
 
 BAD = {
-    "n=2": (dict(n=2), "n=2"),
+    "n=2": (dict(n=2, temperature=1.0), "n=2"),
     "logprobs": (dict(logprobs=2), "logprobs"),
     "unknown policy": (dict(extra_body={"vllm_xargs": {"s2d2.verify_policy": "sometimes"}}), "verify_policy"),
     "threshold out of range": (dict(extra_body={"vllm_xargs": {"s2d2.confidence_threshold": 2.0}}),
