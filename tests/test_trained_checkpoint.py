@@ -123,6 +123,11 @@ def _ar_nll(model, prompt_ids, cont_ids, mask_id):
     return -torch.log_softmax(logits, -1)[torch.arange(n - p), ids[p:]]
 
 
+def test_chat_template_is_the_plain_concatenation(tok):
+    msgs = [{"role": "system", "content": "import os\n"}, {"role": "user", "content": "def f(path):\n"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "import os\ndef f(path):\n"
+
+
 def test_heldout_ar_nll_far_below_random(model, tok, prompts):
     nll = []
     for p in prompts[:12]:

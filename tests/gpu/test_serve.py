@@ -1,7 +1,8 @@
 """GPU: ``vllm serve MODEL --speculative-config s2d2`` as typed, driven with the ``openai`` client (ISSUE 5).
 
 One server on the trained demo checkpoint (``assets/sdar-stdlib-10m``, S2D2 Config-A by the bare alias) serves:
-completions, streaming (the streamed text equals the non-streamed text), seeded sampling (reproducible),
+completions and chat (the checkpoint's template), streaming (the streamed text equals the non-streamed text),
+seeded sampling (reproducible),
 per-request S2D2 options through ``vllm_xargs`` (JSON-string and flat ``s2d2.<option>`` spellings), 64 concurrent
 requests with mixed parameters, a bad-input matrix that must give HTTP 400 naming the problem while the server
 keeps serving, and the diffusion counters on ``/metrics``.  A non-block-diffusion model with ``s2d2`` must fail at
@@ -93,6 +94,21 @@ def test_completion_streaming_and_seeds(server):
     assert "\n" not in stop.text
     RECORD["completion"] = {"text": text, "usage": r.usage.model_dump(), "stream_chunks": len(chunks),
                             "sampled": a, "stop_text": stop.text, "stop_finish": stop.finish_reason}
+
+
+def test_chat_completion_and_streaming(server):
+    """The checkpoint's chat template (plain concatenation of the contents) gives the same text as the
+    completion of that concatenation; streaming chat equals non-streaming."""
+    msgs = [{"role": "user", "content": PROMPT}]
+    r = server.chat.completions.create(model=NAME, messages=msgs, max_tokens=24, temperature=0.0, seed=0)
+    text = r.choices[0].message.content
+    assert text == _complete(server).choices[0].text
+    chunks = list(server.chat.completions.create(model=NAME, messages=msgs, max_tokens=24, temperature=0.0,
+                                                 seed=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert r.usage.completion_tokens <= 24
+    RECORD["chat"] = {"text": text, "usage": r.usage.model_dump(), "stream_chunks": len(chunks)}
 
 
 def test_per_request_options_through_vllm_xargs(server):

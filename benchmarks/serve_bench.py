@@ -1,0 +1,178 @@
+"""Serving benchmark (ISSUE 5 item 4): ``vllm serve`` with the plugin, driven by the ``openai`` client.
+
+For each mode one server is started on the same checkpoint (default: the trained demo model
+``assets/sdar-stdlib-10m``, so acceptance is real):
+
+* ``ar``         AR mode: ``--speculative-config '{"method": "s2d2", "verify": false, "block_size": 1}'``
+* ``threshold``  the threshold baseline: ``'{"method": "s2d2", "verify": false}'`` (dynamic, tau 0.85)
+* ``s2d2``       S2D2 Config-A: ``--speculative-config s2d2``
+
+and driven at each concurrency (default 1, 16, 64) with streaming completions of the held-out prompts.  Per run:
+requests/s, output tokens/s, TTFT (time to the first streamed token) and TPOT (time per output token after the
+first) as mean and p50/p90.  Writes JSON (device, vLLM version, commit) and a PNG next to it.
+
+    python benchmarks/serve_bench.py --out benchmarks/results/serve_bench.json     # GPU host
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = {
+    "ar": '{"method": "s2d2", "verify": false, "block_size": 1}',
+    "threshold": '{"method": "s2d2", "verify": false}',
+    "s2d2": "s2d2",
+}
+
+
+def start_server(model: str, spec: str, port: int, log_path: Path, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--speculative-config", spec,
+           "--port", str(port), "--served-model-name", "bench", *extra]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() - t0 > 400:
+                stop_server(proc)
+                raise RuntimeError(f"server did not start: {log_path.read_text()[-3000:]}")
+            time.sleep(2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def one_request(client, prompt: str, max_tokens: int, seed: int) -> dict:
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                           seed=seed, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    first = first or end
+    return {"ttft": first - t0, "latency": end - t0, "tokens": tokens,
+            "tpot": (end - first) / (tokens - 1) if tokens > 1 else None}
+
+
+def run_load(client, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        res = list(ex.map(lambda a: one_request(client, a[1], max_tokens, a[0]), enumerate(prompts)))
+    wall = time.perf_counter() - t0
+
+    def stats(xs):
+        xs = sorted(x for x in xs if x is not None)
+        if not xs:
+            return None
+        return {"mean": statistics.fmean(xs), "p50": xs[len(xs) // 2], "p90": xs[min(len(xs) - 1, int(0.9 * len(xs)))]}
+
+    tokens = sum(r["tokens"] for r in res)
+    return {"concurrency": concurrency, "requests": len(res), "wall_s": wall, "requests_per_s": len(res) / wall,
+            "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+            "ttft_s": stats([r["ttft"] for r in res]), "tpot_s": stats([r["tpot"] for r in res])}
+
+
+def plot(record: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, runs in record["results"].items():
+        cs = [r["concurrency"] for r in runs]
+        a.plot(cs, [r["output_tokens_per_s"] for r in runs], "o-", label=mode)
+        b.plot(cs, [1e3 * r["tpot_s"]["mean"] if r["tpot_s"] else float("nan") for r in runs], "o-", label=mode)
+    for ax, ylabel in ((a, "output tokens / s"), (b, "TPOT (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"vllm serve + vllm-s2d2: {record['model']} on {record['device']} ({record['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(REPO / "assets" / "sdar-stdlib-10m"))
+    ap.add_argument("--modes", default="ar,threshold,s2d2")
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--port", type=int, default=8021)
+    ap.add_argument("--server-args", default="--max-model-len 1024 --gpu-memory-utilization 0.3 --max-num-seqs 64")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_bench.json"))
+    ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
+    args = ap.parse_args()
+    import openai
+    import torch
+    import vllm
+
+    prompts_file = Path(args.model) / "heldout_prompts.jsonl"
+    if prompts_file.exists():
+        prompts = [json.loads(ln)["prompt"] for ln in prompts_file.read_text().splitlines() if ln.strip()]
+    else:
+        prompts = [f"def function_{i}(x):\n" for i in range(args.requests)]
+    prompts = (prompts * (args.requests // max(1, len(prompts)) + 1))[:args.requests]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no-cuda",
+              "vllm": vllm.__version__, "commit": args.commit, "model": args.model, "max_tokens": args.max_tokens,
+              "requests_per_level": args.requests, "server_args": args.server_args, "modes": {}, "results": {},
+              "errors": {}}
+    for mode in args.modes.split(","):
+        record["modes"][mode] = MODES[mode]
+        proc = None
+        try:
+            proc = start_server(args.model, MODES[mode], args.port, out.with_name(f"{out.stem}_{mode}.log"),
+                                args.server_args.split())
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0)
+            run_load(client, prompts[:4], 4, 8)  # warm-up
+            record["results"][mode] = []
+            for c in (int(x) for x in args.concurrency.split(",")):
+                r = run_load(client, prompts, c, args.max_tokens)
+                record["results"][mode].append(r)
+                print(mode, json.dumps(r), flush=True)
+        except Exception as e:  # noqa: BLE001 (recorded, the next mode still runs)
+            record["errors"][mode] = repr(e)[-2000:]
+        finally:
+            if proc is not None:
+                stop_server(proc)
+        out.write_text(json.dumps(record, indent=1))
+    plot(record, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
