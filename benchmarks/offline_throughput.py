@@ -153,11 +153,13 @@ def _s2d2_totals(llm) -> dict | None:
 def _stats_delta(before: dict | None, after: dict | None) -> dict:
     """Counters of one run: verify rate = verify steps / draft steps, acceptance = accepted / proposed span
     tokens."""
+    from vllm_s2d2.engine.stats import derived
+
     if before is None or after is None:
         return {}
     d = {k: after[k] - before[k] for k in after}
-    return {"s2d2_counters": d, "verify_rate": d["verify_steps"] / max(1, d["draft_steps"]),
-            "acceptance_rate": d["accepted_tokens"] / max(1, d["proposed_tokens"])}
+    rates = derived(d)
+    return {"s2d2_counters": d, "verify_rate": rates["verify_rate"], "acceptance_rate": rates["acceptance_rate"]}
 
 
 def main() -> None:

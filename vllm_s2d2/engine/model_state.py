@@ -85,9 +85,10 @@ class S2D2ModelState(ModelState):
         slot = self._req_to_slot.pop(req_id, None)
         if slot is None:
             return
-        if not req_id.startswith("_"):  # (vLLM's dummy requests)
+        real = not req_id.startswith("_")  # (vLLM's dummy requests start with "_")
+        if real:
             self._record_stats(req_id, slot)
-        snap = self.stepper.remove_request(slot, save=not req_id.startswith("_"))
+        snap = self.stepper.remove_request(slot, save=real)
         if snap is not None:
             self._saved[req_id] = snap
             while len(self._saved) > _MAX_SAVED:

@@ -357,25 +357,29 @@ class S2D2Stepper:
         ``_wlogits``; padding rows -> SCRATCH, ``q_len`` 0, invalid) and replay the graph of this shape."""
         W, R = self.W, slots.numel()
         Rp = self._bucket(R)
+        key = (Rp, has_verify, use_top_k, use_top_p)
+        if self.device.type == "cuda" and key not in self._graphs:
+            self._capture(key)  # before the inputs are written: its warm-up runs on padding rows
         rows = row0[:, None] + torch.minimum(self._wcols[None, :], (q_len - 1).clamp_min(0)[:, None])
         torch.index_select(logits, 0, rows.reshape(-1), out=self._wlogits[:R * W])
         self._g_slots[:R].copy_(slots)
         self._g_p[:R].copy_(p)
         self._g_q_len[:R].copy_(q_len)
         self._g_valid[:R] = True
-        self._g_slots[R:Rp] = self.scratch
-        self._g_q_len[R:Rp] = 0
-        self._g_p[R:Rp] = 0
-        self._g_valid[R:Rp] = False
-        key = (Rp, has_verify, use_top_k, use_top_p)
+        self._pad_inputs(R, Rp)
         if self.device.type != "cuda":
             tokens, emitted, rejected = self._step_core(*self._static_args(key))
         else:
-            if key not in self._graphs:
-                self._capture(key)
             graph, (tokens, emitted, rejected) = self._graphs[key]
             graph.replay()
         return tokens[:R], emitted[:R], rejected[:R]
+
+    def _pad_inputs(self, lo: int, hi: int) -> None:
+        """Static input rows ``[lo, hi)`` become padding: SCRATCH slot, empty query, not counted."""
+        self._g_slots[lo:hi] = self.scratch
+        self._g_q_len[lo:hi] = 0
+        self._g_p[lo:hi] = 0
+        self._g_valid[lo:hi] = False
 
     def _static_args(self, key) -> tuple:
         Rp, has_verify, use_top_k, use_top_p = key
@@ -383,26 +387,19 @@ class S2D2Stepper:
                 self._g_row0[:Rp], self._g_valid[:Rp], has_verify, use_top_k, use_top_p)
 
     def _capture(self, key) -> None:
-        Rp = key[0]
-        args = lambda: self._static_args(key)  # noqa: E731
-        # Warm-up run on padding only (writes land in SCRATCH; the counters add zero), then capture.
-        saved = [t.clone() for t in (self._g_slots, self._g_p, self._g_q_len, self._g_valid)]
-        self._g_slots[:Rp] = self.scratch
-        self._g_q_len[:Rp] = 0
-        self._g_p[:Rp] = 0
-        self._g_valid[:Rp] = False
+        """Warm-up run on padding only (writes land in SCRATCH; the counters add zero), then capture (records,
+        runs nothing): the caller writes the step's inputs afterwards."""
+        self._pad_inputs(0, key[0])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._step_core(*args())
+            self._step_core(*self._static_args(key))
         torch.cuda.current_stream().wait_stream(side)
-        for buf, old in zip((self._g_slots, self._g_p, self._g_q_len, self._g_valid), saved):
-            buf.copy_(old)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            outs = self._step_core(*args())
+            outs = self._step_core(*self._static_args(key))
         self._graphs[key] = (graph, outs)
 
     # ------------------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 SUPPORTED_VLLM = "0.26.0"
 
 
@@ -21,3 +24,14 @@ def require_vllm_version(what: str) -> None:
         raise RuntimeError(
             f"vllm-s2d2 {what} patches vLLM internals of version {SUPPORTED_VLLM}, but vLLM {version} is "
             f"installed; install vllm=={SUPPORTED_VLLM}")
+
+
+def wrap_once(owner: Any, name: str, mark: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace ``owner.name`` by ``make(original)`` unless it is already wrapped (the wrapper carries the
+    attribute ``mark``), so that every shim can be installed any number of times."""
+    original = getattr(owner, name)
+    if getattr(original, mark, False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    setattr(wrapper, mark, True)
+    setattr(owner, name, wrapper)

@@ -13,11 +13,10 @@ unchanged.  Everything else on the command line is passed through untouched.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
-from vllm_s2d2.patches import require_vllm_version
+from vllm_s2d2.patches import require_vllm_version, wrap_once
 
 METHOD = "s2d2"
 FLAGS = ("--speculative-config", "-sc")
@@ -40,16 +39,12 @@ def install() -> None:
     require_vllm_version("cli_alias")
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    original = FlexibleArgumentParser.parse_args
-    if getattr(original, _MARK, False):
-        return
+    def make(original):
+        def parse_args(self, args=None, namespace=None):
+            return original(self, rewrite_argv(sys.argv[1:] if args is None else list(args)), namespace)
+        return parse_args
 
-    @functools.wraps(original)
-    def parse_args(self, args=None, namespace=None):
-        return original(self, rewrite_argv(sys.argv[1:] if args is None else list(args)), namespace)
-
-    setattr(parse_args, _MARK, True)
-    FlexibleArgumentParser.parse_args = parse_args
+    wrap_once(FlexibleArgumentParser, "parse_args", _MARK, make)
 
 
 def activate() -> None:

@@ -12,10 +12,9 @@ per-request S2D2 options in ``extra_args["s2d2"]``.  Every other model keeps vLL
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-from vllm_s2d2.patches import require_vllm_version
+from vllm_s2d2.patches import require_vllm_version, wrap_once
 
 _MARK = "_s2d2_validation_wrapped"
 _EPS = 1e-5
@@ -81,15 +80,11 @@ def install() -> None:
     require_vllm_version("sampling_validation")
     from vllm.sampling_params import SamplingParams
 
-    original = SamplingParams._validate_diffusion
-    if getattr(original, _MARK, False):
-        return
+    def make(original):
+        def _validate_diffusion(self, model_config):
+            if model_config.is_diffusion and _is_plugin_model(model_config):
+                return validate_s2d2_sampling(self, model_config)
+            return original(self, model_config)
+        return _validate_diffusion
 
-    @functools.wraps(original)
-    def _validate_diffusion(self, model_config):
-        if model_config.is_diffusion and _is_plugin_model(model_config):
-            return validate_s2d2_sampling(self, model_config)
-        return original(self, model_config)
-
-    setattr(_validate_diffusion, _MARK, True)
-    SamplingParams._validate_diffusion = _validate_diffusion
+    wrap_once(SamplingParams, "_validate_diffusion", _MARK, make)

@@ -19,11 +19,10 @@ From the CLI: ``--speculative-config s2d2`` (:mod:`.cli_alias` turns the bare wo
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
-from vllm_s2d2.patches import require_vllm_version
+from vllm_s2d2.patches import require_vllm_version, wrap_once
 
 METHOD = "s2d2"
 _MARK = "_s2d2_alias_wrapped"
@@ -112,14 +111,10 @@ def install() -> None:
     require_vllm_version("spec_alias")
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.create_engine_config
-    if getattr(original, _MARK, False):
-        return
+    def make(original):
+        def create_engine_config(self, *args, **kwargs):
+            translate(self)
+            return original(self, *args, **kwargs)
+        return create_engine_config
 
-    @functools.wraps(original)
-    def create_engine_config(self, *args, **kwargs):
-        translate(self)
-        return original(self, *args, **kwargs)
-
-    setattr(create_engine_config, _MARK, True)
-    EngineArgs.create_engine_config = create_engine_config
+    wrap_once(EngineArgs, "create_engine_config", _MARK, make)
