@@ -47,15 +47,10 @@ def test_table_equals_the_range_semantics_and_the_2l_pattern():
 
 
 SCRIPT = textwrap.dedent(r'''
-    import json, sys, torch
+    import json, os, sys, torch
     from vllm_s2d2.model_executor.attention.canvas_kernel import canvas_attention
-
-    def dense(q, k, v, visible, scale):
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1); v = v.repeat_interleave(rep, dim=1)
-        s = torch.einsum("qhd,khd->hqk", q, k) * scale
-        s = s.masked_fill(~visible[None], float("-inf"))
-        return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    from dense_attention import dense
 
     worst = 0.0
     DEV = sys.argv[2] if len(sys.argv) > 2 else "cpu"

@@ -38,13 +38,8 @@ SCRIPT = textwrap.dedent(r'''
 
     tua.load_qq_bias_tile = load_qq_bias_tile
 
-    def dense(q, k, v, visible, scale):
-        # q [Lq, Hq, D], k/v [Lk, Hkv, D], visible [Lq, Lk]
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1); v = v.repeat_interleave(rep, dim=1)
-        s = torch.einsum("qhd,khd->hqk", q, k) * scale
-        s = s.masked_fill(~visible[None], float("-inf"))
-        return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    from dense_attention import dense
 
     worst = 0.0
     cases = json.loads(sys.argv[1])

@@ -29,7 +29,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("vllm")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_engine_sdar import _prompts, _sp, ckpts, compare, ref_models, reference, run_engine  # noqa: E402,F401
+from test_engine_sdar import (  # noqa: E402,F401
+    _prompts, _sp, ckpts, compare, ref_models, reference, reference_output, run_engine)
 
 POLICIES = [
     {},  # engine default: SDAR Config-A (score_threshold 0, difference_static, c = 1)
@@ -71,12 +72,7 @@ def test_s2d2_engine_equals_reference(ckpts, ref_models, tmp_path):
 
 
 def check_request_stats(ref_models, s2d2, job, outs) -> None:
-    from vllm_s2d2.core.params import SamplingSpec
-    from vllm_s2d2.reference.decoder import generate
-    from vllm_s2d2.s2d2_config import S2D2Config
-
-    model, info = ref_models["sdar"]
-    B = info.block_size
+    B = ref_models["sdar"][1].block_size
     compared = verified = 0
     for prompt, kw, o in zip(job["prompts"], job["sampling"], outs):
         st = o["s2d2_stats"]
@@ -88,10 +84,7 @@ def check_request_stats(ref_models, s2d2, job, outs) -> None:
         verified += st["verify_steps"]
         if (len(prompt) + len(o["token_ids"])) % B or o["finish_reason"] != "length":
             continue
-        ref = generate(model, info, [prompt], S2D2Config.from_dict({**opts}),
-                       sampling=SamplingSpec(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
-                                             seed=kw.get("seed")),
-                       max_tokens=kw["max_tokens"], ignore_eos=kw.get("ignore_eos", False), device="cuda")[0].stats
+        ref = reference_output(ref_models, "sdar", s2d2, prompt, kw).stats
         assert (st["verify_steps"], st["proposed_tokens"], st["accepted_tokens"]) == (
             ref.verify_steps, ref.proposed_tokens, ref.accepted_tokens), (opts, st, ref)
         compared += 1
@@ -107,27 +100,21 @@ def test_stochastic_acceptance_statistics_over_200_prompts(ckpts, ref_models, tm
     engine's aggregate acceptance rate and tokens per forward lie within ``ACC_TOL`` of the reference decoder's
     (the counter-based RNG makes them equal request by request: that is checked and reported too).  Outputs end
     on a block boundary so that both decoders run the same steps (see ``check_request_stats``)."""
-    from vllm_s2d2.core.params import SamplingSpec
-    from vllm_s2d2.reference.decoder import generate
-    from vllm_s2d2.s2d2_config import S2D2Config
-
-    model, info = ref_models["sdar"]
-    B = info.block_size
+    B = ref_models["sdar"][1].block_size
     prompts = _prompts(N_STAT, 35)
     pols = [{"verify_policy": "mask_span_length"}, {}]  # always verify / Config-A
     sampling = [_sp((B - len(p) % B) % B + 3 * B, temperature=1.0, seed=5000 + i, extra={"s2d2": pols[i % 2]})
                 for i, p in enumerate(prompts)]
     job = {"name": "stat", "mode": "batch", "prompts": prompts, "sampling": sampling, "stats": True}
-    res = run_engine({"model": ckpts["sdar"], "speculative_config": {"method": "s2d2"}, "enforce_eager": False,
+    s2d2 = {"method": "s2d2"}
+    res = run_engine({"model": ckpts["sdar"], "speculative_config": s2d2, "enforce_eager": False,
                       "max_num_seqs": 128, "jobs": [job]}, tmp_path, timeout=400)
     eng = {"tokens": 0, "forwards": 0, "proposed": 0, "accepted": 0}
     ref = dict(eng)
     same_tokens = same_counts = 0
     for prompt, kw, o in zip(prompts, sampling, res["stat"]):
         st = o["s2d2_stats"]
-        r = generate(model, info, [prompt], S2D2Config.from_dict(dict(kw["extra_args"]["s2d2"])),
-                     sampling=SamplingSpec(temperature=1.0, top_k=0, top_p=1.0, seed=kw["seed"]),
-                     max_tokens=kw["max_tokens"], ignore_eos=True, device="cuda")[0]
+        r = reference_output(ref_models, "sdar", s2d2, prompt, kw)
         for acc, tokens, fwd, prop, accd in (
                 (eng, len(o["token_ids"]), st["draft_steps"] + st["verify_steps"], st["proposed_tokens"],
                  st["accepted_tokens"]),

@@ -108,6 +108,12 @@ def run_engine(spec: dict, tmp_path, timeout: int = 200) -> dict:
 
 
 def reference(ref_models, variant, s2d2: dict, prompt, kw) -> list[int]:
+    return reference_output(ref_models, variant, s2d2, prompt, kw).token_ids
+
+
+def reference_output(ref_models, variant, s2d2: dict, prompt, kw):
+    """The reference decoder's output (tokens and its ``DecodeStats``) for an engine request's sampling kwargs
+    (``extra_args["s2d2"]`` merged into ``s2d2``)."""
     model, info = ref_models[variant]
     cfg = dict(s2d2)
     cfg.pop("method", None)
@@ -119,7 +125,7 @@ def reference(ref_models, variant, s2d2: dict, prompt, kw) -> list[int]:
                                          seed=kw.get("seed")),
                    max_tokens=kw["max_tokens"], ignore_eos=kw.get("ignore_eos", False),
                    stop_token_ids=stops, device="cuda")
-    return out[0].token_ids
+    return out[0]
 
 
 def compare(ref_models, variant, s2d2, job, outs) -> None:

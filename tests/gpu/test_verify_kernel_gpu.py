@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dense_attention import dense  # noqa: E402
 
 # Triton's default fp32 dot is TF32 (~1e-3 relative error); compare the fp32 case at full precision.
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def _dense(q, k, v, visible, scale):
-    rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1).float()
-    v = v.repeat_interleave(rep, dim=1).float()
-    s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    s = s.masked_fill(~visible[None], float("-inf"))
-    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
@@ -54,7 +49,7 @@ def test_verify_kernel_gpu(dtype, tol, B, contexts, hq, hkv, d, page):
         L = c + 2 * B
         slots = torch.arange(L, device=dev)
         pages = bt[r, slots // page].long()
-        ref = _dense(q[r * 2 * B:(r + 1) * 2 * B], kc[pages, slots % page], vc[pages, slots % page],
+        ref = dense(q[r * 2 * B:(r + 1) * 2 * B], kc[pages, slots % page], vc[pages, slots % page],
                      verifier_2l(c, B, device=dev), scale)
         err = (out[r * 2 * B:(r + 1) * 2 * B].float() - ref).abs().max().item()
         assert err < tol, (r, c, err)
