@@ -21,6 +21,10 @@ model forward) is timed: ``step_ms_median`` is the median step time over the run
 random weights the distributions are flat, so dynamic remasking rarely clears 0.85 (``d`` ~ ``c``): the
 tokens-per-forward numbers of block diffusion need a trained checkpoint; the step-cost comparison does not.
 
+Engine III families (``--family fast-1.5b | fast-7b | llada2-mini``): the same measurement at the real shapes of
+Fast-dLLM v2 1.5B / 7B and LLaDA2-mini, modes ``a`` (vLLM AR of the base architecture: ``Qwen2ForCausalLM`` /
+``BailingMoeV2ForCausalLM``), ``t`` (threshold baseline), ``s`` (S2D2, family default), ``v`` (always verify).
+
 Usage (GPU host): ``python benchmarks/offline_throughput.py --out benchmarks/results/offline_throughput.json``.
 An engine of this size takes ~1.5-2 min to start (torch.compile + graph capture), so under the device's 10-minute
 call limit run the groups in separate calls: ``--modes a --merge``, ``--modes b --merge``, ``--modes cd --merge``.
@@ -67,14 +71,70 @@ for _key, _label, _opts in (
                    "label": _label}
 
 
-def write_checkpoints(root: str) -> dict[str, str]:
+# Engine III families at their real shapes (MODELS.md §3.2, §4.2), next to vLLM's AR decode of the base
+# architecture (same weights layout: Qwen2ForCausalLM / BailingMoeV2ForCausalLM).  Modes: a = vLLM AR,
+# t = threshold baseline (the family's unmasking rule, no verification), s = S2D2 with the family's paper
+# default (Fast-dLLM v2 Config-A / LLaDA2.1 conservative routing), v = always verify.
+_FAST = {"architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen", "hidden_act": "silu",
+         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+         "use_sliding_window": False, "bd_size": 32, "mask_token_id": 151665, "bos_token_id": 151643,
+         "eos_token_id": 151645, "torch_dtype": "bfloat16"}
+FAMILIES = {
+    "sdar-1.7b": {"bd": SDAR_1P7B, "ar": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"},
+                  "drop": ("block_size", "mask_token_id"), "model": "SDAR-1.7B shapes"},
+    "fast-1.5b": {"bd": dict(_FAST, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                             num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                             max_window_layers=28, layer_types=["full_attention"] * 28, tie_word_embeddings=True),
+                  "ar": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+                  "drop": ("bd_size", "mask_token_id"), "model": "Fast-dLLM v2 1.5B shapes (Qwen2.5-1.5B)"},
+    "fast-7b": {"bd": dict(_FAST, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                           num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                           max_window_layers=28, layer_types=["full_attention"] * 28, tie_word_embeddings=False),
+                "ar": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+                "drop": ("bd_size", "mask_token_id"), "model": "Fast-dLLM v2 7B shapes (Qwen2.5-7B)"},
+    # LLaDA2.0/2.1-mini (MODELS.md §4.2)
+    "llada2-mini": {"bd": {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "vocab_size": 157184,
+                           "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 20,
+                           "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
+                           "num_experts": 256, "num_experts_per_tok": 8, "num_shared_experts": 1, "n_group": 8,
+                           "topk_group": 4, "routed_scaling_factor": 2.5, "moe_intermediate_size": 512,
+                           "first_k_dense_replace": 1, "norm_topk_prob": True, "score_function": "sigmoid",
+                           "moe_router_enable_expert_bias": True, "router_dtype": "fp32", "use_qk_norm": True,
+                           "use_rmsnorm": True, "partial_rotary_factor": 0.5, "rotary_dim": 64,
+                           "rope_theta": 600000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                           "tie_word_embeddings": False, "hidden_act": "silu", "block_size": 32,
+                           "mask_token_id": 156895, "pad_token_id": 156892, "eos_token_id": 156892,
+                           "torch_dtype": "bfloat16"},
+                    "ar": {"architectures": ["BailingMoeV2ForCausalLM"]},
+                    "drop": ("block_size", "mask_token_id"), "model": "LLaDA2-mini shapes (16B MoE, 1.4B active)"},
+}
+_FAMILY_MODES = {
+    "a": {"arch": "ar", "spec": None, "extra": None, "label": "vLLM AR (base architecture)"},
+    "t": {"arch": "bd", "spec": {"method": "s2d2"}, "extra": {"s2d2": {"verify": False}},
+          "label": "plugin threshold baseline (family default, no verification)"},
+    "s": {"arch": "bd", "spec": {"method": "s2d2"}, "extra": {"s2d2": {"verify": True}},
+          "label": "S2D2, family default policy"},
+    "v": {"arch": "bd", "spec": {"method": "s2d2"},
+          "extra": {"s2d2": {"verify": True, "verify_policy": "mask_span_length", "min_span_length": 1}},
+          "label": "S2D2 always verify (min span 1)"},
+}
+
+
+def modes_of(family: str) -> dict:
+    if family == "sdar-1.7b":
+        return {k: dict(v, arch="ar" if v["arch"] == "qwen3" else "bd") for k, v in MODES.items()}
+    return _FAMILY_MODES
+
+
+def write_checkpoints(root: str, family: str = "sdar-1.7b") -> dict[str, str]:
+    fam = FAMILIES[family]
     paths = {}
-    for arch in ("sdar", "qwen3"):
-        cfg = dict(SDAR_1P7B)
-        if arch == "qwen3":
-            cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
-            cfg.pop("block_size")
-            cfg.pop("mask_token_id")
+    for arch in ("bd", "ar"):
+        cfg = dict(fam["bd"])
+        if arch == "ar":
+            cfg.update(fam["ar"])
+            for k in fam["drop"]:
+                cfg.pop(k, None)
         d = os.path.join(root, arch)
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "config.json"), "w") as f:
@@ -84,7 +144,7 @@ def write_checkpoints(root: str) -> dict[str, str]:
 
 
 def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
-               capture_sizes: list[int]) -> dict:
+               capture_sizes: list[int], family: str = "sdar-1.7b") -> dict:
     """Inside the worker process: one engine, the given modes (sharing it), every batch size.
 
     The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that one ``LLMEngine.step``
@@ -94,6 +154,7 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
     import numpy as np
     from vllm import LLM, SamplingParams
 
+    MODES = modes_of(family)  # noqa: N806
     spec = MODES[modes[0]]["spec"]
     t0 = time.time()
     llm = LLM(model=model, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16",
@@ -168,7 +229,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64,256")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--modes", default="a,b,cd", help="comma-separated engine groups (modes sharing an engine)")
+    ap.add_argument("--family", default="sdar-1.7b", choices=sorted(FAMILIES),
+                    help="model shapes; the non-SDAR families have modes a (vLLM AR), t, s, v")
+    ap.add_argument("--modes", default=None, help="comma-separated engine groups (modes sharing an engine); "
+                    "default a,b,cd (SDAR) or a,tsv (other families)")
     ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     ap.add_argument("--timeout", type=int, default=420, help="per-engine timeout (s)")
     ap.add_argument("--merge", action="store_true", help="update an existing --out file (run groups separately)")
@@ -177,15 +241,17 @@ def main() -> None:
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.modes is None:
+        args.modes = "a,b,cd" if args.family == "sdar-1.7b" else "a,tsv"
     if args._worker:
         model, modes = args._worker
         res = run_worker(model, list(modes), batches, args.prompt_len, args.new_tokens,
-                         [int(x) for x in args.capture_sizes.split(",")])
+                         [int(x) for x in args.capture_sizes.split(",")], args.family)
         print("BENCH_JSON=" + json.dumps(res), flush=True)
         return
 
     root = tempfile.mkdtemp(prefix="s2d2_bench_")
-    paths = write_checkpoints(root)
+    paths = write_checkpoints(root, args.family)
     results: dict = {}
     errors: dict = {}
     if args.merge and os.path.exists(args.out):  # groups may run in separate calls (10-min device limit)
@@ -193,8 +259,9 @@ def main() -> None:
             old = json.load(f)
         results, errors = old.get("results", {}), old.get("errors", {})
     for group in args.modes.split(","):
-        model = paths[MODES[group[0]]["arch"]]
-        cmd = [sys.executable, os.path.abspath(__file__), "--batches", args.batches, "--prompt-len",
+        model = paths[modes_of(args.family)[group[0]]["arch"]]
+        cmd = [sys.executable, os.path.abspath(__file__), "--family", args.family, "--batches", args.batches,
+               "--prompt-len",
                str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--capture-sizes", args.capture_sizes,
                "--_worker", model, group]
         with tempfile.TemporaryFile("w+") as err:
@@ -227,16 +294,18 @@ def _write(args, batches, results, errors) -> None:
     import vllm
 
     ratios = {}
+    base_mode = "c" if args.family == "sdar-1.7b" else "t"
     for bs in batches:
-        a, c = results.get(f"a/{bs}"), results.get(f"c/{bs}")
+        a, c = results.get(f"a/{bs}"), results.get(f"{base_mode}/{bs}")
         if a and c:
             ratios[str(bs)] = c["step_ms_median"] / a["step_ms_median"]
     record = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no-cuda",
         "vllm": vllm.__version__, "torch": torch.__version__, "commit": args.commit,
-        "model": "random weights, SDAR-1.7B shapes (bf16, load_format=dummy)",
+        "model": f"random weights, {FAMILIES[args.family]['model']} (bf16, load_format=dummy)",
+        "family": args.family,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": batches,
-        "results": results, "step_cost_ratio_c_over_a": ratios, "target_ratio": 1.15, "errors": errors,
+        "results": results, f"step_cost_ratio_{base_mode}_over_a": ratios, "target_ratio": 1.15, "errors": errors,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -2,7 +2,7 @@
 
 Started as a subprocess by ``tests/test_engine_config.py`` so the CPU-platform recipe of ``VLLM_0_26.md`` §1
 (``CUDA_VISIBLE_DEVICES=""`` + ``vllm.platforms._current_platform = CpuPlatform()``) never leaks into other
-tests.  Usage: ``python tests/engine_cpu_probe.py CKPT_DIR QWEN3_DIR``.
+tests.  Usage: ``python tests/engine_cpu_probe.py CKPT_DIR QWEN3_DIR [FAST_DLLM_DIR LLADA2_DIR]``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ def _err(fn):
     return None
 
 
-def main(ckpt: str, qwen3: str) -> dict:
+ARCHS = ("SDARForCausalLM", "SDARMoeForCausalLM", "Fast_dLLM_QwenForCausalLM", "LLaDA2MoeModelLM")
+
+
+def main(ckpt: str, qwen3: str, fast: str | None = None, llada2: str | None = None) -> dict:
     _platform()
     out: dict = {}
     import vllm
@@ -58,9 +61,8 @@ def main(ckpt: str, qwen3: str) -> dict:
     out["vllm"] = vllm.__version__
     out["alias_wrapped"] = bool(getattr(EngineArgs.create_engine_config, "_s2d2_alias_wrapped", False))
     out["validation_wrapped"] = bool(getattr(SamplingParams._validate_diffusion, "_s2d2_validation_wrapped", False))
-    out["hooks"] = {a: MODELS_CONFIG_MAP.get(a).__name__ for a in ("SDARForCausalLM", "SDARMoeForCausalLM")}
-    out["supported_archs"] = [a for a in ("SDARForCausalLM", "SDARMoeForCausalLM")
-                              if a in ModelRegistry.get_supported_archs()]
+    out["hooks"] = {a: MODELS_CONFIG_MAP.get(a).__name__ for a in ARCHS}
+    out["supported_archs"] = [a for a in ARCHS if a in ModelRegistry.get_supported_archs()]
 
     def summary(cfg):
         return {
@@ -74,6 +76,7 @@ def main(ckpt: str, qwen3: str) -> dict:
             "s2d2": (cfg.additional_config or {}).get("s2d2"),
             "batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
             "prefix_caching": cfg.cache_config.enable_prefix_caching,
+            "chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
             "gen_defaults": cfg.model_config.get_diff_sampling_param(),
             "arch": cfg.model_config.architectures,
             "worker_ext": cfg.parallel_config.worker_extension_cls,
@@ -90,6 +93,23 @@ def main(ckpt: str, qwen3: str) -> dict:
                                            speculative_config={"method": "s2d2", "verify": False}))
     out["no_alias"] = summary(_engine_config(ckpt))
     out["string_json"] = summary(_engine_config(ckpt, speculative_config='{"method": "s2d2", "verify": false}'))
+    # The other families (Engine III): engine configs from their own checkpoints, presets included.
+    if fast is not None:
+        out["fast"] = summary(_engine_config(fast, speculative_config={"method": "s2d2", "preset": "fast-a"}))
+        out["fast_cache_ver"] = summary(_engine_config(fast, speculative_config={"method": "s2d2",
+                                                                                  "cache_ver": True}))
+        out["errors_fast"] = {
+            "block_size": _err(lambda: _engine_config(fast, speculative_config={"method": "s2d2", "block_size": 4})),
+            "draft_ver": _err(lambda: _engine_config(fast, speculative_config={"method": "s2d2", "draft_ver": True})),
+        }
+    if llada2 is not None:
+        out["llada2"] = summary(_engine_config(llada2, speculative_config={
+            "method": "s2d2", "preset": "llada2-quality", "block_size": 4}))
+        out["llada2_plain"] = summary(_engine_config(llada2))
+        out["errors_llada2"] = {
+            "ucb": _err(lambda: _engine_config(llada2, speculative_config={
+                "method": "s2d2", "verify_policy": "contextual_bandit_ucb"})),
+        }
 
     out["errors"] = {
         "bare_string_verify": _err(lambda: _engine_config(ckpt, speculative_config="s2d2")),
@@ -136,7 +156,7 @@ def main(ckpt: str, qwen3: str) -> dict:
 
 if __name__ == "__main__":
     try:
-        result = main(sys.argv[1], sys.argv[2])
+        result = main(*sys.argv[1:5])
     except Exception:  # noqa: BLE001
         result = {"fatal": traceback.format_exc()}
     print("S2D2_PROBE_JSON=" + json.dumps(result, default=str))

@@ -73,6 +73,7 @@ class Emulator:
         self.W = self.settings.canvas_length
         self.max_model_len = max_model_len
         self.budget = token_budget
+        self.chunked_prefill = bool(self.settings.config.cache_ver)  # as the config hook sets it
         self.stepper = S2D2Stepper(max_num_reqs=max_num_reqs, block_size=self.settings.block_size,
                                    family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
                                    engine_config=self.settings.config, max_model_len=max_model_len, device="cpu",
@@ -131,6 +132,8 @@ class Emulator:
                 break
             if r.prefilling:
                 n = min(r.prefill_len - r.num_computed, budget)
+                if n < r.prefill_len - r.num_computed and not self.chunked_prefill:
+                    break  # vLLM with chunked prefill disabled (config hook, cache_ver=false): whole prompts only
                 spec = 0
             else:
                 n = min(self.W, budget, self.max_model_len - r.num_computed)
@@ -170,7 +173,7 @@ class Emulator:
             seq_lens=torch.from_numpy(computed + nsched), cu_num_logits=torch.from_numpy(cu.copy()),
             cu_num_logits_np=cu)
         ranges = step_ranges(self.stepper, batch) or {}
-        logits_rows = []
+        logits_rows, token_rows = [], []
         for i, (r, n, spec) in enumerate(sched):
             p = r.num_computed
             if r.prefilling:
@@ -179,16 +182,19 @@ class Emulator:
             else:
                 ids = self.req_states.draft_tokens[r.slot, :n].tolist()
             rr = [x for x in ranges.get(i, []) if x[0] < x[1]]
-            verify = (not r.prefilling and n == self.W
-                      and int(self.stepper.phase_host[r.slot]) == VERIFY)
-            logits = self._forward(r, p, ids, rr, verify)
-            self.verify_forwards += int(verify)
+            is_verify = not r.prefilling and n == self.W and int(self.stepper.phase_host[r.slot]) == VERIFY
+            two_l = is_verify and self.stepper.two_l_verify  # shifted models verify with a causal pass
+            logits = self._forward(r, p, ids, rr, two_l)
+            token_rows.append(logits)
+            self.verify_forwards += int(is_verify)
             r.forwards += 1
             if spec:
                 logits_rows.append(logits)
             elif not any_spec:
                 logits_rows.append(logits[-1:])
         logits = torch.cat(logits_rows) if logits_rows else torch.zeros(0, self.model.vocab_size)
+        all_rows = torch.cat(token_rows)  # what the model classes keep: every token row of the forward
+        self.sampler.token_logits = lambda rows: all_rows[rows]
         out = self.sampler(logits, batch)
         for i, (r, n, spec) in enumerate(sched):
             e = int(out.num_sampled[i])

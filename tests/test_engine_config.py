@@ -20,14 +20,20 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 from engine_helpers import build_tiny_checkpoint  # noqa: E402
 
+from vllm_s2d2.testing import build_tiny_checkpoint as build_family_checkpoint  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     sdar = build_tiny_checkpoint(str(root / "sdar"), "sdar")
     qwen3 = build_tiny_checkpoint(str(root / "qwen3"), "qwen3")
+    fast = str(build_family_checkpoint("fast_dllm_v2", root / "fast", small_vocab=True, block_size=8,
+                                       tokenizer=False))
+    llada2 = str(build_family_checkpoint("llada2", root / "llada2", small_vocab=True, block_size=4,
+                                         tokenizer=False))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", VLLM_CACHE_ROOT=str(root / "vllm_cache"))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_cpu_probe.py"), sdar, qwen3],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_cpu_probe.py"), sdar, qwen3, fast, llada2],
                           capture_output=True, text=True, timeout=300, env=env)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("S2D2_PROBE_JSON=")]
     assert line, f"probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -39,8 +45,27 @@ def probe(tmp_path_factory):
 def test_registration(probe):
     assert probe["vllm"] == "0.26.0"
     assert probe["alias_wrapped"] and probe["validation_wrapped"]
-    assert probe["hooks"] == {"SDARForCausalLM": "S2D2ConfigHook", "SDARMoeForCausalLM": "S2D2ConfigHook"}
-    assert probe["supported_archs"] == ["SDARForCausalLM", "SDARMoeForCausalLM"]
+    archs = ["SDARForCausalLM", "SDARMoeForCausalLM", "Fast_dLLM_QwenForCausalLM", "LLaDA2MoeModelLM"]
+    assert probe["hooks"] == {a: "S2D2ConfigHook" for a in archs}
+    assert probe["supported_archs"] == archs
+
+
+def test_other_families_build_diffusion_configs(probe):
+    """Fast-dLLM v2 and LLaDA2 checkpoints (no trust_remote_code) become S2D2 diffusion engines; without
+    cache_ver (their default) prompts are prefilled whole: no chunked prefill, no prefix caching."""
+    f = probe["fast"]
+    assert f["is_diffusion"] and f["v2"] and f["backend"] == "CUSTOM" and f["arch"] == ["Fast_dLLM_QwenForCausalLM"]
+    assert f["canvas"] == 16 and f["s2d2"]["block_size"] == 8 and f["s2d2"]["sub_block_size"] == 4
+    assert f["s2d2"]["verify_policy"] == "score_hysteresis" and f["s2d2"]["cache_ver"] is False
+    assert f["chunked_prefill"] is False and f["prefix_caching"] is False and f["batched_tokens"] >= 256
+    assert probe["fast_cache_ver"]["chunked_prefill"] is True  # token-causal prompts may be chunked
+    assert "bd_size=8" in probe["errors_fast"]["block_size"] and "draft_ver" in probe["errors_fast"]["draft_ver"]
+    ll = probe["llada2"]
+    assert ll["is_diffusion"] and ll["arch"] == ["LLaDA2MoeModelLM"] and ll["canvas"] == 8
+    assert ll["s2d2"]["editing_threshold"] == 0.5 and ll["s2d2"]["confidence_threshold"] == 0.7
+    assert ll["chunked_prefill"] is False
+    assert probe["llada2_plain"]["s2d2"]["verify"] is False and probe["llada2_plain"]["canvas"] == 8
+    assert "contextual_bandit_ucb" in probe["errors_llada2"]["ucb"]
 
 
 def test_alias_dict_builds_a_diffusion_v2_config(probe):

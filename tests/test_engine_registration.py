@@ -35,4 +35,6 @@ def test_register_without_vllm_only_registers_configs(monkeypatch):
 def test_model_classes_are_lazy_strings():
     for arch, target in vllm_s2d2.MODEL_CLASSES.items():
         module, cls = target.split(":")
-        assert cls == arch and module == "vllm_s2d2.model_executor.models.sdar"
+        assert cls == arch and module.startswith("vllm_s2d2.model_executor.models.")
+    assert set(vllm_s2d2.MODEL_CLASSES) == {"SDARForCausalLM", "SDARMoeForCausalLM", "Fast_dLLM_QwenForCausalLM",
+                                            "LLaDA2MoeModelLM"}

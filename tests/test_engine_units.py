@@ -72,8 +72,12 @@ def test_request_config_overrides():
     cfg = request_config(st.config, {"s2d2": {"preset": "sdar-a", "score_threshold": 0.5}}, "sdar", 4)
     assert cfg.verify_policy == "score_threshold" and cfg.score_penalty_coef == 1.0 and cfg.score_threshold == 0.5
     assert resolve_engine_settings(SDAR, {"verify": True}).config.verify  # verification runs in the engine
-    with pytest.raises(ValueError, match="no vLLM engine model"):
-        resolve_engine_settings(dict(SDAR, architectures=["LLaDA2MoeModelLM"]), {"verify": False})
+    with pytest.raises(ValueError, match="not a supported block-diffusion architecture"):
+        resolve_engine_settings(dict(SDAR, architectures=["Qwen3ForCausalLM"], model_type="qwen3"), None)
+    # every family runs in the engine, with its own defaults
+    llada = resolve_engine_settings(dict(SDAR, architectures=["LLaDA2MoeModelLM"], model_type="llada2_moe"),
+                                    {"verify": False})
+    assert llada.info.family == "llada2" and llada.block_size == 4
 
 
 def test_request_overrides_spellings():

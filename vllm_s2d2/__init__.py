@@ -7,7 +7,8 @@ With vLLM importable, ``register()`` also (``VLLM_0_26.md`` §11):
 
 1. registers the HF config classes with transformers' ``AutoConfig`` and vLLM's ``_CONFIG_REGISTRY`` (no
    ``--trust-remote-code``);
-2. registers ``SDARForCausalLM`` / ``SDARMoeForCausalLM`` with ``ModelRegistry`` as lazy
+2. registers ``SDARForCausalLM`` / ``SDARMoeForCausalLM`` / ``Fast_dLLM_QwenForCausalLM`` / ``LLaDA2MoeModelLM``
+   with ``ModelRegistry`` as lazy
    ``"module:Class"`` strings (nothing imported until vLLM resolves the architecture);
 3. adds the config hook (:class:`vllm_s2d2.engine.config_hooks.S2D2ConfigHook`) to ``MODELS_CONFIG_MAP``;
 4. registers the attention backend (TRITON_ATTN + the 2L verify launch) as ``AttentionBackendEnum.CUSTOM``;
@@ -32,6 +33,8 @@ _registered = False
 MODEL_CLASSES = {
     "SDARForCausalLM": "vllm_s2d2.model_executor.models.sdar:SDARForCausalLM",
     "SDARMoeForCausalLM": "vllm_s2d2.model_executor.models.sdar:SDARMoeForCausalLM",
+    "Fast_dLLM_QwenForCausalLM": "vllm_s2d2.model_executor.models.fast_dllm:Fast_dLLM_QwenForCausalLM",
+    "LLaDA2MoeModelLM": "vllm_s2d2.model_executor.models.llada2:LLaDA2MoeModelLM",
 }
 
 

@@ -233,9 +233,10 @@ class S2D2Config:
             if B % d["sub_block_size"]:
                 raise ValueError(
                     f"S2D2 option sub_block_size={d['sub_block_size']} must divide block_size={B}")
-            for k in ("cache_ver", "draft_ver"):
-                if d[k]:
-                    raise ValueError(f"S2D2 option {k}=true is not supported for Fast-dLLM v2 yet")
+            # cache_ver (token-causal prefill and commits, S2D2_SPEC.md §8) is supported; draft_ver is not: the
+            # upstream code offsets its causal rows by the block, not the sub-block (a latent bug, §8).
+            if d["draft_ver"]:
+                raise ValueError("S2D2 option draft_ver=true is not supported for Fast-dLLM v2")
         else:
             if self.sub_block_size is not None and self.sub_block_size != B:
                 raise ValueError(f"sub_block_size applies to Fast-dLLM v2 only (family {family!r})")

@@ -38,6 +38,13 @@ def align_shifted_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
 
+def shifted_next_token(last_logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """Shift-aligned models: the token after a stored prefix, argmax of the prefix's last logit (``[R, V]`` ->
+    ``[R]``), the mask token excluded (S2D2_SPEC.md §4: a block's first token comes from the previous forward;
+    a predicted ``<MASK>`` would leave the block's first position masked for good)."""
+    return exclude_token(last_logits, mask_token_id).argmax(dim=-1)
+
+
 class BlockState(NamedTuple):
     tokens: torch.Tensor  # [R, B] current block, mask id at masked positions
     editable: torch.Tensor  # [R, B] bool, generated (non-prompt) positions

@@ -23,8 +23,8 @@ whole sequences (no causal tile skipping) and tests each range per tile.  The te
 FULL CUDA graphs would replay a stale mask: the config hook selects PIECEWISE graphs (attention runs eagerly
 between the captured pieces).  Block-causal prefill (``cache_ver=false``) needs one range per block, which is
 slow for long prompts (counts are padded to a power of two to bound Triton recompiles); SDAR's default
-``cache_ver=true`` needs none.  A prompt chunked by the scheduler inside a block cannot see the block's later
-prompt tokens from the earlier chunk (only with ``cache_ver=false``).
+``cache_ver=true`` needs none.  Without ``cache_ver`` the config hook disables chunked prefill: a chunk cut inside
+a block could not see the block's later prompt tokens.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ is pickled to the engine core and the workers.  The hook:
   mask); FULL modes are rejected;
 * synchronous scheduling (the next step's masks depend on this step's outcome);
 * ``max_num_batched_tokens >= max_num_seqs * W`` so a full decode batch is never truncated by the budget;
-* prefix caching only with ``cache_ver`` (token-causal prompt KV); block-causal prompt KV depends on where the
-  prompt ends, so caching it would be unsafe;
+* prefix caching and chunked prefill only with ``cache_ver`` (token-causal prompt KV); block-causal prompt KV
+  depends on where the prompt ends (caching it would be unsafe) and on the whole block (a chunk cut inside a block
+  would miss the block's later prompt tokens), so without ``cache_ver`` prompts are prefilled whole
+  (``max_num_batched_tokens >= max_model_len``);
 * the checkpoint's ``generation_config.json`` sampling defaults (SDAR: temperature 0.6, top-k 20, top-p 0.95)
   are dropped unless the user overrides them: requests default to T = 1, no top-k / top-p like the reference
   decoders, and pass their own ``SamplingParams``.
@@ -117,12 +119,21 @@ class S2D2ConfigHook(VerifyAndUpdateConfig):
                         sc.max_num_batched_tokens, need, sc.max_num_seqs, W)
             sc.max_num_batched_tokens = need
 
-        # Prefix caching only where prompt KV is token-causal.
+        # Prefix caching and chunked prefill only where prompt KV is token-causal.
         cache = vllm_config.cache_config
         if not cfg.cache_ver and cache.enable_prefix_caching:
             logger.info("S2D2: disabling prefix caching (cache_ver=false: block-causal prompt KV is not "
                         "reusable across prompt lengths)")
             cache.enable_prefix_caching = False
+        if not cfg.cache_ver:
+            if sc.enable_chunked_prefill:
+                logger.info("S2D2: disabling chunked prefill (cache_ver=false: a prompt chunk cut inside a block "
+                            "would write KV that never saw the block's later prompt tokens)")
+                sc.enable_chunked_prefill = False
+            if sc.max_num_batched_tokens < model_config.max_model_len:
+                logger.info("S2D2: max_num_batched_tokens %d -> %d (whole prompts, no chunked prefill)",
+                            sc.max_num_batched_tokens, model_config.max_model_len)
+                sc.max_num_batched_tokens = model_config.max_model_len
 
         # Worker extension: per-request statistics through collective_rpc (vllm_s2d2.request_stats).
         pc = vllm_config.parallel_config

@@ -118,7 +118,17 @@ class S2D2ModelState(ModelState):
         from vllm_s2d2.engine.sampler import S2D2Sampler
 
         self._sampler = S2D2Sampler(sampler, self.stepper, self.settings, self.model_config.get_vocab_size())
+        self._sampler.token_logits = self._token_logits
         return self._sampler, None
+
+    def _token_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of token rows of the last forward, from the hidden states the plugin's model classes keep
+        (:class:`~vllm_s2d2.model_executor.models.common.BlockDiffusionModel`)."""
+        hidden = getattr(self.model, "s2d2_hidden_states", None)
+        if hidden is None:
+            raise RuntimeError(f"{type(self.model).__name__} keeps no hidden states; block-diffusion models must "
+                               "derive from vllm_s2d2.model_executor.models.common.BlockDiffusionModel")
+        return self.model.compute_logits(hidden.index_select(0, rows))
 
     # -- inputs -----------------------------------------------------------------------------------------
     def get_mm_embeddings(self, scheduled_encoder_inputs, input_batch, req_states):
@@ -128,6 +138,8 @@ class S2D2ModelState(ModelState):
         """Batch indices of requests whose coming step is a 2L verification with its full 2B canvas."""
         R = input_batch.num_reqs
         st = self.stepper
+        if not st.two_l_verify:  # shift-aligned models verify with a plain causal pass (no 2L launch)
+            return np.zeros(0, dtype=np.int64)
         st.sync_host()
         slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
         q_len = np.asarray(input_batch.num_scheduled_tokens[:R])

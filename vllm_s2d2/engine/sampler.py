@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,6 +63,10 @@ class S2D2Sampler:
         self.settings = settings
         self.vocab_size = vocab_size
         self.next_saved: dict[int, torch.Tensor] = {}  # resume snapshots handed over by the model state
+        # token_logits(rows [n]) -> [n, V]: logits of the forward's token rows (flattened batch order).  Set by the
+        # model state; shift-aligned models need it for the last prompt token (vLLM computes no logits for a
+        # prefill chunk in a batch that carries draft tokens).
+        self.token_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._profiled = False
         self._last_log = time.monotonic()
         self._logged: dict[str, int] | None = None
@@ -120,8 +124,14 @@ class S2D2Sampler:
             slots = _to_dev(slots_np[idx], dev)
             prefill_len = _to_dev(np.asarray(input_batch.prefill_len_np[idx], dtype=np.int64), dev)
             all_tokens = self.req_states.all_token_ids.gpu
+            last_logits = None
+            if st.shifted:
+                if self.token_logits is None:
+                    raise RuntimeError("shift-aligned model without a token_logits hook (see S2D2ModelState)")
+                last_rows = _to_dev(np.asarray(input_batch.query_start_loc_np)[idx + 1] - 1, dev)
+                last_logits = self.token_logits(last_rows)
             st.prefill_done(slots, slots_np[idx], prefill_len,
-                            lambda s, c: all_tokens[s[:, None], c], draft_tokens)
+                            lambda s, c: all_tokens[s[:, None], c], draft_tokens, last_logits)
 
         if decode.any():
             idx_np = np.nonzero(decode)[0]

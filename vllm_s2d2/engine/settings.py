@@ -29,9 +29,9 @@ from vllm_s2d2.s2d2_config import PRESETS, S2D2Config
 ADDITIONAL_CONFIG_KEY = "s2d2"
 EXTRA_ARGS_KEY = "s2d2"
 
-# Architectures the engine runs (models registered by ``register()``).  Fast-dLLM v2 and LLaDA2 have configs and a
-# reference decoder but no engine model yet.
-ENGINE_ARCHS = ("SDARForCausalLM", "SDARMoeForCausalLM")
+# Architectures the engine runs (models registered by ``register()``): every block-diffusion family.
+ENGINE_ARCHS = tuple(ARCH_TO_FAMILY)
+
 
 def canvas_length(block_size: int) -> int:
     """Canvas width W for block size B: the fused [final block | next block] commit canvas and the 2L verifier
@@ -57,21 +57,11 @@ class EngineSettings:
         return self.info.mask_token_id
 
 
-def engine_family_info(hf_config: Any) -> FamilyInfo:
-    """:func:`~vllm_s2d2.configs.family_info` restricted to the architectures the engine serves."""
-    info = family_info(hf_config)
-    if info.architecture not in ENGINE_ARCHS:
-        raise ValueError(
-            f"architecture {info.architecture} ({info.family}) has no vLLM engine model yet; the engine serves "
-            f"{list(ENGINE_ARCHS)} (the reference decoder `python -m vllm_s2d2.reference` covers all families)")
-    return info
-
-
 def resolve_engine_settings(hf_config: Any, s2d2: Mapping[str, Any] | S2D2Config | None) -> EngineSettings:
     """Validate the engine-wide S2D2 settings against the checkpoint; every error is a clear ``ValueError``.
 
     ``s2d2`` None means "no S2D2 requested": the plain block-diffusion baseline (``verify=False``)."""
-    info = engine_family_info(hf_config)
+    info = family_info(hf_config)
     if s2d2 is None:
         cfg = S2D2Config(verify=False)
     elif isinstance(s2d2, S2D2Config):

@@ -24,6 +24,19 @@ Per request (p = ``num_computed_tokens``, B = block size, W = 2B canvas, blocks 
             second half = the next block's first draft (sees the first half); emit Lb tokens
             (num_rejected = query_len - Lb, so the scheduler advances num_computed_tokens by exactly Lb)
 
+Families (``core.params.FamilyRules``; the diagram is SDAR's):
+
+* LLaDA2.x: the same canvases and 2L verification; one token per step plus the threshold (``core``).  LLaDA2.1
+  editing: draft steps may rewrite generated tokens of the block (``editing_threshold``); after the last mask up to
+  ``max_post_steps`` more DRAFT steps edit it (``post`` counts them; an editing pass that changes nothing ends the
+  block), and a ``max_tokens`` early finish waits until the block is settled (a stop token ends it at once, as in
+  the reference).
+* Fast-dLLM v2 (shift-aligned): block column i reads canvas row i - 1 (its first uncached column always holds a
+  known token); a step decodes the sub-block of the first mask; VERIFY is a causal pass over the first half (no 2L
+  launch, no position shift); each block's first token is the argmax of the previous forward's last logit -- the
+  prefill's (``prefill_done(last_logits=...)``) or the COMMIT row Lb - 1, so COMMIT is not fused with the next
+  block's first draft.
+
 Emitting only at COMMIT keeps the invariant "KV below num_computed_tokens is commit-time KV".  Exception
 (early finish): when a step leaves a final prefix in the block that already ends the request -- a stop token
 (``eos_token_id`` / ``stop_token_ids`` exactly as vLLM's ``check_stop`` sees them) or ``max_tokens`` reached --
@@ -54,7 +67,7 @@ import torch
 
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
 from vllm_s2d2.core.policies import PolicyState
-from vllm_s2d2.core.step import BlockState, draft_step, finish_step, verify_step
+from vllm_s2d2.core.step import BlockState, draft_step, finish_step, shifted_next_token, verify_step
 from vllm_s2d2.engine.stats import STAT_NAMES
 from vllm_s2d2.engine.verify import DraftStore, verify_canvas
 from vllm_s2d2.s2d2_config import S2D2Config
@@ -63,6 +76,10 @@ DRAFT, COMMIT, VERIFY = 0, 1, 2
 NO_LIMIT = 2 ** 62
 # attention spec columns: two bidirectional ranges [lo, hi] (absolute, inclusive; lo >= hi means none)
 SPEC_COLS = 4
+# Static per-slot facts (columns of S2D2Stepper._static), then up to max_stop_ids stop ids (-1 = none).
+S_PROMPT_LEN, S_MAX_TOKENS, S_CACHE_VER, S_DRAFT_VER, S_MAX_POST, S_EDITING, S_STOPS = range(7)
+# Resume snapshot (remove_request(save=True)): block tokens [B], then these scalars.
+SNAP_BLOCK_START, SNAP_STEP, SNAP_COUNTER, SNAP_PHASE, SNAP_POST = range(5)
 
 
 class PackedStepParams:
@@ -164,6 +181,11 @@ class S2D2Stepper:
         self.max_model_len = max_model_len
         self.device = device = torch.device(device)
         self.rules = FamilyRules.for_family(family, mask_token_id)
+        # Fast-dLLM v2 (shift-aligned): sub-block regions, shifted logit rows, a causal verifier, and each block's
+        # first token from the previous forward's last logit (see _step_core).  Others verify with the 2L mask.
+        self.shifted = self.rules.shifted
+        self.two_l_verify = not self.shifted
+        self.sub_block = int(engine_config.sub_block_size or block_size)
         self.engine_config = engine_config
         self.K = max_stop_ids
         self.family = family
@@ -174,6 +196,7 @@ class S2D2Stepper:
         self.step_idx = torch.zeros(n, **long)
         self.counter = torch.zeros(n, **long)
         self.phase = torch.zeros(n, **long)
+        self.post = torch.zeros(n, **long)  # LLaDA2.1 editing passes done after the block's last mask
         self.canvas = torch.full((n, self.W), mask_token_id, **long)  # next canvas per slot (-> draft_tokens)
         self.drafts: DraftStore | None = None  # allocated on the first (profiling) step: needs V and dtype
         self.phase_host = np.zeros(n, dtype=np.int64)  # phases of the coming step, for inputs/attention
@@ -188,9 +211,8 @@ class S2D2Stepper:
         self._cols = torch.arange(B, device=device)
         self._wcols = torch.arange(self.W, device=device)
 
-        # Static per-slot facts (CPU master copy -> device when rows change):
-        #   0 prompt_len, 1 max_tokens, 2 cache_ver, 3 draft_ver, 4.. stop ids (-1 = none)
-        self._static_cpu = torch.zeros(n, 4 + self.K, dtype=torch.int64)
+        # Static per-slot facts (CPU master copy -> device when rows change): columns S_* above.
+        self._static_cpu = torch.zeros(n, S_STOPS + self.K, dtype=torch.int64)
         self._static = self._static_cpu.to(device)
         self._static_dirty = False
         template = StepParams.build([engine_config], [SamplingSpec(top_k=1, top_p=0.5, seed=0)], self.rules, "cpu")
@@ -236,13 +258,15 @@ class S2D2Stepper:
         self.params.set_row(slot, sp)
         stops = list(dict.fromkeys(int(s) for s in stop_ids))[: self.K]  # a truncated list only delays a stop
         row = self._static_cpu[slot]
-        row[0] = prompt_len
-        row[1] = NO_LIMIT if max_tokens is None else int(max_tokens)
-        row[2] = int(bool(config.cache_ver))
-        row[3] = int(bool(config.draft_ver))
-        row[4:] = -1
+        row[S_PROMPT_LEN] = prompt_len
+        row[S_MAX_TOKENS] = NO_LIMIT if max_tokens is None else int(max_tokens)
+        row[S_CACHE_VER] = int(bool(config.cache_ver))
+        row[S_DRAFT_VER] = int(bool(config.draft_ver))
+        row[S_MAX_POST] = int(config.max_post_steps or 0)
+        row[S_EDITING] = int(config.editing_threshold is not None)
+        row[S_STOPS:] = -1
         if stops:
-            row[4:4 + len(stops)] = torch.tensor(stops, dtype=torch.int64)
+            row[S_STOPS:S_STOPS + len(stops)] = torch.tensor(stops, dtype=torch.int64)
         self._static_dirty = True
         self.active[slot] = True
         self.cache_ver[slot] = bool(config.cache_ver)
@@ -261,7 +285,7 @@ class S2D2Stepper:
         if not save:
             return None
         return torch.cat([self.tokens[slot], self.block_start[slot:slot + 1], self.step_idx[slot:slot + 1],
-                          self.counter[slot:slot + 1], self.phase[slot:slot + 1]])
+                          self.counter[slot:slot + 1], self.phase[slot:slot + 1], self.post[slot:slot + 1]])
 
     def apply_staged_writes(self) -> None:
         self.params.flush()
@@ -274,6 +298,7 @@ class S2D2Stepper:
         self.counter[slots] = 0
         self.step_idx[slots] = 0
         self.phase[slots] = DRAFT
+        self.post[slots] = 0
         self.stats[slots] = 0
         self.policy.scatter_(slots, PolicyState.zeros(slots.numel(), self.device))
         for slot, saved in self._pending_reset.items():
@@ -285,30 +310,41 @@ class S2D2Stepper:
     # prefill completion
     def prefill_done(self, slots: torch.Tensor, slots_np: np.ndarray, prefill_len: torch.Tensor,
                      token_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     draft_tokens: torch.Tensor) -> None:
+                     draft_tokens: torch.Tensor, last_logits: torch.Tensor | None = None) -> None:
         """Open the first decode block of requests whose prompt (``prefill_len`` tokens) is now in the cache.
 
-        ``token_at(slots [R], cols [R, B]) -> [R, B]`` reads prompt tokens (cols < prefill_len are valid)."""
+        ``token_at(slots [R], cols [R, B]) -> [R, B]`` reads prompt tokens (cols < prefill_len are valid).
+        ``last_logits [R, V]``: the logits of each prompt's last token -- needed by shift-aligned models, whose
+        token at position ``prefill_len`` is their argmax (:func:`~vllm_s2d2.core.step.shifted_next_token`)."""
         B = self.B
         P = prefill_len.to(torch.int64)
         bs = P // B * B
         cols = bs[:, None] + self._cols[None, :]
         known = cols < P[:, None]
         tok = token_at(slots, torch.minimum(cols, (P - 1).clamp_min(0)[:, None]).to(torch.int64)).to(torch.int64)
-        self.tokens[slots] = torch.where(known, tok, torch.full_like(tok, self.mask_id))
+        tok = torch.where(known, tok, torch.full_like(tok, self.mask_id))
+        if self.shifted:
+            if last_logits is None:
+                raise ValueError("a shift-aligned model needs the prompt's last logits to open its first block")
+            first = shifted_next_token(last_logits, self.mask_id)
+            tok = torch.where(cols == P[:, None], first[:, None], tok)
+        self.tokens[slots] = tok
         self.block_start[slots] = bs
         self.step_idx[slots] = 0
         self.phase[slots] = DRAFT
+        self.post[slots] = 0
         for k, slot in enumerate(slots_np.tolist()):
             saved = self._restore.pop(int(slot), None)
             if saved is not None:  # resumed after preemption: continue the interrupted block if it matches
-                same = (saved[B] + B > P[k]) & (saved[B] <= P[k])
+                st = saved[B:]
+                same = (st[SNAP_BLOCK_START] + B > P[k]) & (st[SNAP_BLOCK_START] <= P[k])
                 self.tokens[slot] = torch.where(same, saved[:B], self.tokens[slot])
-                self.block_start[slot] = torch.where(same, saved[B], self.block_start[slot])
-                self.step_idx[slot] = torch.where(same, saved[B + 1], self.step_idx[slot])
-                ph = torch.where(saved[B + 3] == VERIFY, torch.full_like(saved[B + 3], DRAFT), saved[B + 3])
+                self.block_start[slot] = torch.where(same, st[SNAP_BLOCK_START], self.block_start[slot])
+                self.step_idx[slot] = torch.where(same, st[SNAP_STEP], self.step_idx[slot])
+                ph = torch.where(st[SNAP_PHASE] == VERIFY, torch.full_like(st[SNAP_PHASE], DRAFT), st[SNAP_PHASE])
                 self.phase[slot] = torch.where(same, ph, self.phase[slot])
-                self.counter[slot] = saved[B + 2]
+                self.post[slot] = torch.where(same, st[SNAP_POST], self.post[slot])
+                self.counter[slot] = st[SNAP_COUNTER]
         self._write_next(slots, P)
         self.export_canvas(slots, draft_tokens)
 
@@ -418,7 +454,10 @@ class S2D2Stepper:
         stp = self.step_idx[slots]
         ctr = self.counter[slots]
         static = self._static[slots]
-        prompt_len, max_tokens, stop_ids = static[:, 0], static[:, 1], static[:, 4:]
+        prompt_len, max_tokens, stop_ids = static[:, S_PROMPT_LEN], static[:, S_MAX_TOKENS], static[:, S_STOPS:]
+        max_post, editing = static[:, S_MAX_POST], static[:, S_EDITING].bool()
+        post = self.post[slots]
+        shift = int(self.shifted)
 
         off = (p - bs).clamp(0, B)
         Lb = B - off
@@ -431,23 +470,43 @@ class S2D2Stepper:
         draft_rows_avail = q_len - torch.where(is_commit, Lb, torch.zeros_like(Lb))
         draft_ok = torch.where(is_commit, full | (clipped & commit_ok & (draft_rows_avail > 0)),
                                full | (clipped & (q_len > 0))) & ~is_verify
+        if self.shifted:
+            # The next block's first token comes from this commit forward, so its first draft cannot share it.
+            draft_ok = draft_ok & ~is_commit
         verify_ok = is_verify & full  # a verify canvas is only ever written when it fits (see below)
 
-        # The block this step denoises: the current one (DRAFT) or the fresh next one (COMMIT).
-        mask_block = torch.full_like(tok, mask_id)
-        dblock = torch.where(is_commit[:, None], mask_block, tok)
+        # The block this step denoises: the current one (DRAFT) or the fresh next one (COMMIT).  A shift-aligned
+        # model's fresh block starts with the argmax of the committed block's last logit (canvas row Lb - 1).
+        fresh = torch.full_like(tok, mask_id)
+        if self.shifted:
+            last_row = (row0 + Lb - 1).clamp(0, max(logits.shape[0] - 1, 0))
+            first = shifted_next_token(logits[last_row], mask_id)
+            fresh = torch.where(cols == 0, first[:, None], fresh)
+        dblock = torch.where(is_commit[:, None], fresh, tok)
         doff = torch.where(is_commit, torch.zeros_like(off), off)
         dbs = bs + torch.where(is_commit, torch.full_like(bs, B), torch.zeros_like(bs))
         dstep = torch.where(is_commit, torch.zeros_like(stp), stp)
         avail = draft_rows_avail.clamp(min=0)
         in_rows = (cols >= doff[:, None]) & (cols < (doff + avail)[:, None])
-        region = torch.where(full[:, None], torch.ones_like(in_rows), cols < (doff + avail)[:, None])
+        avail_region = torch.where(full[:, None], torch.ones_like(in_rows), cols < (doff + avail)[:, None])
+        region = avail_region
+        d_is_mask = dblock == mask_id
+        d_has_mask = d_is_mask.any(1)
+        if self.shifted:
+            # Fast-dLLM v2 decodes the sub-block holding the block's first mask.
+            first_mask = torch.where(d_has_mask, d_is_mask.int().argmax(1), torch.zeros_like(doff))
+            lo = first_mask // self.sub_block * self.sub_block
+            region = region & (cols >= lo[:, None]) & (cols < (lo + self.sub_block)[:, None])
         editable = (dbs[:, None] + cols) >= prompt_len[:, None]
 
-        rows = row0[:, None] + torch.where(is_commit, Lb, torch.zeros_like(Lb))[:, None] + (cols - doff[:, None])
-        rows = torch.where(in_rows, rows, torch.zeros_like(rows)).clamp(0, max(logits.shape[0] - 1, 0))
+        # Block column i reads canvas row i - doff (position-aligned) or i - doff - 1 (shifted: the logit of the
+        # previous position; the first uncached column always holds a known token).
+        has_logit = (cols >= (doff + shift)[:, None]) & (cols < (doff + avail)[:, None])
+        rows = (row0[:, None] + torch.where(is_commit, Lb, torch.zeros_like(Lb))[:, None]
+                + (cols - doff[:, None] - shift))
+        rows = torch.where(has_logit, rows, torch.zeros_like(rows)).clamp(0, max(logits.shape[0] - 1, 0))
         block_logits = logits[rows.reshape(-1)].view(R, B, -1)
-        block_logits = torch.where(in_rows[..., None], block_logits, torch.zeros_like(block_logits))
+        block_logits = torch.where(has_logit[..., None], block_logits, torch.zeros_like(block_logits))
 
         params = self.params.gather(slots, use_top_k, use_top_p)
         pol = self.policy.index(slots)
@@ -471,16 +530,28 @@ class S2D2Stepper:
         self.policy.scatter_(slots, pol_next)
         ran = draft_ok | verify_ok
 
+        # LLaDA2.1 editing passes (S2D2_SPEC.md §5): once the block has no mask, up to max_post_steps more draft
+        # steps may edit it; an editing pass that changes nothing ends the block.
+        edit_pass = draft_ok & ~d_has_mask
+        changed = (new_tok != dblock).any(1)
+        post_n = torch.where(ran, torch.where(is_commit, torch.zeros_like(post), post) + edit_pass.long(),
+                             torch.where(commit_ok, torch.zeros_like(post), post))
+        new_has_mask = (new_tok == mask_id).any(1)
+        more_edits = ran & ~new_has_mask & ~(edit_pass & ~changed) & (post_n < max_post)
+        # With editing, emitted tokens could still change until the block is settled.
+        settled = ~editing | (~new_has_mask & ~more_edits)
+
         # Early finish: a final prefix (from doff) that already ends the request is emitted now.
-        blocking = ((new_tok == mask_id) | ~region) & (cols >= doff[:, None])
+        blocking = ((new_tok == mask_id) | ~avail_region) & (cols >= doff[:, None])
         first_block = torch.where(blocking.any(1), blocking.int().argmax(1), torch.full_like(doff, B))
         leading = (first_block - doff).clamp_min(0)
         in_lead = (cols >= doff[:, None]) & (cols < first_block[:, None])
         is_stop = (new_tok[:, :, None] == stop_ids[:, None, :]).any(-1) & in_lead & editable
         out_before = dbs + doff - prompt_len  # output tokens emitted before this block's rows
         reach_max = out_before + leading >= max_tokens
-        region_done = ~((new_tok == mask_id) & region).any(1)
-        finish = ran & ~starts_verify & (leading > 0) & (is_stop.any(1) | reach_max | (clipped & region_done))
+        region_done = ~((new_tok == mask_id) & avail_region).any(1)
+        finish = ran & ~starts_verify & (leading > 0) & (
+            is_stop.any(1) | ((reach_max | (clipped & region_done)) & settled))
 
         emitted = torch.where(commit_ok, Lb, torch.zeros_like(Lb)) + torch.where(finish, leading,
                                                                                   torch.zeros_like(leading))
@@ -492,15 +563,17 @@ class S2D2Stepper:
 
         # Next state.
         bs_n = torch.where(commit_ok, bs + B, bs)
-        tok_n = torch.where(commit_ok[:, None], torch.where(draft_ok[:, None], new_tok, mask_block),
+        tok_n = torch.where(commit_ok[:, None], torch.where(draft_ok[:, None], new_tok, fresh),
                             torch.where(ran[:, None], new_tok, tok))
         stp_n = torch.where(commit_ok, draft_ok.long(), stp + draft_ok.long())
         self.block_start[slots] = bs_n
         self.tokens[slots] = tok_n
         self.step_idx[slots] = stp_n
         self.counter[slots] = ctr + draft_ok.long()
-        phase_n = torch.where((tok_n == mask_id).any(1), torch.full_like(phase, DRAFT),
+        self.post[slots] = post_n
+        phase_n = torch.where((tok_n == mask_id).any(1) | more_edits, torch.full_like(phase, DRAFT),
                               torch.full_like(phase, COMMIT))
+        phase_n = torch.where(ran | commit_ok, phase_n, phase)  # a step that did not run keeps its phase
         stay = starts_verify | (is_verify & ~verify_ok)  # a truncated verify step is retried
         self.phase[slots] = torch.where(stay, torch.full_like(phase, VERIFY), phase_n)
         inc = torch.stack([draft_ok.long(), verify_ok.long(),
@@ -535,8 +608,11 @@ class S2D2Stepper:
         B = self.B
         draft = self.drafts.load(slots, params, self.mask_id)
         cols = self._cols[None, :]
-        known = cols >= off[:, None]
-        rows = row0[:, None] + B + (cols - off[:, None])
+        # q for block column i: the 2L mask half's row B + (i - off), or the causal pass's row i - off - 1
+        # (shift-aligned models).
+        base, shift = (B, 0) if self.two_l_verify else (0, 1)
+        known = cols >= (off + shift)[:, None]
+        rows = row0[:, None] + base + (cols - off[:, None] - shift)
         rows = torch.where(known, rows, torch.zeros_like(rows)).clamp(0, logits.shape[0] - 1)
         q_logits = logits[rows.reshape(-1)].view(slots.numel(), B, -1)
         q_logits = torch.where(known[..., None], q_logits, torch.zeros_like(q_logits))
@@ -553,7 +629,7 @@ class S2D2Stepper:
         tok = self.tokens[slots]
         phase = self.phase[slots]
         static = self._static[slots]
-        cache_ver, draft_ver = static[:, 2].bool(), static[:, 3].bool()
+        cache_ver, draft_ver = static[:, S_CACHE_VER].bool(), static[:, S_DRAFT_VER].bool()
         off = (p_next - bs).clamp(0, B)
         Lb = B - off
         src = (off[:, None] + self._wcols[None, :]).clamp(max=B - 1)

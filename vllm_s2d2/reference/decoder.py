@@ -36,7 +36,8 @@ from vllm_s2d2.configs import FamilyInfo
 from vllm_s2d2.core import masks
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
 from vllm_s2d2.core.policies import PolicyState
-from vllm_s2d2.core.step import BlockState, align_shifted_logits, draft_step, finish_step, verify_step
+from vllm_s2d2.core.step import (BlockState, align_shifted_logits, draft_step, finish_step, shifted_next_token,
+                                 verify_step)
 from vllm_s2d2.s2d2_config import S2D2Config
 
 
@@ -132,7 +133,7 @@ class _Request:
     def _append_shifted_token(self, last_logits: torch.Tensor) -> None:
         """Shift-aligned models: the token after a stored prefix is the argmax of its last logit (§4)."""
         if self.rules.shifted:
-            self.seq.append(int(last_logits.argmax()))
+            self.seq.append(int(shifted_next_token(last_logits[None], self.info.mask_token_id)[0]))
 
     # -- the main loop ----------------------------------------------------------------------------------
     def run(self) -> ReferenceOutput:

@@ -1,0 +1,138 @@
+"""GPU: Fast-dLLM v2 and LLaDA2.x inside vLLM 0.26 (Engine III) equal the reference decoder token for token.
+
+Tiny random checkpoints of the real formats (``vllm_s2d2.testing.build_tiny_checkpoint``: Qwen2 names with q/k/v
+bias for Fast-dLLM v2, Bailing-MoE names with fused QKV, q/k norms, sigmoid-routed experts + shared expert and a
+dense first layer for LLaDA2), small vocabulary, ``init_std`` 0.4 so that greedy decisions have clear margins.
+Each engine runs in its own process (``engine_worker.py``: fp32, ``TRITON_F32_DEFAULT=ieee``), with PIECEWISE
+CUDA graphs and the decode-step graphs on, and serves mixed batches (prompts shorter than a block, one block,
+several blocks; mixed ``max_tokens``; policies mixed per request through ``extra_args``).
+
+* Fast-dLLM v2 (block 8 = two sub-blocks of 4): threshold baseline, Config-A (hysteresis), always-verify and UCB
+  per request, seeded sampling; the shifted-model invariant: ``cache_ver`` + always verify + greedy acceptance
+  equals plain causal greedy decoding of the model (computed here with the dense reference model).
+* LLaDA2 (block 4): LLaDA2.0 threshold and S2D2, LLaDA2.1 editing (``editing_threshold``, ``max_post_steps``)
+  with and without verification, seeded sampling; per-request statistics equal the reference's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("vllm")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_engine_sdar import LENS, _sp, compare, reference_output, run_engine  # noqa: E402
+
+from vllm_s2d2.configs import load_family_info  # noqa: E402
+from vllm_s2d2.core.sampling import exclude_token  # noqa: E402
+from vllm_s2d2.reference.models import ReferenceModel  # noqa: E402
+from vllm_s2d2.testing import build_tiny_checkpoint  # noqa: E402
+
+BLOCK = {"fast_dllm_v2": 8, "llada2": 4}
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 400, (LENS[i % len(LENS)],), generator=g).tolist() for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fam_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fam_ckpts")
+    return {f: str(build_tiny_checkpoint(f, root / f, small_vocab=True, dtype=torch.float32, init_std=0.4, seed=3,
+                                         block_size=b, tokenizer=False)) for f, b in BLOCK.items()}
+
+
+@pytest.fixture(scope="module")
+def fam_models(fam_ckpts):
+    return {k: (ReferenceModel.load(p, device="cuda", dtype=torch.float32), load_family_info(p))
+            for k, p in fam_ckpts.items()}
+
+
+def _mixed_job(name, seed, policies, n=24, temperature=0.0, stats=False):
+    return {"name": name, "mode": "batch", "prompts": _prompts(n, seed), "stats": stats,
+            "sampling": [_sp(1 + (7 * i) % 24, temperature=temperature, top_k=20 if temperature else 0,
+                             seed=seed * 100 + i, extra={"s2d2": policies[i % len(policies)]}) for i in range(n)]}
+
+
+def _check_stats(fam_models, fam, s2d2, job, outs):
+    B = BLOCK[fam]
+    checked = 0
+    for prompt, kw, o in zip(job["prompts"], job["sampling"], outs):
+        if (len(prompt) + len(o["token_ids"])) % B:  # ends mid-block: the reference completes the block first
+            continue
+        ref = reference_output(fam_models, fam, s2d2, prompt, kw).stats
+        got = o["s2d2_stats"]
+        assert (got["verify_steps"], got["proposed_tokens"], got["accepted_tokens"]) == (
+            ref.verify_steps, ref.proposed_tokens, ref.accepted_tokens), (kw, got, ref)
+        checked += 1
+    assert checked > 0
+
+
+def causal_greedy(model, mask_id: int, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        L = len(ids)
+        vis = torch.ones(L, L, dtype=torch.bool).tril()
+        logits = model.logits(torch.tensor(ids), torch.arange(L), vis)[-1:]
+        ids.append(int(exclude_token(logits, mask_id).argmax()))
+    return ids[len(prompt):]
+
+
+FAST_POLICIES = [{}, {"verify": False}, {"verify_policy": "mask_span_length"},
+                 {"verify_policy": "contextual_bandit_ucb"}, {"verify_policy": "mask_span_length",
+                                                              "min_span_length": 2}]
+
+
+def test_fast_dllm_v2_engine_equals_reference(fam_ckpts, fam_models, tmp_path):
+    fam = "fast_dllm_v2"
+    s2d2 = {"method": "s2d2"}  # family default: Config-A
+    greedy = _mixed_job("greedy", 41, FAST_POLICIES, stats=True)
+    sampled = _mixed_job("sampled", 42, FAST_POLICIES, n=12, temperature=1.0)
+    single = {"name": "single", "mode": "single", "prompts": _prompts(3, 43),
+              "sampling": [_sp(m, seed=m) for m in (5, 17, 9)]}
+    res = run_engine({"model": fam_ckpts[fam], "speculative_config": s2d2, "enforce_eager": False,
+                      "jobs": [greedy, sampled, single]}, tmp_path, timeout=400)
+    assert "PIECEWISE" in res["cudagraph_mode"]
+    for job in (greedy, sampled, single):
+        compare(fam_models, fam, s2d2, job, res[job["name"]])
+    _check_stats(fam_models, fam, s2d2, greedy, res["greedy"])
+
+
+def test_fast_dllm_v2_always_verify_greedy_is_causal_greedy(fam_ckpts, fam_models, tmp_path):
+    fam = "fast_dllm_v2"
+    s2d2 = {"method": "s2d2", "cache_ver": True, "verify_policy": "mask_span_length", "acceptance": "greedy"}
+    job = {"name": "i1", "mode": "batch", "prompts": _prompts(16, 44),
+           "sampling": [_sp(1 + (5 * i) % 20, seed=i) for i in range(16)], "stats": True}
+    res = run_engine({"model": fam_ckpts[fam], "speculative_config": s2d2, "enforce_eager": False, "jobs": [job]},
+                     tmp_path, timeout=300)
+    model, info = fam_models[fam]
+    for prompt, o in zip(job["prompts"], res["i1"]):
+        assert o["token_ids"] == causal_greedy(model, info.mask_token_id, prompt, len(o["token_ids"]))
+    assert sum(o["s2d2_stats"]["accepted_tokens"] for o in res["i1"]) > 0
+
+
+EDIT = {"editing_threshold": 0.5, "max_post_steps": 2}
+LLADA_POLICIES = [{}, {"verify": False}, dict(EDIT, verify=False, confidence_threshold=0.7),
+                  dict(EDIT, verify_policy="mask_span_length", confidence_threshold=0.7),
+                  dict(EDIT, verify_policy="score_hysteresis", score_type="difference_dynamic")]
+
+
+def test_llada2_engine_equals_reference(fam_ckpts, fam_models, tmp_path):
+    fam = "llada2"
+    s2d2 = {"method": "s2d2"}  # family default: LLaDA2.1 "conservative" routing, no editing unless asked
+    greedy = _mixed_job("greedy", 51, LLADA_POLICIES, stats=True)
+    sampled = _mixed_job("sampled", 52, LLADA_POLICIES, n=12, temperature=1.0)
+    res = run_engine({"model": fam_ckpts[fam], "speculative_config": s2d2, "enforce_eager": False,
+                      "jobs": [greedy, sampled]}, tmp_path, timeout=400)
+    assert "PIECEWISE" in res["cudagraph_mode"]
+    for job in (greedy, sampled):
+        compare(fam_models, fam, s2d2, job, res[job["name"]])
+    _check_stats(fam_models, fam, s2d2, greedy, res["greedy"])
