@@ -117,3 +117,33 @@ def test_packed_params_roundtrip():
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert got.top_k.tolist() == [0, 3] and got.top_p.tolist() == pytest.approx([1.0, 0.9])
     assert got.quota[:, :want.quota.shape[1]].tolist() == want.quota.tolist()
+
+
+def test_model_classes_keep_hidden_states_for_the_shifted_first_token():
+    """The plugin's model classes keep their last forward's hidden states; the model state turns token rows of it
+    into logits (Fast-dLLM v2's first token after a prompt chunk that got no logits from vLLM)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vllm_s2d2.engine.model_state import S2D2ModelState
+    from vllm_s2d2.model_executor.models.common import BlockDiffusionModel
+
+    class Base(torch.nn.Module):
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+            return torch.stack([input_ids.float(), positions.float()], dim=1)
+
+        def compute_logits(self, hidden):
+            return hidden @ torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 3.0]])
+
+    class Model(BlockDiffusionModel, Base):
+        pass
+
+    m = Model()
+    out = m(input_ids=torch.tensor([5, 6, 7]), positions=torch.tensor([0, 1, 2]))
+    assert m.s2d2_hidden_states is out
+    rows = torch.tensor([2, 0])
+    got = S2D2ModelState._token_logits(SimpleNamespace(model=m), rows)
+    assert torch.equal(got, m.compute_logits(out[rows]))
+    with pytest.raises(RuntimeError, match="BlockDiffusionModel"):
+        S2D2ModelState._token_logits(SimpleNamespace(model=Base()), rows)
