@@ -50,12 +50,12 @@ SDAR_1P7B = {
     "block_size": 4, "mask_token_id": 151669, "torch_dtype": "bfloat16",
 }
 MODES = {
-    "a": {"arch": "qwen3", "spec": None, "extra": None, "label": "vLLM AR (Qwen3ForCausalLM)"},
-    "b": {"arch": "sdar", "spec": {"method": "s2d2", "verify": False, "block_size": 1}, "extra": None,
+    "a": {"arch": "ar", "spec": None, "extra": None, "label": "vLLM AR (Qwen3ForCausalLM)"},
+    "b": {"arch": "bd", "spec": {"method": "s2d2", "verify": False, "block_size": 1}, "extra": None,
           "label": "plugin AR mode (block 1)"},
-    "c": {"arch": "sdar", "spec": {"method": "s2d2", "verify": False, "block_size": 4, "denoising_steps": 4},
+    "c": {"arch": "bd", "spec": {"method": "s2d2", "verify": False, "block_size": 4, "denoising_steps": 4},
           "extra": {"s2d2": {"remasking": "low_confidence_static"}}, "label": "plugin static, block 4 / 4 steps"},
-    "d": {"arch": "sdar", "spec": {"method": "s2d2", "verify": False, "block_size": 4, "denoising_steps": 4},
+    "d": {"arch": "bd", "spec": {"method": "s2d2", "verify": False, "block_size": 4, "denoising_steps": 4},
           "extra": {"s2d2": {"remasking": "low_confidence_dynamic", "confidence_threshold": 0.85}},
           "label": "plugin dynamic, threshold 0.85"},
 }
@@ -67,7 +67,7 @@ for _key, _label, _opts in (
         ("u", "S2D2 contextual_bandit_ucb", {"verify_policy": "contextual_bandit_ucb"}),
         ("m", "S2D2 mask_span_length (min 2)", {"verify_policy": "mask_span_length", "min_span_length": 2}),
         ("v", "S2D2 always verify (min span 1)", {"verify_policy": "mask_span_length", "min_span_length": 1})):
-    MODES[_key] = {"arch": "sdar", "spec": MODES["c"]["spec"], "extra": {"s2d2": {**_S2D2, **_opts}},
+    MODES[_key] = {"arch": "bd", "spec": MODES["c"]["spec"], "extra": {"s2d2": {**_S2D2, **_opts}},
                    "label": _label}
 
 
@@ -121,9 +121,7 @@ _FAMILY_MODES = {
 
 
 def modes_of(family: str) -> dict:
-    if family == "sdar-1.7b":
-        return {k: dict(v, arch="ar" if v["arch"] == "qwen3" else "bd") for k, v in MODES.items()}
-    return _FAMILY_MODES
+    return MODES if family == "sdar-1.7b" else _FAMILY_MODES
 
 
 def write_checkpoints(root: str, family: str = "sdar-1.7b") -> dict[str, str]:
@@ -154,8 +152,8 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
     import numpy as np
     from vllm import LLM, SamplingParams
 
-    MODES = modes_of(family)  # noqa: N806
-    spec = MODES[modes[0]]["spec"]
+    table = modes_of(family)
+    spec = table[modes[0]]["spec"]
     t0 = time.time()
     llm = LLM(model=model, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16",
               speculative_config=spec, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=max(batches),
@@ -166,7 +164,7 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
     rng = np.random.default_rng(0)
     out = {}
     for mode in modes:
-        extra = MODES[mode]["extra"]
+        extra = table[mode]["extra"]
         kw = dict(max_tokens=new_tokens, ignore_eos=True, temperature=0.0)
         if extra:
             kw["extra_args"] = extra
@@ -191,7 +189,7 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
             elapsed = time.perf_counter() - t_start
             s2d2 = _stats_delta(before, _s2d2_totals(llm))
             out[f"{mode}/{bs}"] = {
-                "mode": mode, "label": MODES[mode]["label"], "batch": bs, "elapsed_s": elapsed,
+                "mode": mode, "label": table[mode]["label"], "batch": bs, "elapsed_s": elapsed,
                 "steps": steps, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
                 "forwards_per_s": steps / elapsed, "tokens_per_forward": tokens / max(1, steps * bs),
                 "step_ms_median": 1e3 * float(np.median(times)), "step_ms_mean": 1e3 * elapsed / steps,

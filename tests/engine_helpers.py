@@ -1,4 +1,5 @@
-"""Shared helpers of the engine tests (CPU and GPU): a tiny random SDAR / SDAR-MoE checkpoint builder.
+"""Shared helpers of the engine tests (CPU and GPU): a tiny random SDAR / SDAR-MoE checkpoint builder, and the
+causal greedy decoder of the shifted-model invariant (:func:`causal_greedy`).
 
 Temporary local builder (``vllm_s2d2.testing.build_tiny_checkpoint`` is not there yet): real tensor names and
 ``config.json`` keys of SDAR (MODELS.md §2), V = 512 with the special ids inside the vocabulary.  ``head_std``
@@ -96,3 +97,17 @@ def build_tiny_checkpoint(path: str, variant: str = "sdar", seed: int = 0, head_
     save_file(_tensors(cfg, torch.Generator().manual_seed(seed), head_std, emb_std, lin_std),
               os.path.join(path, "model.safetensors"))
     return path
+
+
+def causal_greedy(model, mask_id: int, prompt: list[int], n: int) -> list[int]:
+    """``n`` tokens of plain causal greedy decoding with a dense reference model (``ReferenceModel``), the mask id
+    excluded: what a shift-aligned model's S2D2 with ``cache_ver`` + always-verify + greedy acceptance commits."""
+    from vllm_s2d2.core.sampling import exclude_token
+
+    ids = list(prompt)
+    for _ in range(n):
+        L = len(ids)
+        vis = torch.ones(L, L, dtype=torch.bool).tril()
+        logits = model.logits(torch.tensor(ids), torch.arange(L), vis)[-1:]
+        ids.append(int(exclude_token(logits, mask_id).argmax()))
+    return ids[len(prompt):]

@@ -23,6 +23,7 @@ pytest.importorskip("vllm")
 
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_emulator import sampling_params  # noqa: E402
+from engine_helpers import causal_greedy  # noqa: E402
 from test_engine_emulation import MAX_TOKENS, PROMPT_LENS, check, emulate, reference_output  # noqa: E402
 
 from vllm_s2d2.configs import load_family_info  # noqa: E402
@@ -102,16 +103,6 @@ def test_fast_dllm_first_token_of_each_block_comes_from_the_previous_forward(fas
         vis = masks.committed_kv(n, info.block_size, False, n)
         logits = model.logits(torch.tensor(r.prompt), torch.arange(n), vis)[-1:]
         assert r.output == [int(exclude_token(logits, info.mask_token_id).argmax())]
-
-
-def causal_greedy(model, mask_id: int, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        L = len(ids)
-        vis = torch.ones(L, L, dtype=torch.bool).tril()
-        logits = model.logits(torch.tensor(ids), torch.arange(L), vis)[-1:]
-        ids.append(int(exclude_token(logits, mask_id).argmax()))
-    return ids[len(prompt):]
 
 
 def test_fast_dllm_always_verify_greedy_is_causal_greedy_decoding(fast):

@@ -28,10 +28,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("vllm")
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from engine_helpers import causal_greedy  # noqa: E402
 from test_engine_sdar import LENS, _sp, compare, reference_output, run_engine  # noqa: E402
 
 from vllm_s2d2.configs import load_family_info  # noqa: E402
-from vllm_s2d2.core.sampling import exclude_token  # noqa: E402
 from vllm_s2d2.reference.models import ReferenceModel  # noqa: E402
 from vllm_s2d2.testing import build_tiny_checkpoint  # noqa: E402
 
@@ -74,16 +75,6 @@ def _check_stats(fam_models, fam, s2d2, job, outs):
             ref.verify_steps, ref.proposed_tokens, ref.accepted_tokens), (kw, got, ref)
         checked += 1
     assert checked > 0
-
-
-def causal_greedy(model, mask_id: int, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        L = len(ids)
-        vis = torch.ones(L, L, dtype=torch.bool).tril()
-        logits = model.logits(torch.tensor(ids), torch.arange(L), vis)[-1:]
-        ids.append(int(exclude_token(logits, mask_id).argmax()))
-    return ids[len(prompt):]
 
 
 FAST_POLICIES = [{}, {"verify": False}, {"verify_policy": "mask_span_length"},

@@ -147,7 +147,3 @@ def is_engine_arch(architectures: Any) -> bool:
     archs = [architectures] if isinstance(architectures, str) else list(architectures or [])
     return any(a in ENGINE_ARCHS for a in archs)
 
-
-def is_block_diffusion_arch(architectures: Any) -> bool:
-    archs = [architectures] if isinstance(architectures, str) else list(architectures or [])
-    return any(a in ARCH_TO_FAMILY for a in archs)

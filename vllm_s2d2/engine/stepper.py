@@ -147,6 +147,14 @@ class PackedStepParams:
         return StepParams(**kw)
 
 
+def _gather_rows(logits: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[R, B, V]``: canvas logits rows ``rows [R, B]`` where ``valid``, zeros elsewhere (static shapes)."""
+    R, B = rows.shape
+    rows = torch.where(valid, rows, torch.zeros_like(rows)).clamp(0, max(logits.shape[0] - 1, 0))
+    out = logits[rows.reshape(-1)].view(R, B, -1)
+    return torch.where(valid[..., None], out, torch.zeros_like(out))
+
+
 def _h2d(cpu: torch.Tensor, dev: torch.Tensor) -> None:
     """Host-to-device copy that never races later CPU writes (a pinned snapshot on CUDA)."""
     if dev.device.type == "cuda":
@@ -184,7 +192,6 @@ class S2D2Stepper:
         # Fast-dLLM v2 (shift-aligned): sub-block regions, shifted logit rows, a causal verifier, and each block's
         # first token from the previous forward's last logit (see _step_core).  Others verify with the 2L mask.
         self.shifted = self.rules.shifted
-        self.two_l_verify = not self.shifted
         self.sub_block = int(engine_config.sub_block_size or block_size)
         self.engine_config = engine_config
         self.K = max_stop_ids
@@ -249,6 +256,11 @@ class S2D2Stepper:
         self._g_q_len = torch.zeros(max_num_reqs, **long)
         self._g_valid = torch.zeros(max_num_reqs, dtype=torch.bool, device=device)
         self._g_row0 = torch.arange(max_num_reqs, **long) * self.W
+
+    @property
+    def two_l_verify(self) -> bool:
+        """Whether VERIFY steps use the 2L canvas (position-aligned families) rather than a causal pass."""
+        return not self.shifted
 
     # ------------------------------------------------------------------------------------------------------
     # request lifecycle (host side, staged)
@@ -445,7 +457,6 @@ class S2D2Stepper:
         """The step's tensor work (no host syncs, no host-dependent shapes): state in, state + outputs out.
         ``valid`` (None = all) masks padding rows out of the engine counters."""
         B, mask_id = self.B, self.mask_id
-        R = slots.numel()
         cols = self._cols[None, :]
 
         bs = self.block_start[slots]
@@ -487,8 +498,7 @@ class S2D2Stepper:
         dbs = bs + torch.where(is_commit, torch.full_like(bs, B), torch.zeros_like(bs))
         dstep = torch.where(is_commit, torch.zeros_like(stp), stp)
         avail = draft_rows_avail.clamp(min=0)
-        in_rows = (cols >= doff[:, None]) & (cols < (doff + avail)[:, None])
-        avail_region = torch.where(full[:, None], torch.ones_like(in_rows), cols < (doff + avail)[:, None])
+        avail_region = full[:, None] | (cols < (doff + avail)[:, None])
         region = avail_region
         d_is_mask = dblock == mask_id
         d_has_mask = d_is_mask.any(1)
@@ -504,9 +514,7 @@ class S2D2Stepper:
         has_logit = (cols >= (doff + shift)[:, None]) & (cols < (doff + avail)[:, None])
         rows = (row0[:, None] + torch.where(is_commit, Lb, torch.zeros_like(Lb))[:, None]
                 + (cols - doff[:, None] - shift))
-        rows = torch.where(has_logit, rows, torch.zeros_like(rows)).clamp(0, max(logits.shape[0] - 1, 0))
-        block_logits = logits[rows.reshape(-1)].view(R, B, -1)
-        block_logits = torch.where(has_logit[..., None], block_logits, torch.zeros_like(block_logits))
+        block_logits = _gather_rows(logits, rows, has_logit)
 
         params = self.params.gather(slots, use_top_k, use_top_p)
         pol = self.policy.index(slots)
@@ -534,8 +542,7 @@ class S2D2Stepper:
         # steps may edit it; an editing pass that changes nothing ends the block.
         edit_pass = draft_ok & ~d_has_mask
         changed = (new_tok != dblock).any(1)
-        post_n = torch.where(ran, torch.where(is_commit, torch.zeros_like(post), post) + edit_pass.long(),
-                             torch.where(commit_ok, torch.zeros_like(post), post))
+        post_n = torch.where(commit_ok, torch.zeros_like(post), post) + edit_pass.long()  # (a commit opens a block)
         new_has_mask = (new_tok == mask_id).any(1)
         more_edits = ran & ~new_has_mask & ~(edit_pass & ~changed) & (post_n < max_post)
         # With editing, emitted tokens could still change until the block is settled.
@@ -612,10 +619,7 @@ class S2D2Stepper:
         # (shift-aligned models).
         base, shift = (B, 0) if self.two_l_verify else (0, 1)
         known = cols >= (off + shift)[:, None]
-        rows = row0[:, None] + base + (cols - off[:, None] - shift)
-        rows = torch.where(known, rows, torch.zeros_like(rows)).clamp(0, logits.shape[0] - 1)
-        q_logits = logits[rows.reshape(-1)].view(slots.numel(), B, -1)
-        q_logits = torch.where(known[..., None], q_logits, torch.zeros_like(q_logits))
+        q_logits = _gather_rows(logits, row0[:, None] + base + (cols - off[:, None] - shift), known)
         commit, tokens, accepted = verify_step(draft, q_logits, params, self.rules, self.drafts.counter[slots])
         vstate = BlockState(tok, editable, torch.ones_like(editable), stp, ctr)
         res, vpol = finish_step(vstate, draft, commit, tokens, accepted, params, pol)
