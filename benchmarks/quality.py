@@ -261,6 +261,14 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
     return out
 
 
+def _vllm_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("vllm")
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
 def run_vllm(model_path: Path, prompts: list[dict], names: list[str], max_tokens: int, temperature: float,
              seed: int, dtype: str) -> tuple[list[dict], dict]:
     """Every configuration through the plugin's engine, one engine per block size in a subprocess; the
@@ -463,9 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"quality_{args.backend}_{tag}"
+    commit = os.environ.get("COMMIT")  # the GPU host gets the tree without .git
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True).stdout.strip() or None
     except OSError:
         commit = None
     record = {
@@ -476,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": date, "commit": commit, "model": str(model.resolve().relative_to(REPO)) if model.resolve()
         .is_relative_to(REPO) else str(model), "num_prompts": len(prompts), "max_tokens": args.max_tokens,
         "sampling": {"temperature": args.temperature, "seed": args.seed}, "wall_seconds": round(wall, 1),
-        "python": platform.python_version(), "torch": torch.__version__,
+        "python": platform.python_version(), "torch": torch.__version__, "vllm": _vllm_version(),
         "metrics": {
             "tokens_per_forward": "generated tokens / all forwards (prefill + draft + verify + commit)",
             "tpf_fused": "generated tokens / (prefill + draft + verify): commit fused into the next draft",
