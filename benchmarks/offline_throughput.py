@@ -204,7 +204,8 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
 def _s2d2_totals(llm) -> dict | None:
     """The plugin's engine-wide S2D2 counters (None for vLLM's own engine)."""
     def read(worker):
-        st = getattr(worker.model_runner.model_state, "stepper", None)
+        # vLLM's own models may run on the V1 GPUModelRunner, which has no model_state
+        st = getattr(getattr(worker.model_runner, "model_state", None), "stepper", None)
         return None if st is None else st.host_totals()
     return llm.collective_rpc(read)[0]
 

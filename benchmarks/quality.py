@@ -46,7 +46,7 @@ DEFAULT_MODEL = REPO / "assets" / "sdar-stdlib-10m"
 # thresholds are the paper's (ln V is 9.0 here instead of ~12, so alpha = exp(-H / ln V) is a little lower).
 _STATIC = dict(remasking="low_confidence_static", verify=False)
 _DYN = dict(remasking="low_confidence_dynamic", verify=False)
-_S2D2 = dict(remasking="low_confidence_dynamic", confidence_threshold=0.85, cache_ver=True, draft_ver=True,
+_S2D2 = dict(remasking="low_confidence_dynamic", confidence_threshold=0.85, verify=True, cache_ver=True, draft_ver=True,
              token_acceptance_estimator="soft_entropy_negexp")
 CONFIGS: dict[str, tuple[str, dict]] = {
     "ar": ("ar", dict(block_size=1, denoising_steps=1, verify=False)),

@@ -9,7 +9,8 @@ For each mode one server is started on the same checkpoint (default: the trained
 
 and driven at each concurrency (default 1, 16, 64) with streaming completions of the held-out prompts.  Per run:
 requests/s, output tokens/s, TTFT (time to the first streamed token) and TPOT (time per output token after the
-first) as mean and p50/p90.  Writes JSON (device, vLLM version, commit) and a PNG next to it.
+first) as mean and p50/p90, and the run's S2D2 counters from ``/metrics`` (``vllm:s2d2_*``: verify rate,
+acceptance).  Writes JSON (device, vLLM version, commit) and a PNG next to it.
 
     python benchmarks/serve_bench.py --out benchmarks/results/serve_bench.json     # GPU host
 """
@@ -40,7 +41,8 @@ def start_server(model: str, spec: str, port: int, log_path: Path, extra: list[s
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--speculative-config", spec,
            "--port", str(port), "--served-model-name", "bench", *extra]
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = dict(os.environ, VLLM_LOG_STATS_INTERVAL="1")  # vllm:s2d2_* counters current within ~1 s
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     t0 = time.time()
     while True:
         try:
@@ -62,6 +64,22 @@ def stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def s2d2_counters(port: int) -> dict[str, int]:
+    """The server's ``vllm:s2d2_*`` totals from ``/metrics`` (empty for a server without them)."""
+    from vllm_s2d2.engine.metrics import read_s2d2_metrics
+
+    return read_s2d2_metrics(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict:
+    """Counters of one run, with verify rate (verify / draft steps) and acceptance (accepted / proposed)."""
+    from vllm_s2d2.engine.stats import STAT_NAMES, derived
+
+    if not after:
+        return {}
+    return derived({n: after.get(n, 0) - before.get(n, 0) for n in STAT_NAMES})
 
 
 def one_request(client, prompt: str, max_tokens: int, seed: int) -> dict:
@@ -161,7 +179,11 @@ def main() -> None:
             run_load(client, prompts[:4], 4, 8)  # warm-up
             record["results"][mode] = []
             for c in (int(x) for x in args.concurrency.split(",")):
+                time.sleep(1.5)  # the counters trail by one stats interval (1 s)
+                before = s2d2_counters(args.port)
                 r = run_load(client, prompts, c, args.max_tokens)
+                time.sleep(1.5)
+                r["s2d2"] = counter_delta(before, s2d2_counters(args.port))
                 record["results"][mode].append(r)
                 print(mode, json.dumps(r), flush=True)
         except Exception as e:  # noqa: BLE001 (recorded, the next mode still runs)

@@ -214,6 +214,13 @@ def test_s2d2_engine_statistics(tiny):
     assert t["committed_blocks"] > 0
     line = format_stats(t)
     assert line.startswith("S2D2 stats:") and f"verify steps {t['verify_steps']}" in line
+    # what /metrics gets (vllm:s2d2_* counters, polled through the worker extension)
+    from types import SimpleNamespace
+
+    from vllm_s2d2.engine.worker_ext import S2D2WorkerExtension
+
+    worker = SimpleNamespace(model_runner=SimpleNamespace(model_state=SimpleNamespace(stepper=emu.stepper)))
+    assert S2D2WorkerExtension.s2d2_engine_totals(worker) == t
     _, base = emulate(tiny, {"verify": False}, greedy())
     tb = base.stepper.host_totals()
     assert tb["verify_steps"] == 0 and tb["proposed_tokens"] == 0 and tb["draft_steps"] > 0

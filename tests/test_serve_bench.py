@@ -25,3 +25,13 @@ def test_run_load_counts_tokens_and_latencies():
     assert r["output_tokens_per_s"] > 0 and r["requests_per_s"] > 0
     assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p90"] and r["tpot_s"]["mean"] > 0
     assert set(serve_bench.MODES) == {"ar", "threshold", "s2d2"} and serve_bench.MODES["s2d2"] == "s2d2"
+
+
+def test_counter_delta_gives_the_runs_rates():
+    before = {"draft_steps": 10, "verify_steps": 2, "proposed_tokens": 4, "accepted_tokens": 3, "committed_blocks": 1}
+    after = {"draft_steps": 30, "verify_steps": 12, "proposed_tokens": 24, "accepted_tokens": 15,
+             "committed_blocks": 6}
+    d = serve_bench.counter_delta(before, after)
+    assert (d["draft_steps"], d["verify_steps"], d["committed_blocks"]) == (20, 10, 5)
+    assert d["verify_rate"] == 0.5 and d["acceptance_rate"] == 0.6
+    assert serve_bench.counter_delta(before, {}) == {}  # a server without the counters

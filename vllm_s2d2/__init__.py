@@ -14,7 +14,8 @@ With vLLM importable, ``register()`` also (``VLLM_0_26.md`` §11):
 4. registers the attention backend (TRITON_ATTN + the 2L verify launch) as ``AttentionBackendEnum.CUSTOM``;
 5. installs the ``speculative_config="s2d2"`` alias, the sampling-parameter shim and the CLI shim for
    ``--speculative-config s2d2`` (:mod:`vllm_s2d2.patches`; the CLI shim is also installed before argument
-   parsing by the ``vllm.platform_plugins`` entry point ``s2d2_cli``).
+   parsing by the ``vllm.platform_plugins`` entry point ``s2d2_cli``), and the poll that puts the S2D2
+   counters on ``/metrics`` (:mod:`vllm_s2d2.patches.stats_metrics`).
 
 Steps 2-5 need vLLM 0.26.0 exactly; with another version they raise a clear error (vLLM logs a failing plugin
 and carries on without it).
@@ -64,7 +65,7 @@ def register() -> None:
         from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
         from vllm_s2d2.engine.config_hooks import S2D2ConfigHook
-        from vllm_s2d2.patches import cli_alias, sampling_validation, spec_alias
+        from vllm_s2d2.patches import cli_alias, sampling_validation, spec_alias, stats_metrics
 
         for model_type, cls in CONFIG_CLASSES.items():
             _CONFIG_REGISTRY[model_type] = cls
@@ -77,4 +78,5 @@ def register() -> None:
         spec_alias.install()
         sampling_validation.install()
         cli_alias.install()
+        stats_metrics.install()
     _registered = True

@@ -5,7 +5,7 @@ completions and chat (the checkpoint's template), streaming (the streamed text e
 seeded sampling (reproducible),
 per-request S2D2 options through ``vllm_xargs`` (JSON-string and flat ``s2d2.<option>`` spellings), 64 concurrent
 requests with mixed parameters, a bad-input matrix that must give HTTP 400 naming the problem while the server
-keeps serving, and the diffusion counters on ``/metrics``.  A non-block-diffusion model with ``s2d2`` must fail at
+keeps serving, and the diffusion and ``vllm:s2d2_*`` counters on ``/metrics``.  A non-block-diffusion model with ``s2d2`` must fail at
 start-up with a clear message.  Results go to ``$S2D2_GPU_LOG_DIR/serve.json``.
 """
 
@@ -49,7 +49,8 @@ def server(tmp_path_factory):
                "--max-model-len", "512", "--gpu-memory-utilization", "0.3", "--max-num-seqs", "64")
     RECORD["command"] = " ".join(cmd[1:])
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    env = dict(os.environ, VLLM_LOG_STATS_INTERVAL="1")  # the vllm:s2d2_* counters follow within ~1 s
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO, env=env)
     t0 = time.time()
     while True:
         try:
@@ -167,13 +168,39 @@ def test_bad_inputs_give_400_and_the_server_keeps_serving(server):
     assert _complete(server).choices[0].text  # still serving
 
 
-def test_metrics_endpoint(server):
-    _complete(server)
+def _metrics() -> tuple[list[str], dict[str, int]]:
+    """Names of the diffusion / spec-decode / S2D2 metrics on the page, and the vllm:s2d2_* totals."""
+    from vllm_s2d2.engine.metrics import read_s2d2_metrics
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=10).read().decode()
     names = sorted({ln.split("{")[0].split(" ")[0] for ln in text.splitlines()
                     if ln.startswith(("vllm:diffusion", "vllm:spec_decode", "vllm:s2d2"))})
+    return names, read_s2d2_metrics(text)
+
+
+def test_metrics_endpoint(server):
+    """vLLM's diffusion counters and the plugin's vllm:s2d2_* counters; one always-verify request moves the
+    verification counters (polled from the worker at vLLM's stats interval, 1 s here)."""
+    _complete(server)
+    time.sleep(2.5)
+    _, before = _metrics()
+    always = {"verify_policy": "mask_span_length", "min_span_length": 1}
+    _complete(server, max_tokens=16, extra_body={"vllm_xargs": {"s2d2": json.dumps(always)}})
+    names, after = [], before
+    for _ in range(20):
+        time.sleep(0.5)
+        names, after = _metrics()
+        if after.get("verify_steps", 0) > before.get("verify_steps", 0):
+            break
     RECORD["metrics"] = names
+    RECORD["s2d2_counters"] = {"before": before, "after": after}
     assert any(n.startswith("vllm:diffusion_num_denoising_steps") for n in names), names
+    assert sorted(after) == sorted(["draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens",
+                                    "committed_blocks"]), names
+    delta = {n: after[n] - before.get(n, 0) for n in after}
+    assert delta["verify_steps"] > 0 and delta["draft_steps"] > 0 and delta["proposed_tokens"] > 0, delta
+    assert delta["accepted_tokens"] <= delta["proposed_tokens"], delta
+    assert after["accepted_tokens"] <= after["proposed_tokens"]
 
 
 def test_non_diffusion_model_with_s2d2_fails_clearly(tmp_path):

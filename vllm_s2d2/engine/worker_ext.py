@@ -15,3 +15,14 @@ class S2D2WorkerExtension:
         state: Any = getattr(self.model_runner, "model_state", None)  # type: ignore[attr-defined]
         pop = getattr(state, "pop_request_stats", None)
         return {} if pop is None else pop(request_ids)
+
+    def s2d2_engine_totals(self) -> dict[str, int] | None:
+        """Engine-wide S2D2 counters as of the last finished step (the host copy the stepper keeps; no GPU
+        wait), for the ``vllm:s2d2_*`` Prometheus counters (:mod:`vllm_s2d2.engine.metrics`)."""
+        state: Any = getattr(self.model_runner, "model_state", None)  # type: ignore[attr-defined]
+        stepper = getattr(state, "stepper", None)
+        if stepper is None:
+            return None
+        from vllm_s2d2.engine.stats import STAT_NAMES
+
+        return dict(zip(STAT_NAMES, stepper.totals_host.tolist()))

@@ -4,7 +4,9 @@
   ``EngineArgs.create_engine_config`` (every entry point: ``LLM``, ``AsyncLLM``, ``vllm serve``);
 * :mod:`.sampling_validation` -- ``SamplingParams._validate_diffusion`` for the plugin's architectures;
 * :mod:`.cli_alias` -- ``--speculative-config s2d2`` (a bare word) on ``FlexibleArgumentParser.parse_args``; also
-  installed early by the ``vllm.platform_plugins`` entry point ``s2d2_cli`` (before vLLM parses its CLI).
+  installed early by the ``vllm.platform_plugins`` entry point ``s2d2_cli`` (before vLLM parses its CLI);
+* :mod:`.stats_metrics` -- ``AsyncLLM.do_log_stats`` / ``LLMEngine.do_log_stats`` also update the ``vllm:s2d2_*``
+  Prometheus counters from the worker's totals.
 """
 
 from __future__ import annotations
