@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_bench.json"))
     ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     args = ap.parse_args()
+    # servers run in their own process group: a SIGTERM (e.g. from `timeout`) must still stop them (finally:)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import openai
     import torch
     import vllm

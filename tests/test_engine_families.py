@@ -105,6 +105,26 @@ def test_fast_dllm_first_token_of_each_block_comes_from_the_previous_forward(fas
         assert r.output == [int(exclude_token(logits, info.mask_token_id).argmax())]
 
 
+@pytest.mark.parametrize("cfg", [{"verify_policy": "mask_span_length"}, {}, {"verify": False}])
+def test_fast_dllm_prompt_one_short_of_a_block(fast, cfg):
+    """A prompt of k*B - 1 tokens: its block is full once the prefill's last logit gave the next token, so the
+    block is committed at once -- no draft step (found on the GPU: a draft there also advanced the request's
+    random-number counter, and stochastic acceptance then differed from the reference)."""
+    model, info, hf, _ = fast
+    B = info.block_size
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (B - 1, 2 * B - 1, 3 * B - 1, B, 1, 2)]
+    # outputs that end on a block boundary (the reference completes a block the engine may leave early), and
+    # one request of a single token
+    sps = [sampling_params(max_tokens=1 if i == 1 else (B - len(p) % B) % B + B, seed=70 + i)
+           for i, p in enumerate(prompts)]
+    reqs, _ = check((model, info, hf, prompts), cfg, sps)
+    for r in reqs[:1] + reqs[2:]:
+        ref = reference_output(fast, cfg, r.prompt, r.sampling)
+        assert (r.stats["draft_steps"], r.stats["verify_steps"], r.stats["accepted_tokens"]) == (
+            ref.stats.draft_forwards, ref.stats.verify_steps, ref.stats.accepted_tokens), (len(r.prompt), r.stats)
+
+
 def test_fast_dllm_always_verify_greedy_is_causal_greedy_decoding(fast):
     """Shifted-model invariant: token-causal committed KV + always verify + greedy acceptance + greedy drafts
     commits exactly the causal (AR) greedy continuation, in the engine and in the reference decoder."""

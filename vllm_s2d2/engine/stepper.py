@@ -343,7 +343,11 @@ class S2D2Stepper:
         self.tokens[slots] = tok
         self.block_start[slots] = bs
         self.step_idx[slots] = 0
-        self.phase[slots] = DRAFT
+        # A shift-aligned prompt that ends one short of a block boundary leaves a block without masks (its last
+        # token came from the prompt's last logit): it is committed at once, with no draft step (as the
+        # reference decoder does; a draft there would also advance the request's random-number counter).
+        self.phase[slots] = torch.where((tok == self.mask_id).any(1), torch.full_like(bs, DRAFT),
+                                        torch.full_like(bs, COMMIT))
         self.post[slots] = 0
         for k, slot in enumerate(slots_np.tolist()):
             saved = self._restore.pop(int(slot), None)
