@@ -19,8 +19,10 @@ these Prometheus counters (``_total`` is appended by the client library):
 
 Labels as vLLM's own: ``model_name`` (served model name) and ``engine`` (engine index).  Verify rate =
 ``rate(verify_steps) / rate(draft_steps)``, acceptance = ``rate(accepted_tokens) / rate(proposed_tokens)``.
-The values trail the engine by at most one stats interval.  With ``--disable-log-stats`` vLLM collects no
-metrics and neither does this.  The worker also logs the totals (``S2D2 stats: ...``) every 10 s.
+The values trail the engine by at most one stats interval.  The same poll writes one INFO line after vLLM's
+own periodic line, with the interval's counts (``S2D2 stats (last interval): draft steps ..., verify rate ...,
+acceptance ...``; nothing when the interval had no step).  With ``--disable-log-stats`` (the default of
+``LLM``) vLLM collects no metrics and neither does this; ``vllm_s2d2.request_stats(llm)`` always works.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ engine cannot honour).  Penalties are not applied (``penalties_state`` is a stub
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -29,11 +28,7 @@ from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
 from vllm_s2d2.core.params import SamplingSpec
 from vllm_s2d2.engine.settings import EngineSettings, request_config
-from vllm_s2d2.engine.stats import STAT_NAMES, format_stats
 from vllm_s2d2.engine.stepper import S2D2Stepper
-
-LOG_INTERVAL_S = 10.0
-
 
 logger = init_logger(__name__)
 
@@ -68,8 +63,6 @@ class S2D2Sampler:
         # prefill chunk in a batch that carries draft tokens).
         self.token_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._profiled = False
-        self._last_log = time.monotonic()
-        self._logged: dict[str, int] | None = None
 
     @property
     def penalties_state(self):
@@ -147,21 +140,7 @@ class S2D2Sampler:
             num_rejected[idx] = out.num_rejected
 
         st.publish()
-        self._maybe_log()
         return SamplerOutput(sampled, None, None, num_sampled, num_rejected)
-
-    def _maybe_log(self, every_s: float = LOG_INTERVAL_S) -> None:
-        """Every ``every_s`` seconds, one INFO line with the engine's S2D2 counters (reads the host copy of the
-        previous step, so it never waits for the GPU)."""
-        now = time.monotonic()
-        if now - self._last_log < every_s:
-            return
-        self._last_log = now
-        t = dict(zip(STAT_NAMES, self.stepper.totals_host.tolist()))
-        if t == self._logged:
-            return
-        self._logged = t
-        logger.info(format_stats(t))
 
 
 def _to_dev(x: np.ndarray, device: torch.device) -> torch.Tensor:

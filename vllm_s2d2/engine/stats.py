@@ -10,8 +10,10 @@ What is counted (per request slot on the device, :class:`~vllm_s2d2.engine.stepp
 
 Routes out of the engine (vLLM 0.26 has no per-request extension field on ``RequestOutput``):
 
-* engine totals: one ``S2D2 stats:`` INFO line every 10 s (:class:`~vllm_s2d2.engine.sampler.S2D2Sampler`);
-  vLLM's own diffusion counters (``vllm:diffusion_num_denoising_steps`` ...) count engine steps and commits;
+* engine totals: the ``vllm:s2d2_*`` Prometheus counters and, right after vLLM's periodic stats line, one
+  ``S2D2 stats (last interval): ...`` INFO line (both in the frontend, when vLLM collects stats:
+  :mod:`vllm_s2d2.engine.metrics`); vLLM's own diffusion counters (``vllm:diffusion_num_denoising_steps`` ...)
+  count engine steps and commits;
 * per request: when vLLM removes a finished (or aborted / preempted) request from the worker, the model state
   keeps its counters (bounded, most recent 4096); :func:`request_stats` fetches and clears them through
   ``LLM.collective_rpc("s2d2_pop_request_stats")``, a method of the plugin's worker extension
@@ -45,10 +47,10 @@ def derived(counters: dict[str, int]) -> dict[str, Any]:
     return out
 
 
-def format_stats(t: dict[str, int]) -> str:
+def format_stats(t: dict[str, int], label: str = "S2D2 stats") -> str:
     """``S2D2 stats: ...`` with verify rate (verify / draft steps) and acceptance (accepted / proposed)."""
     d = derived(t)
-    return (f"S2D2 stats: draft steps {t['draft_steps']}, verify steps {t['verify_steps']} (verify rate "
+    return (f"{label}: draft steps {t['draft_steps']}, verify steps {t['verify_steps']} (verify rate "
             f"{d['verify_rate']:.2f}), span tokens proposed {t['proposed_tokens']}, accepted "
             f"{t['accepted_tokens']} (acceptance {d['acceptance_rate']:.2f}), blocks committed "
             f"{t['committed_blocks']}")

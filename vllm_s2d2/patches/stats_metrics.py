@@ -4,7 +4,8 @@ metrics` says why a poll: vLLM 0.26's ``SchedulerStats`` has no room for plugin 
 Wraps ``AsyncLLM.do_log_stats`` (``v1/engine/async_llm.py``; ``vllm serve`` calls it every
 ``VLLM_LOG_STATS_INTERVAL`` s) and ``LLMEngine.do_log_stats`` (``v1/engine/llm_engine.py``).  After vLLM's own
 loggers ran, an engine that runs this plugin (its ``worker_extension_cls`` is the plugin's) and collects stats
-(``logger_manager`` set) asks its worker for the S2D2 totals and updates the counters.  With several API servers
+(``logger_manager`` set) asks its worker for the S2D2 totals, updates the counters and logs the interval's
+counts under vLLM's line.  With several API servers
 only the first (client index 0) does, so that each increment is counted once.  A failing poll logs one warning
 and never breaks vLLM's logging loop.
 """
@@ -48,13 +49,22 @@ def _poll_failed(engine: Any, err: BaseException) -> None:
                                       "the vllm:s2d2_* counters stay where they are", type(err).__name__, err)
 
 
+def _observe(engine: Any, counters: Any, parts: Any) -> None:
+    from vllm_s2d2.engine.metrics import first_totals
+    from vllm_s2d2.engine.stats import format_stats
+
+    inc = counters.observe(first_totals(parts))
+    if inc.get("draft_steps"):
+        from vllm.logger import init_logger
+
+        init_logger(__name__).info(format_stats(inc, "S2D2 stats (last interval)"))
+
+
 def install() -> None:
     """Wrap ``AsyncLLM.do_log_stats`` and ``LLMEngine.do_log_stats`` (idempotent)."""
     require_vllm_version("stats_metrics")
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.llm_engine import LLMEngine
-
-    from vllm_s2d2.engine.metrics import first_totals
 
     def make_async(original):
         async def do_log_stats(self, *args, **kwargs):
@@ -62,7 +72,7 @@ def install() -> None:
             counters = _counters_for(self)
             if counters is not None:
                 try:
-                    counters.observe(first_totals(await self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S)))
+                    _observe(self, counters, await self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S))
                 except Exception as e:  # noqa: BLE001 - never break vLLM's stats loop
                     _poll_failed(self, e)
             return out
@@ -74,7 +84,7 @@ def install() -> None:
             counters = _counters_for(self)
             if counters is not None:
                 try:
-                    counters.observe(first_totals(self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S)))
+                    _observe(self, counters, self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S))
                 except Exception as e:  # noqa: BLE001
                     _poll_failed(self, e)
             return out
