@@ -90,7 +90,9 @@ def test_sync_engine_counts_the_change_of_the_totals(engines):
     assert e.value("draft_steps") == 17
 
 
-def test_the_interval_line_follows_vllms_line(engines, caplog):
+def test_the_interval_line_follows_vllms_line(engines):
+    """The line goes through vLLM's own ``vllm`` logger (vLLM configures only that hierarchy: a logger named
+    ``vllm_s2d2...`` would drop INFO lines in a real server)."""
     import logging
 
     _, LLMEngine = engines
@@ -98,16 +100,30 @@ def test_the_interval_line_follows_vllms_line(engines, caplog):
     e.totals = _totals(draft_steps=10, verify_steps=5, proposed_tokens=8, accepted_tokens=6, committed_blocks=2)
     LLMEngine.do_log_stats(e)
     e.totals = _totals(draft_steps=14, verify_steps=6, proposed_tokens=12, accepted_tokens=7, committed_blocks=3)
-    with caplog.at_level(logging.INFO):
-        logging.getLogger("vllm").addHandler(caplog.handler)  # vLLM's loggers do not propagate
-        try:
-            LLMEngine.do_log_stats(e)
-            LLMEngine.do_log_stats(e)  # an idle interval logs nothing
-        finally:
-            logging.getLogger("vllm").removeHandler(caplog.handler)
-    lines = [r.getMessage() for r in caplog.records if "S2D2 stats" in r.getMessage()]
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = seen.append
+    vllm_logger = logging.getLogger("vllm")
+    level = vllm_logger.level
+    vllm_logger.addHandler(handler)
+    vllm_logger.setLevel(logging.INFO)
+    try:
+        LLMEngine.do_log_stats(e)
+        LLMEngine.do_log_stats(e)  # an idle interval logs nothing
+    finally:
+        vllm_logger.removeHandler(handler)
+        vllm_logger.setLevel(level)
+    lines = [r.getMessage() for r in seen if "S2D2 stats" in r.getMessage()]
     assert lines == ["S2D2 stats (last interval): draft steps 4, verify steps 1 (verify rate 0.25), span tokens "
                      "proposed 4, accepted 1 (acceptance 0.25), blocks committed 1"], lines
+
+
+def test_plugin_loggers_live_under_vllms_logger():
+    from vllm_s2d2.engine import config_hooks, sampler
+    from vllm_s2d2.log import get_logger
+
+    assert get_logger("vllm_s2d2.patches.stats_metrics").name == "vllm.s2d2.patches.stats_metrics"
+    assert sampler.logger.name.startswith("vllm.s2d2.") and config_hooks.logger.name.startswith("vllm.s2d2.")
 
 
 def test_async_engine_polls_after_vllms_own_loggers(engines):

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vllm_s2d2.engine.worker_ext import QUALNAME as WORKER_EXTENSION
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
+from vllm_s2d2.log import get_logger
 
 if TYPE_CHECKING:
     from vllm.config import ModelConfig, VllmConfig
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "min_p")
 

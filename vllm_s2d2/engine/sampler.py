@@ -23,14 +23,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vllm.logger import init_logger
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
 from vllm_s2d2.core.params import SamplingSpec
 from vllm_s2d2.engine.settings import EngineSettings, request_config
 from vllm_s2d2.engine.stepper import S2D2Stepper
+from vllm_s2d2.log import get_logger
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 _NO_PENALTIES_STATE = SimpleNamespace(output_bin_counts=None)
 

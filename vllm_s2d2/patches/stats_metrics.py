@@ -43,9 +43,9 @@ def _counters_for(engine: Any) -> Any:
 def _poll_failed(engine: Any, err: BaseException) -> None:
     if not engine.__dict__.get("_s2d2_poll_warned"):
         engine.__dict__["_s2d2_poll_warned"] = True
-        from vllm.logger import init_logger
+        from vllm_s2d2.log import get_logger
 
-        init_logger(__name__).warning("S2D2: reading the engine's S2D2 counters for /metrics failed (%s: %s); "
+        get_logger(__name__).warning("S2D2: reading the engine's S2D2 counters for /metrics failed (%s: %s); "
                                       "the vllm:s2d2_* counters stay where they are", type(err).__name__, err)
 
 
@@ -55,9 +55,9 @@ def _observe(engine: Any, counters: Any, parts: Any) -> None:
 
     inc = counters.observe(first_totals(parts))
     if inc.get("draft_steps"):
-        from vllm.logger import init_logger
+        from vllm_s2d2.log import get_logger
 
-        init_logger(__name__).info(format_stats(inc, "S2D2 stats (last interval)"))
+        get_logger(__name__).info(format_stats(inc, "S2D2 stats (last interval)"))
 
 
 def install() -> None:
