@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from gpu_skip import require_cuda
+
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
+torch = require_cuda()
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_canvas_kernel import CASES, SCRIPT  # noqa: E402

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from gpu_skip import require_cuda
+
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
-pytest.importorskip("vllm")
+torch = require_cuda("vllm")
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))

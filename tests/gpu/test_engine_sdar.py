@@ -24,12 +24,10 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.gpu
+from gpu_skip import require_cuda
 
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
-pytest.importorskip("vllm")
+pytestmark = pytest.mark.gpu
+torch = require_cuda("vllm")
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
