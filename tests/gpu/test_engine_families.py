@@ -48,15 +48,18 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, 400, (LENS[i % len(LENS)],), generator=g).tolist() for i in range(n)]
 
 
+def _checkpoint(fam: str, path, tokenizer: bool = False) -> str:
+    # vLLM's Triton attention needs head_dim >= 32; the MODELS.md recipe for Fast-dLLM v2 (hidden 64, 4 heads,
+    # no head_dim field in Qwen2) gives 16, so that tiny model is twice as wide here.
+    wide = {"hidden_size": 128} if fam == "fast_dllm_v2" else {}
+    return str(build_tiny_checkpoint(fam, path, small_vocab=True, dtype=torch.float32, init_std=0.4, seed=3,
+                                     block_size=BLOCK[fam], tokenizer=tokenizer, **wide))
+
+
 @pytest.fixture(scope="module")
 def fam_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("fam_ckpts")
-    # vLLM's Triton attention needs head_dim >= 32; the MODELS.md recipe for Fast-dLLM v2 (hidden 64, 4 heads,
-    # no head_dim field in Qwen2) gives 16, so that tiny model is twice as wide here.
-    wide = {"fast_dllm_v2": {"hidden_size": 128}}
-    return {f: str(build_tiny_checkpoint(f, root / f, small_vocab=True, dtype=torch.float32, init_std=0.4, seed=3,
-                                         block_size=b, tokenizer=False, **wide.get(f, {})))
-            for f, b in BLOCK.items()}
+    return {f: _checkpoint(f, root / f) for f in BLOCK}
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +157,7 @@ def test_family_served_by_vllm_serve_with_s2d2(fam, tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "benchmarks"))
     from serve_bench import s2d2_counters, start_server, stop_server
 
-    wide = {"hidden_size": 128} if fam == "fast_dllm_v2" else {}
-    path = str(build_tiny_checkpoint(fam, tmp_path / fam, small_vocab=True, dtype=torch.float32, init_std=0.4,
-                                     seed=3, block_size=BLOCK[fam], tokenizer=True, **wide))
+    path = _checkpoint(fam, tmp_path / fam, tokenizer=True)
     models = {fam: (ReferenceModel.load(path, device="cuda", dtype=torch.float32), load_family_info(path))}
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # fp32 attention, as the reference (inherited)
     port = 8031 + list(BLOCK).index(fam)
