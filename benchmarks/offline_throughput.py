@@ -213,11 +213,11 @@ def _s2d2_totals(llm) -> dict | None:
 def _stats_delta(before: dict | None, after: dict | None) -> dict:
     """Counters of one run: verify rate = verify steps / draft steps, acceptance = accepted / proposed span
     tokens."""
-    from vllm_s2d2.engine.stats import derived
+    from vllm_s2d2.engine.stats import counter_delta, derived
 
     if before is None or after is None:
         return {}
-    d = {k: after[k] - before[k] for k in after}
+    d = counter_delta(before, after)
     rates = derived(d)
     return {"s2d2_counters": d, "verify_rate": rates["verify_rate"], "acceptance_rate": rates["acceptance_rate"]}
 

@@ -75,11 +75,9 @@ def s2d2_counters(port: int) -> dict[str, int]:
 
 def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict:
     """Counters of one run, with verify rate (verify / draft steps) and acceptance (accepted / proposed)."""
-    from vllm_s2d2.engine.stats import STAT_NAMES, derived
+    from vllm_s2d2.engine import stats
 
-    if not after:
-        return {}
-    return derived({n: after.get(n, 0) - before.get(n, 0) for n in STAT_NAMES})
+    return stats.derived(stats.counter_delta(before, after)) if after else {}
 
 
 def one_request(client, prompt: str, max_tokens: int, seed: int) -> dict:

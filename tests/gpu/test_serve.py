@@ -196,7 +196,9 @@ def test_metrics_endpoint(server):
     assert any(n.startswith("vllm:diffusion_num_denoising_steps") for n in names), names
     assert sorted(after) == sorted(["draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens",
                                     "committed_blocks"]), names
-    delta = {n: after[n] - before.get(n, 0) for n in after}
+    from vllm_s2d2.engine.stats import counter_delta
+
+    delta = counter_delta(before, after)
     assert delta["verify_steps"] > 0 and delta["draft_steps"] > 0 and delta["proposed_tokens"] > 0, delta
     assert delta["accepted_tokens"] <= delta["proposed_tokens"], delta
     assert after["accepted_tokens"] <= after["proposed_tokens"]

@@ -47,6 +47,11 @@ def derived(counters: dict[str, int]) -> dict[str, Any]:
     return out
 
 
+def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters of what happened between two readings of the totals (a name missing counts as 0)."""
+    return {n: after.get(n, 0) - before.get(n, 0) for n in STAT_NAMES}
+
+
 def format_stats(t: dict[str, int], label: str = "S2D2 stats") -> str:
     """``S2D2 stats: ...`` with verify rate (verify / draft steps) and acceptance (accepted / proposed)."""
     d = derived(t)

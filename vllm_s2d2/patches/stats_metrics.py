@@ -5,8 +5,8 @@ Wraps ``AsyncLLM.do_log_stats`` (``v1/engine/async_llm.py``; ``vllm serve`` call
 ``VLLM_LOG_STATS_INTERVAL`` s) and ``LLMEngine.do_log_stats`` (``v1/engine/llm_engine.py``).  After vLLM's own
 loggers ran, an engine that runs this plugin (its ``worker_extension_cls`` is the plugin's) and collects stats
 (``logger_manager`` set) asks its worker for the S2D2 totals, updates the counters and logs the interval's
-counts under vLLM's line.  With several API servers
-only the first (client index 0) does, so that each increment is counted once.  A failing poll logs one warning
+counts under vLLM's line.  With several API servers only the first (client index 0) does, so that each
+increment is counted once.  A failing poll logs one warning
 and never breaks vLLM's logging loop.
 """
 
@@ -49,7 +49,7 @@ def _poll_failed(engine: Any, err: BaseException) -> None:
                                       "the vllm:s2d2_* counters stay where they are", type(err).__name__, err)
 
 
-def _observe(engine: Any, counters: Any, parts: Any) -> None:
+def _observe(counters: Any, parts: Any) -> None:
     from vllm_s2d2.engine.metrics import first_totals
     from vllm_s2d2.engine.stats import format_stats
 
@@ -72,7 +72,7 @@ def install() -> None:
             counters = _counters_for(self)
             if counters is not None:
                 try:
-                    _observe(self, counters, await self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S))
+                    _observe(counters, await self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S))
                 except Exception as e:  # noqa: BLE001 - never break vLLM's stats loop
                     _poll_failed(self, e)
             return out
@@ -84,7 +84,7 @@ def install() -> None:
             counters = _counters_for(self)
             if counters is not None:
                 try:
-                    _observe(self, counters, self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S))
+                    _observe(counters, self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S))
                 except Exception as e:  # noqa: BLE001
                     _poll_failed(self, e)
             return out
