@@ -257,6 +257,9 @@ def main() -> None:
         with open(args.out) as f:
             old = json.load(f)
         results, errors = old.get("results", {}), old.get("errors", {})
+        for key, engine in results.items():  # groups from an earlier call keep the commit they ran at
+            if key.startswith("_engine_"):
+                engine.setdefault("commit", old.get("commit", "unknown"))
     for group in args.modes.split(","):
         model = paths[modes_of(args.family)[group[0]]["arch"]]
         cmd = [sys.executable, os.path.abspath(__file__), "--family", args.family, "--batches", args.batches,
@@ -281,7 +284,7 @@ def main() -> None:
             else:
                 res = json.loads(line[-1][len("BENCH_JSON="):])
                 results[f"_engine_{group}"] = {"startup_s": res.pop("_startup_s"),
-                                               "cudagraph_mode": res.pop("_cudagraph_mode")}
+                                               "cudagraph_mode": res.pop("_cudagraph_mode"), "commit": args.commit}
                 results.update(res)
                 errors.pop(group, None)
         _write(args, batches, results, errors)
@@ -298,9 +301,11 @@ def _write(args, batches, results, errors) -> None:
         a, c = results.get(f"a/{bs}"), results.get(f"{base_mode}/{bs}")
         if a and c:
             ratios[str(bs)] = c["step_ms_median"] / a["step_ms_median"]
+    commits = sorted({e.get("commit", args.commit) for k, e in results.items() if k.startswith("_engine_")})
     record = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no-cuda",
-        "vllm": vllm.__version__, "torch": torch.__version__, "commit": args.commit,
+        "vllm": vllm.__version__, "torch": torch.__version__,
+        "commit": ",".join(commits) if commits else args.commit,  # per group: results["_engine_<group>"]["commit"]
         "model": f"random weights, {FAMILIES[args.family]['model']} (bf16, load_format=dummy)",
         "family": args.family,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": batches,
