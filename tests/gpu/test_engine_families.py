@@ -68,10 +68,18 @@ def fam_models(fam_ckpts):
             for k, p in fam_ckpts.items()}
 
 
-def _mixed_job(name, seed, policies, n=24, temperature=0.0, stats=False):
-    return {"name": name, "mode": "batch", "prompts": _prompts(n, seed), "stats": stats,
-            "sampling": [_sp(1 + (7 * i) % 24, temperature=temperature, top_k=20 if temperature else 0,
-                             seed=seed * 100 + i, extra={"s2d2": policies[i % len(policies)]}) for i in range(n)]}
+def _mixed_job(name, seed, policies, n=24, temperature=0.0, stats=False, align=0):
+    """``n`` prompts of mixed lengths, mixed ``max_tokens``, policies cycled per request.  With ``align`` = B, every
+    other request's ``max_tokens`` is raised so that prompt + output ends on a block boundary (``_check_stats``
+    compares only those: the reference completes a block the engine may stop in the middle of)."""
+    prompts = _prompts(n, seed)
+    lens = [1 + (7 * i) % 24 for i in range(n)]
+    if align:
+        lens = [m + (-(len(p) + m) % align if i % 2 else 0) for i, (p, m) in enumerate(zip(prompts, lens))]
+    return {"name": name, "mode": "batch", "prompts": prompts, "stats": stats,
+            "sampling": [_sp(m, temperature=temperature, top_k=20 if temperature else 0,
+                             seed=seed * 100 + i, extra={"s2d2": policies[i % len(policies)]})
+                         for i, m in enumerate(lens)]}
 
 
 def _check_stats(fam_models, fam, s2d2, job, outs):
@@ -96,7 +104,7 @@ FAST_POLICIES = [{}, {"verify": False}, {"verify_policy": "mask_span_length"},
 def test_fast_dllm_v2_engine_equals_reference(fam_ckpts, fam_models, tmp_path):
     fam = "fast_dllm_v2"
     s2d2 = {"method": "s2d2"}  # family default: Config-A
-    greedy = _mixed_job("greedy", 41, FAST_POLICIES, stats=True)
+    greedy = _mixed_job("greedy", 41, FAST_POLICIES, stats=True, align=BLOCK[fam])
     sampled = _mixed_job("sampled", 42, FAST_POLICIES, n=12, temperature=1.0)
     single = {"name": "single", "mode": "single", "prompts": _prompts(3, 43),
               "sampling": [_sp(m, seed=m) for m in (5, 17, 9)]}
