@@ -237,6 +237,7 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
     from vllm import LLM, SamplingParams
 
     from vllm_s2d2 import request_stats
+    from vllm_s2d2.engine.stats import reference_forwards
 
     llm = LLM(model=model_path, speculative_config={"method": "s2d2", "verify": False, "block_size": block},
               dtype=dtype, seed=seed, max_model_len=2048, gpu_memory_utilization=0.5, max_num_seqs=256)
@@ -253,9 +254,8 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
         stats = request_stats(llm, [o.request_id for o in outs])
         for (i, _, _), o in zip(items, outs):
             st = stats[o.request_id]
-            out.append({"config": name, "prompt": i, "token_ids": list(o.outputs[0].token_ids), "prefill": 1,
-                        "draft": st["draft_steps"], "verify": st["verify_steps"], "commit": st["committed_blocks"],
-                        "steps": st["draft_steps"], "verify_steps": st["verify_steps"],
+            out.append({"config": name, "prompt": i, "token_ids": list(o.outputs[0].token_ids),
+                        **reference_forwards(st), "steps": st["draft_steps"], "verify_steps": st["verify_steps"],
                         "proposed": st["proposed_tokens"], "accepted": st["accepted_tokens"],
                         "seconds": secs / len(items), "finish": o.outputs[0].finish_reason})
     return out

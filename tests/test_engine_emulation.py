@@ -27,6 +27,7 @@ from engine_helpers import build_tiny_checkpoint  # noqa: E402
 
 from vllm_s2d2.configs import load_family_info  # noqa: E402
 from vllm_s2d2.core.params import SamplingSpec  # noqa: E402
+from vllm_s2d2.engine.stats import reference_forwards  # noqa: E402
 from vllm_s2d2.reference import generate  # noqa: E402
 from vllm_s2d2.reference.models import ReferenceModel  # noqa: E402
 from vllm_s2d2.s2d2_config import S2D2Config  # noqa: E402
@@ -260,5 +261,9 @@ def test_per_request_statistics_equal_the_reference(tiny):
         assert r.output == reference(tiny, {}, r.prompt, r.sampling)
         assert (got["verify_steps"], got["proposed_tokens"], got["accepted_tokens"]) == (
             ref.verify_steps, ref.proposed_tokens, ref.accepted_tokens), (r.sampling.extra_args, got, ref)
+        # the demo's and the quality harness's forward accounting: the reference decoder's forwards, kind by kind
+        fw = reference_forwards(got)
+        assert (fw["prefill"], fw["draft"], fw["verify"], fw["commit"]) == (
+            ref.prefill_forwards, ref.draft_forwards, ref.verify_forwards, ref.commit_forwards), (got, ref)
         total_verified += got["verify_steps"]
     assert total_verified > 0

@@ -236,3 +236,35 @@ def test_demo_cli_on_cpu(capsys):
         assert out.count(header) >= 2, header
     assert "reference decoder on CPU" in out and "tokens/forward" in out and "acceptance" in out
     assert main(["frobnicate"]) == 2
+
+
+def test_demo_engine_columns_use_the_reference_accounting(capsys, monkeypatch):
+    """The vLLM-engine columns (GPU only) are built by ``_engine_result`` from a request's S2D2 counters.  Here
+    the engine is stood in for by the reference decoder's own counters, renamed as the engine names them: the
+    engine columns must then print the reference's forwards, tokens/forward, verify rate and acceptance, and the
+    footer must describe the engine's timing, not the CPU decoder's."""
+    from vllm_s2d2 import cli
+    from vllm_s2d2.engine.stats import derived
+
+    runs = {}
+
+    def fake_engine(model_path, prompts, cfg, max_tokens, temperature, seed):
+        ref = cli._reference_decode(ReferenceModel.load(str(model_path)), load_family_info(str(model_path)),
+                                    prompts, cfg, max_tokens, temperature, seed)
+        runs[json.dumps(cfg, sort_keys=True)] = ref
+        counters = [derived({"draft_steps": r["draft_forwards"], "verify_steps": r["verify_steps"],
+                             "proposed_tokens": r["proposed_tokens"], "accepted_tokens": r["accepted_tokens"],
+                             "committed_blocks": r["commit_forwards"]}) for r in ref]
+        return [cli._engine_result(r["token_ids"], r["seconds"], c) for r, c in zip(ref, counters)]
+
+    monkeypatch.setattr(cli, "_engine_available", lambda: (True, ""))
+    monkeypatch.setattr(cli, "_vllm_decode", fake_engine)
+    assert cli.main(["demo", "--num-prompts", "1", "--max-tokens", "8", "--width", "120"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("vLLM engine (GPU)") == 3 and "vLLM engine tok/s" in out
+    assert "Reference decoder tok/s" not in out
+    for ref in runs.values():
+        r = ref[0]
+        assert f"forwards {r['forwards']}" in out and f"tok/fwd {r['tokens_per_forward']:.2f}" in out
+    s2d2 = runs[json.dumps(cli.DEMO_CONFIGS["s2d2"][1], sort_keys=True)][0]
+    assert s2d2["verify_steps"] > 0 and f"verify rate {s2d2['verify_rate']:.2f}" in out

@@ -78,22 +78,39 @@ def _reference_decode(model, info, prompts: list[list[int]], cfg_dict: dict, max
     return out
 
 
+def _engine_result(token_ids, seconds: float, stats: dict) -> dict:
+    """One engine request as a demo column entry, with its forwards in the reference decoder's accounting
+    (:func:`~vllm_s2d2.engine.stats.reference_forwards`) so that the engine and reference columns compare."""
+    from vllm_s2d2.engine.stats import reference_forwards
+
+    fw = reference_forwards(stats)
+    n, forwards = len(token_ids), sum(fw.values())
+    return {"token_ids": list(token_ids), "seconds": seconds, "generated_tokens": n, "forwards": forwards,
+            "commit_forwards": fw["commit"], "tokens_per_forward": n / max(1, forwards),
+            "steps": stats["draft_steps"], "verify_steps": stats["verify_steps"],
+            "proposed_tokens": stats["proposed_tokens"], "accepted_tokens": stats["accepted_tokens"],
+            "verify_rate": stats["verify_rate"], "acceptance_rate": stats["acceptance_rate"]}
+
+
 def _vllm_worker(model_path: str, cfg: dict, prompts: list, max_tokens: int, temperature: float, seed: int) -> list:
-    """Runs in a subprocess: one engine for ``cfg``; each request alone, engine steps (= forwards) counted."""
+    """Runs in a subprocess: one engine for ``cfg`` (fp32 like the reference decoder, Triton in IEEE fp32);
+    each request alone after one warm-up request, its counters from :func:`vllm_s2d2.request_stats`."""
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     from vllm import LLM, SamplingParams
 
-    from vllm_s2d2.engine.offline import decode_alone
+    from vllm_s2d2 import request_stats
 
-    spec = {"method": "s2d2", **cfg}
-    llm = LLM(model=model_path, speculative_config=spec, dtype="bfloat16", seed=seed, max_model_len=2048,
-              gpu_memory_utilization=0.4)
-    engine = llm.llm_engine
+    llm = LLM(model=model_path, speculative_config={"method": "s2d2", **cfg}, dtype="float32", seed=seed,
+              max_model_len=2048, gpu_memory_utilization=0.4)
+    llm.generate([{"prompt_token_ids": list(prompts[0])}], SamplingParams(max_tokens=8), use_tqdm=False)
+    request_stats(llm)  # drop the warm-up request's counters
     out = []
     for i, ids in enumerate(prompts):
         sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
-        toks, steps, secs = decode_alone(engine, f"demo-{i}", ids, sp)
-        out.append({"token_ids": toks, "seconds": secs, "forwards": steps,
-                    "generated_tokens": len(toks), "tokens_per_forward": len(toks) / max(1, steps)})
+        t0 = time.perf_counter()
+        o = llm.generate([{"prompt_token_ids": list(ids)}], sp, use_tqdm=False)[0]
+        seconds = time.perf_counter() - t0
+        out.append(_engine_result(o.outputs[0].token_ids, seconds, request_stats(llm, [o.request_id])[o.request_id]))
     return out
 
 
@@ -259,8 +276,12 @@ def demo(argv: list[str] | None = None) -> int:
               f"verify rate {_fmt(vr, '.2f')}  "
               f"acceptance {_fmt(acc, '.2f')}  {tokens / max(1e-9, secs):5.0f} tok/s")
     print("  forwards: every forward counted (prefill, draft, verify, commit); fused: each block's commit forward "
-          "merged into the\n  next block's first draft, as the vLLM engine's canvas does.  Reference decoder tok/s "
-          "is CPU eager speed (no KV cache), not a benchmark.")
+          "merged into the\n  next block's first draft, as the vLLM engine's canvas does.")
+    if any(b.startswith("reference") for b in backends.values()):
+        print("  Reference decoder tok/s is CPU eager speed (no KV cache), not a benchmark.")
+    if any(b.startswith("vLLM") for b in backends.values()):
+        print("  vLLM engine tok/s: one request at a time on a 10 M-parameter model (launch-bound), not a benchmark "
+              "(see benchmarks/).")
     return 0
 
 
