@@ -139,6 +139,8 @@ def main(ckpt: str, qwen3: str, fast: str | None = None, llada2: str | None = No
         "extra_ok": _err(lambda: verify(extra_args={"s2d2": {"remasking": "low_confidence_static"}})),
         "n2": _err(lambda: verify(n=2)),
         "logprobs": _err(lambda: verify(logprobs=2)),
+        # what vLLM 0.26's beam search sends per beam step (entrypoints/generate/beam_search/online.py)
+        "beam_search": _err(lambda: verify(logprobs=2 * 4, max_tokens=1, temperature=0.0, detokenize=False)),
         "min_p": _err(lambda: verify(min_p=0.1)),
         "penalty": _err(lambda: verify(repetition_penalty=1.3)),
         "extra_block": _err(lambda: verify(extra_args={"s2d2": {"block_size": 8}})),

@@ -5,7 +5,7 @@ vLLM 0.26's ``SamplingParams._validate_diffusion`` (``sampling_params.py:884-903
 schedule.  The S2D2 engine honours temperature (0 = greedy), top-k, top-p and per-request seeds, so for the
 plugin's architectures this shim replaces that check with the plugin's own, which rejects -- with a clear
 ``ValueError`` in the frontend, before the request reaches the engine -- what the engine cannot honour:
-``n > 1``, ``logprobs`` / ``prompt_logprobs``, ``min_p``, repetition / presence / frequency penalties,
+``n > 1``, ``logprobs`` / ``prompt_logprobs`` (and so beam search), ``min_p``, repetition / presence / frequency penalties,
 ``min_tokens``, ``logit_bias``, ``bad_words``, ``allowed_token_ids`` and structured outputs, and validates
 per-request S2D2 options in ``extra_args["s2d2"]``.  Every other model keeps vLLM's check unchanged.
 """
@@ -25,8 +25,8 @@ def validate_s2d2_sampling(sp: Any, model_config: Any) -> None:
     bad = []
     if getattr(sp, "n", 1) != 1:
         bad.append(f"n={sp.n} (one sequence per request; send several requests instead)")
-    if sp.logprobs is not None:
-        bad.append("logprobs")
+    if sp.logprobs is not None:  # vLLM's beam search (use_beam_search / LLM.beam_search) asks for logprobs too
+        bad.append("logprobs (beam search needs them, so it is not supported either)")
     if sp.prompt_logprobs is not None:
         bad.append("prompt_logprobs")
     if sp.min_p > _EPS:
