@@ -263,9 +263,8 @@ def main() -> None:
     for group in args.modes.split(","):
         model = paths[modes_of(args.family)[group[0]]["arch"]]
         cmd = [sys.executable, os.path.abspath(__file__), "--family", args.family, "--batches", args.batches,
-               "--prompt-len",
-               str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--capture-sizes", args.capture_sizes,
-               "--_worker", model, group]
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+               "--capture-sizes", args.capture_sizes, "--_worker", model, group]
         with tempfile.TemporaryFile("w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
             try:

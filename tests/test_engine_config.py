@@ -115,8 +115,8 @@ def test_sampling_validation(probe):
     s = probe["sampling"]
     for ok in ("greedy_seed_topk", "temperature", "extra_ok", "extra_verify"):
         assert s[ok] is None, s[ok]
-    cases = [("n2", "n=2"), ("logprobs", "logprobs"), ("beam_search", "beam search"), ("min_p", "min_p"), ("penalty", "penalties"),
-             ("extra_block", "block_size"), ("extra_unknown", "nope")]
+    cases = [("n2", "n=2"), ("logprobs", "logprobs"), ("beam_search", "beam search"), ("min_p", "min_p"),
+             ("penalty", "penalties"), ("extra_block", "block_size"), ("extra_unknown", "nope")]
     for case, needle in cases:
         assert s[case] is not None and needle in s[case], (case, s[case])
     # other diffusion models keep vLLM's own rejection of greedy sampling

@@ -73,13 +73,14 @@ def _mixed_job(name, seed, policies, n=24, temperature=0.0, stats=False, align=0
     other request's ``max_tokens`` is raised so that prompt + output ends on a block boundary (``_check_stats``
     compares only those: the reference completes a block the engine may stop in the middle of)."""
     prompts = _prompts(n, seed)
-    lens = [1 + (7 * i) % 24 for i in range(n)]
+    max_tokens = [1 + (7 * i) % 24 for i in range(n)]
     if align:
-        lens = [m + (-(len(p) + m) % align if i % 2 else 0) for i, (p, m) in enumerate(zip(prompts, lens))]
+        max_tokens = [m + (-(len(p) + m) % align if i % 2 else 0)
+                      for i, (p, m) in enumerate(zip(prompts, max_tokens))]
     return {"name": name, "mode": "batch", "prompts": prompts, "stats": stats,
             "sampling": [_sp(m, temperature=temperature, top_k=20 if temperature else 0,
                              seed=seed * 100 + i, extra={"s2d2": policies[i % len(policies)]})
-                         for i, m in enumerate(lens)]}
+                         for i, m in enumerate(max_tokens)]}
 
 
 def _check_stats(fam_models, fam, s2d2, job, outs):

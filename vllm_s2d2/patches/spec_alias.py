@@ -67,8 +67,7 @@ def _read_checkpoint_config(engine_args: Any) -> dict[str, Any]:
 
 def translate(engine_args: Any) -> bool:
     """Rewrite ``engine_args`` in place when it asks for ``s2d2``; returns whether it did."""
-    from vllm_s2d2.configs import ARCH_TO_FAMILY
-    from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, ENGINE_ARCHS, resolve_engine_settings
+    from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, ENGINE_ARCHS, is_engine_arch, resolve_engine_settings
     from vllm_s2d2.s2d2_config import S2D2Config
 
     opts = _s2d2_request(engine_args)
@@ -77,7 +76,7 @@ def translate(engine_args: Any) -> bool:
     cfg = S2D2Config.from_dict(opts)  # unknown keys / bad values -> ValueError
     ckpt = _read_checkpoint_config(engine_args)
     archs = ckpt.get("architectures") or []
-    if not any(a in ARCH_TO_FAMILY for a in archs):
+    if not is_engine_arch(archs):
         raise ValueError(
             f"speculative_config method 's2d2' needs a block-diffusion checkpoint (the engine serves "
             f"{list(ENGINE_ARCHS)}); {engine_args.model!r} has architectures {list(archs)}")
