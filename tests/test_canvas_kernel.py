@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import torch
 
+from vllm_s2d2.core.masks import verifier_qq_bias
 from vllm_s2d2.engine.attention import kernel_visibility
 from vllm_s2d2.model_executor.attention.canvas_kernel import canvas_visibility
-from vllm_s2d2.model_executor.attention.verify_kernel import verifier_qq_bias
 
 
 def test_table_equals_the_range_semantics_and_the_2l_pattern():

@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent(r'''
     import vllm.platforms as P
     from vllm.platforms.cpu import CpuPlatform
     P._current_platform = CpuPlatform()
-    from vllm_s2d2.core.masks import verifier_2l
-    from vllm_s2d2.model_executor.attention.verify_kernel import verifier_qq_bias, verify_attention
+    from vllm_s2d2.core.masks import verifier_2l, verifier_qq_bias
+    from vllm_s2d2.model_executor.attention.verify_kernel import verify_attention
 
     # Triton's interpreter runs kernel code as Python, where `a >= 0 and a < n` on tensors is not the
     # elementwise AND the compiler makes of it; vLLM's qq-bias tile loader uses that form, so under the
@@ -95,7 +95,7 @@ def test_verify_kernel_matches_dense_2l_mask(case, tmp_path):
 def test_qq_bias_layout():
     import torch
 
-    from vllm_s2d2.model_executor.attention.verify_kernel import verifier_qq_bias
+    from vllm_s2d2.core.masks import verifier_qq_bias
 
     b = verifier_qq_bias(3)
     visible = (b == 0).int().tolist()

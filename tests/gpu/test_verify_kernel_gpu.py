@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.gpu,
     (1, [1, 2, 30], 8, 2, 64, 16),
 ])
 def test_verify_kernel_gpu(dtype, tol, B, contexts, hq, hkv, d, page):
-    from vllm_s2d2.core.masks import verifier_2l
-    from vllm_s2d2.model_executor.attention.verify_kernel import verifier_qq_bias, verify_attention
+    from vllm_s2d2.core.masks import verifier_2l, verifier_qq_bias
+    from vllm_s2d2.model_executor.attention.verify_kernel import verify_attention
 
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(B)

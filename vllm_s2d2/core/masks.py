@@ -67,7 +67,7 @@ def causal_rows(cache_len: int, block_len: int, device=None) -> torch.Tensor:
 
 
 def verifier_2l(cache_len: int, block_len: int, device=None) -> torch.Tensor:
-    """The 2L verifier mask ``[2L, C + 2L]`` (S2D2_SPEC.md §3.2; ``SDAR/generate_ssd_policy.py:107-127``).
+    """The 2L verifier mask ``[2L, C + 2L]`` (``docs/algorithm.md``; reference ``SDAR/generate_ssd_policy.py:107-127``).
 
     Input ``[first half = draft-filled block | mask half = L x MASK]``, both at the block's positions
     (duplicated position ids).  First-half rows are token-causal over the first half; mask-half row i sees
@@ -86,3 +86,12 @@ def verifier_2l(cache_len: int, block_len: int, device=None) -> torch.Tensor:
     m[L:, C:C + L] = torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
     m[L:, C + L:] = torch.eye(L, dtype=torch.bool, device=device)
     return m
+
+
+def verifier_qq_bias(block_size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`verifier_2l` with an empty cache as a ``[2B, 2B]`` additive bias (0 = visible, -inf = hidden):
+    the one pattern of every verify canvas in the engine, whatever part of the block is already cached (the
+    canvas layout is in :mod:`vllm_s2d2.model_executor.attention.verify_kernel`)."""
+    visible = verifier_2l(0, block_size, device)
+    bias = torch.zeros(2 * block_size, 2 * block_size, dtype=dtype, device=device)
+    return bias.masked_fill_(~visible, float("-inf"))

@@ -33,12 +33,13 @@ from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.interface import ModelState
 
+from vllm_s2d2.core.masks import verifier_qq_bias
 from vllm_s2d2.engine.attention import step_ranges
+from vllm_s2d2.engine.attention_inputs import VerifyGroup
 from vllm_s2d2.engine.stats import external_request_id
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
-from vllm_s2d2.engine.stepper import VERIFY, S2D2Stepper
-from vllm_s2d2.model_executor.attention.backend import VerifyGroup
-from vllm_s2d2.model_executor.attention.verify_kernel import verifier_qq_bias
+from vllm_s2d2.engine.states import VERIFY
+from vllm_s2d2.engine.stepper import S2D2Stepper
 
 _MAX_SAVED = 4096
 

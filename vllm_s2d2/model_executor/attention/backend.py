@@ -3,7 +3,7 @@
 Every mask a block-diffusion step needs except verification is "token-causal OR a per-request bidirectional
 range" (prefill, draft, commit), which the stock Triton backend computes from ``mm_req_doc_ranges``.  The
 2L verifier mask is not of that form, so this backend runs the stock launch for the whole batch and then,
-when the engine attached a :class:`VerifyGroup` to the metadata, one more launch of the same kernel over the
+when the engine attached a :class:`~vllm_s2d2.engine.attention_inputs.VerifyGroup` to the metadata, one more launch of the same kernel over the
 verifying requests' rows only (gathered into a contiguous block) with the fixed ``[2B, 2B]`` qq-bias of
 :mod:`.verify_kernel`, and scatters those rows back.  The stock launch's result for those rows is discarded.
 
@@ -18,26 +18,12 @@ no request verifies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
+from vllm_s2d2.engine.attention_inputs import VerifyGroup
 from vllm_s2d2.model_executor.attention.verify_kernel import verify_attention
-
-
-@dataclass
-class VerifyGroup:
-    """The verifying requests of one step, as the verify launch needs them (all on the device)."""
-
-    rows: torch.Tensor  # [Nv * 2B] token rows of the batch (each request's 2B canvas rows, in order)
-    cu_seqlens_q: torch.Tensor  # [Nv + 1] int32, 0, 2B, 4B, ...
-    seqused_k: torch.Tensor  # [Nv] int32, committed length + 2B
-    block_table: torch.Tensor  # [Nv, pages] int32
-    max_seqlen_q: int
-    max_seqlen_k: int
-    qq_bias: torch.Tensor  # [2B, 2B] float32, 0 / -inf
 
 
 class S2D2AttentionImpl(TritonAttentionImpl):

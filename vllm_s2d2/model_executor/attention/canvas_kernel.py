@@ -36,7 +36,7 @@ def canvas_visibility(spec: torch.Tensor, p: torch.Tensor, q_len: torch.Tensor, 
     ``spec [R, 4]``: the stepper's absolute ranges ``lo1, hi1, lo2, hi2`` (inclusive; ``lo >= hi`` = none) with
     the semantics of vLLM's ``mm_req_doc_ranges`` (token-causal OR both inside one range), clipped to the keys
     present (``< p + q_len``); ``verifying [R]`` rows take ``verify_pattern [W, W]`` (the 2L mask,
-    :func:`~vllm_s2d2.model_executor.attention.verify_kernel.verifier_qq_bias` != -inf) instead."""
+    :func:`~vllm_s2d2.core.masks.verifier_qq_bias` != -inf) instead."""
     R, W = spec.shape[0], verify_pattern.shape[0]
     idx = torch.arange(W, device=spec.device)
     q = p[:, None] + idx[None, :]  # [R, W] absolute positions of the canvas slots

@@ -8,9 +8,9 @@ A verifying request's canvas (2B query slots starting at its first uncommitted p
     RoPE pos     p .. p+Lb-1      (any)         p .. p+Lb-1        (any)
 
 with Lb = B - (tokens of the block already in the cache), so the mask half always starts at local slot B.
-Then one fixed ``[2B, 2B]`` pattern — :func:`vllm_s2d2.core.masks.verifier_2l` with an empty cache — is the
-2L mask for every verifying request whatever its Lb: first-half rows are token-causal over the first half,
-mask-half row B+i sees the first half strictly before i and itself, and no real row ever sees a filler slot.
+Then one fixed ``[2B, 2B]`` pattern — :func:`vllm_s2d2.core.masks.verifier_qq_bias`, i.e.
+:func:`~vllm_s2d2.core.masks.verifier_2l` with an empty cache — is the 2L mask for every verifying request
+whatever its Lb: first-half rows are token-causal over the first half, mask-half row B+i sees the first half strictly before i and itself, and no real row ever sees a filler slot.
 The cache (keys before p) is fully visible.
 
 vLLM's kernel (``v1/attention/ops/triton_unified_attention.py``) adds an optional ``qq_bias [Q, Q]`` to the
@@ -24,15 +24,6 @@ a 0 / -inf bias, computes exactly the 2L attention.  Mixed batches launch it onc
 from __future__ import annotations
 
 import torch
-
-from vllm_s2d2.core.masks import verifier_2l
-
-
-def verifier_qq_bias(block_size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The ``[2B, 2B]`` additive bias (0 = visible, -inf = hidden) of the canvas layout above."""
-    visible = verifier_2l(0, block_size, device)
-    bias = torch.zeros(2 * block_size, 2 * block_size, dtype=dtype, device=device)
-    return bias.masked_fill_(~visible, float("-inf"))
 
 
 def verify_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
