@@ -237,7 +237,7 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
     from vllm import LLM, SamplingParams
 
     from vllm_s2d2 import request_stats
-    from vllm_s2d2.engine.stats import reference_forwards
+    from vllm_s2d2.reference.accounting import reference_forwards
 
     llm = LLM(model=model_path, speculative_config={"method": "s2d2", "verify": False, "block_size": block},
               dtype=dtype, seed=seed, max_model_len=2048, gpu_memory_utilization=0.5, max_num_seqs=256)

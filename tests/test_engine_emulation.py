@@ -27,8 +27,8 @@ from engine_helpers import build_tiny_checkpoint  # noqa: E402
 
 from vllm_s2d2.configs import load_family_info  # noqa: E402
 from vllm_s2d2.core.params import SamplingSpec  # noqa: E402
-from vllm_s2d2.engine.stats import reference_forwards  # noqa: E402
 from vllm_s2d2.reference import generate  # noqa: E402
+from vllm_s2d2.reference.accounting import reference_forwards  # noqa: E402
 from vllm_s2d2.reference.models import ReferenceModel  # noqa: E402
 from vllm_s2d2.s2d2_config import S2D2Config  # noqa: E402
 

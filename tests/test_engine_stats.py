@@ -23,6 +23,13 @@ def test_derived_rates_and_log_line():
     assert "verify rate 0.40" in format_stats(c) and "acceptance 0.75" in format_stats(c)
 
 
+def test_reference_forwards_from_engine_counters():
+    from vllm_s2d2.reference.accounting import reference_forwards
+
+    c = derived(dict(zip(STAT_NAMES, (10, 4, 12, 9, 3))))  # what request_stats returns
+    assert reference_forwards(c) == {"prefill": 1, "draft": 10, "verify": 4, "commit": 3}
+
+
 class _Stepper:
     def __init__(self):
         self.rows = {}

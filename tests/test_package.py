@@ -26,3 +26,22 @@ def test_import_is_cheap_and_register_idempotent():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_request_stats_is_loaded_lazily():
+    """``from vllm_s2d2 import request_stats`` works, and the package import alone loads no engine module."""
+    code = (
+        "import sys, vllm_s2d2\n"
+        "eng = [m for m in sys.modules if m.startswith('vllm_s2d2.engine')]\n"
+        "assert not eng, eng\n"
+        "from vllm_s2d2 import request_stats\n"
+        "from vllm_s2d2.engine.stats import request_stats as real\n"
+        "assert request_stats is real and vllm_s2d2.request_stats is real\n"
+        "assert 'request_stats' in vllm_s2d2.__all__\n"
+        "try:\n"
+        "    vllm_s2d2.no_such_name\n"
+        "except AttributeError:\n"
+        "    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

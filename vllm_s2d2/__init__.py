@@ -3,7 +3,7 @@
 ``register()`` is the ``vllm.general_plugins`` entry point.  vLLM calls it in every process (engine, workers,
 the model-registry subprocess), so it is idempotent and cheap; importing this package imports nothing heavy.
 
-With vLLM importable, ``register()`` also (``VLLM_0_26.md`` §11):
+With vLLM importable, ``register()`` also (``docs/architecture.md``, vLLM integration):
 
 1. registers the HF config classes with transformers' ``AutoConfig`` and vLLM's ``_CONFIG_REGISTRY`` (no
    ``--trust-remote-code``);
@@ -23,10 +23,20 @@ and carries on without it).
 
 from __future__ import annotations
 
-from vllm_s2d2.engine.stats import request_stats  # per-request S2D2 counters of an LLM (no heavy imports)
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["register", "request_stats"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``vllm_s2d2.request_stats`` (per-request S2D2 counters of an LLM) lives in the engine layer, which the
+    # package root does not import at import time; it is loaded on first access.
+    if name == "request_stats":
+        from vllm_s2d2.engine.stats import request_stats
+
+        return request_stats
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _registered = False
 

@@ -80,8 +80,8 @@ def _reference_decode(model, info, prompts: list[list[int]], cfg_dict: dict, max
 
 def _engine_result(token_ids, seconds: float, stats: dict) -> dict:
     """One engine request as a demo column entry, with its forwards in the reference decoder's accounting
-    (:func:`~vllm_s2d2.engine.stats.reference_forwards`) so that the engine and reference columns compare."""
-    from vllm_s2d2.engine.stats import reference_forwards
+    (:func:`~vllm_s2d2.reference.accounting.reference_forwards`) so that the engine and reference columns compare."""
+    from vllm_s2d2.reference.accounting import reference_forwards
 
     fw = reference_forwards(stats)
     n, forwards = len(token_ids), sum(fw.values())

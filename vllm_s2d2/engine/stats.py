@@ -47,15 +47,6 @@ def derived(counters: dict[str, int]) -> dict[str, Any]:
     return out
 
 
-def reference_forwards(counters: dict[str, int]) -> dict[str, int]:
-    """One request's forwards in the reference decoder's accounting, from the engine's counters: the prefill,
-    each draft, each verification and one commit forward per block.  The engine fuses a block's commit into the
-    next block's first draft, so ``commit`` forwards cost it nothing; they are listed so that tokens per forward
-    compare with the reference (``tokens / sum`` = every forward counted, ``tokens / (sum - commit)`` = fused)."""
-    return {"prefill": 1, "draft": counters["draft_steps"], "verify": counters["verify_steps"],
-            "commit": counters["committed_blocks"]}
-
-
 def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """The counters of what happened between two readings of the totals (a name missing counts as 0)."""
     return {n: after.get(n, 0) - before.get(n, 0) for n in STAT_NAMES}
