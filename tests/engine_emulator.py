@@ -29,7 +29,8 @@ import torch
 from vllm_s2d2.core.masks import verifier_2l
 from vllm_s2d2.engine.attention import kernel_visibility, step_ranges
 from vllm_s2d2.engine.settings import resolve_engine_settings
-from vllm_s2d2.engine.stepper import VERIFY, S2D2Stepper
+from vllm_s2d2.engine.states import VERIFY
+from vllm_s2d2.engine.stepper import S2D2Stepper
 
 
 @dataclass

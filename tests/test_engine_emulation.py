@@ -191,7 +191,7 @@ def test_s2d2_always_verify_greedy_equals_engine_ar_mode(tiny):
     ar, _ = emulate(tiny, {"verify": False, "block_size": 1}, sps)
     s2, emu = emulate(tiny, {"verify_policy": "mask_span_length", "acceptance": "greedy"}, greedy())
     assert [r.output for r in s2] == [r.output for r in ar]
-    stats = emu.stepper.stats
+    stats = emu.stepper.blocks.stats
     assert int(stats[:, 1].sum()) > 0 and int(stats[:, 3].sum()) > 0  # verify steps, accepted drafts
 
 

@@ -11,7 +11,7 @@ from vllm_s2d2.core import masks
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
 from vllm_s2d2.engine.attention import decode_ranges, kernel_visibility, pad_ranges, prefill_block_ranges
 from vllm_s2d2.engine.settings import request_config, resolve_engine_settings
-from vllm_s2d2.engine.stepper import PackedStepParams
+from vllm_s2d2.engine.step_params import PackedStepParams
 from vllm_s2d2.s2d2_config import S2D2Config
 
 SDAR = {"architectures": ["SDARForCausalLM"], "vocab_size": 512, "block_size": 4, "mask_token_id": 511,

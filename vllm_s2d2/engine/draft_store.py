@@ -1,21 +1,8 @@
-"""Engine side of S2D2 verification: the draft kept between the draft and the verify step, the 2L canvas,
-its positions, and the verify group handed to the attention backend.
+"""The draft a verifying request keeps between its DRAFT step and its VERIFY step (per-slot buffers).
 
-A verification takes two engine steps (S2D2_SPEC.md §3.1, cost 2 forwards):
-
-1. DRAFT step: ``core.step.draft_step`` decides ``do_verify`` for some rows.  Those rows commit nothing now;
-   their :class:`~vllm_s2d2.core.step.Draft` is saved in :class:`DraftStore` (per-slot persistent buffers;
-   the draft *logits* are kept instead of the fp32 probabilities, and the probabilities are recomputed with
-   the same transform when the verifier's logits arrive) and the next canvas is the 2L layout below.
-2. VERIFY step: the forward runs with the 2L mask (:mod:`vllm_s2d2.model_executor.attention.backend`); the
-   mask-half logits are q; ``core.step.verify_step`` + ``finish_step`` commit the accepted prefix, the
-   correction and the quota top-up, exactly as the reference decoder does.
-
-2L canvas of a request whose block has ``Lb`` uncommitted positions (``off = B - Lb`` already cached)::
-
-    local slot   0 .. Lb-1        Lb .. B-1     B .. B+Lb-1        B+Lb .. 2B-1
-    tokens       first half       MASK filler   MASK (mask half)   MASK filler
-    RoPE pos     p .. p+Lb-1      p+Lb ..       p .. p+Lb-1        (runner's)
+A verification takes two engine steps: the DRAFT step decides ``do_verify`` and saves the draft here (the draft
+*logits*, not the fp32 probabilities: they are recomputed with the same transform when the verifier's logits
+arrive); the VERIFY step loads it and runs ``core.step.verify_step`` + ``finish_step`` (docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -77,18 +64,3 @@ class DraftStore:
         assert {f.name for f in fields(Draft)} == set(kw)
         return Draft(**kw)
 
-
-def verify_canvas(first_half: torch.Tensor, off: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """``[R, 2B]`` canvas: the first half's uncached part at slots ``[0, Lb)``, masks elsewhere."""
-    R, B = first_half.shape
-    w = torch.arange(2 * B, device=first_half.device)
-    src = (off[:, None] + w[None, :]).clamp(max=B - 1)
-    Lb = B - off
-    return torch.where(w[None, :] < Lb[:, None], first_half.gather(1, src), torch.full_like(src, mask_id))
-
-
-def verify_position_shift(token_req: torch.Tensor, local: torch.Tensor, verifying: torch.Tensor,
-                          block_size: int) -> torch.Tensor:
-    """Amount to subtract from the runner's positions (``p + local``) so that the mask half of a verifying
-    request sits at the first half's positions: ``B`` on local slots ``>= B`` of verifying requests."""
-    return torch.where(verifying[token_req] & (local >= block_size), block_size, 0)

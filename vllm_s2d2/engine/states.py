@@ -1,0 +1,137 @@
+"""Named per-slot state of the engine: the open block of every request slot (device) and each request's fixed
+facts (host master copy, staged to the device).
+
+Every per-slot buffer has ``max_num_reqs + 1`` rows; the last one, ``scratch``, absorbs the writes of the
+padding rows of a CUDA-graph step and is never read back.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from vllm_s2d2.core.params import FamilyRules
+from vllm_s2d2.core.policies import PolicyState
+from vllm_s2d2.engine.buffer_utils import StagedRows
+from vllm_s2d2.engine.stats import STAT_NAMES
+
+# Phase of a slot's coming step (docs/lifecycle.md).
+DRAFT, COMMIT, VERIFY = 0, 1, 2
+NO_LIMIT = 2 ** 62  # max_tokens of a request without one
+
+
+class BlockStates:
+    """The open block of every slot, on the device: what a decode step reads and writes."""
+
+    def __init__(self, num_slots: int, block_size: int, mask_token_id: int, device: torch.device):
+        long = dict(dtype=torch.int64, device=device)
+        B = block_size
+        self.tokens = torch.full((num_slots, B), mask_token_id, **long)  # block, mask id where masked
+        self.block_start = torch.zeros(num_slots, **long)  # absolute position of the block's column 0
+        self.step_idx = torch.zeros(num_slots, **long)  # denoising steps done in this block (quota lookup)
+        self.rng_counter = torch.zeros(num_slots, **long)  # one value per draft step, as the reference's
+        self.phase = torch.zeros(num_slots, **long)  # DRAFT / COMMIT / VERIFY
+        self.post_steps = torch.zeros(num_slots, **long)  # LLaDA2.1 editing passes after the last mask
+        self.canvas = torch.full((num_slots, 2 * B), mask_token_id, **long)  # next step's input tokens
+        self.attn_spec = torch.zeros(num_slots, 4, dtype=torch.int32, device=device)  # next step's ranges
+        self.policy = PolicyState.zeros(num_slots, device)  # routing policy state
+        self.stats = torch.zeros(num_slots, len(STAT_NAMES), **long)  # per-request counters
+        self.totals = torch.zeros(len(STAT_NAMES), **long)  # engine-wide counters
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """A new request in ``slots``: counters, phase and policy state start afresh."""
+        self.rng_counter[slots] = 0
+        self.step_idx[slots] = 0
+        self.phase[slots] = DRAFT
+        self.post_steps[slots] = 0
+        self.stats[slots] = 0
+        self.policy.scatter_(slots, PolicyState.zeros(slots.numel(), slots.device))
+
+    def snapshot(self, slot: int) -> torch.Tensor:
+        """Device copy of a slot's block (for a resume after preemption): ``[B tokens, SNAPSHOT_FIELDS...]``."""
+        return torch.cat([self.tokens[slot]] + [getattr(self, name)[slot:slot + 1] for name in SNAPSHOT_FIELDS])
+
+
+SNAPSHOT_FIELDS = ("block_start", "step_idx", "rng_counter", "phase", "post_steps")
+
+
+class SnapshotView(NamedTuple):
+    tokens: torch.Tensor
+    block_start: torch.Tensor
+    step_idx: torch.Tensor
+    rng_counter: torch.Tensor
+    phase: torch.Tensor
+    post_steps: torch.Tensor
+
+    @classmethod
+    def of(cls, saved: torch.Tensor, block_size: int) -> "SnapshotView":
+        return cls(saved[:block_size], *saved[block_size:block_size + len(SNAPSHOT_FIELDS)])
+
+
+class FactsView(NamedTuple):
+    """Fixed facts of a batch of slots (``[R]`` tensors; ``stop_ids [R, K]``, -1 = none)."""
+
+    prompt_len: torch.Tensor
+    max_tokens: torch.Tensor
+    cache_ver: torch.Tensor
+    draft_ver: torch.Tensor
+    max_post_steps: torch.Tensor
+    editing: torch.Tensor
+    stop_ids: torch.Tensor
+
+
+_FACT_COLUMNS = ("prompt_len", "max_tokens", "cache_ver", "draft_ver", "max_post_steps", "editing")
+
+
+class RequestFacts:
+    """What a request fixes on arrival: a device table (read by steps) and host arrays (read without touching
+    the device: batch selection, attention ranges, graph keys)."""
+
+    def __init__(self, num_slots: int, max_stop_ids: int, device: torch.device):
+        self.max_stop_ids = max_stop_ids
+        self.table = StagedRows(num_slots, len(_FACT_COLUMNS) + max_stop_ids, torch.int64, device)
+        self.active = np.zeros(num_slots, dtype=bool)
+        self.cache_ver = np.zeros(num_slots, dtype=bool)
+        self.draft_ver = np.zeros(num_slots, dtype=bool)
+        self.top_k_on = np.zeros(num_slots, dtype=bool)
+        self.top_p_on = np.zeros(num_slots, dtype=bool)
+        self.prompt_len = np.zeros(num_slots, dtype=np.int64)
+
+    def add(self, slot: int, *, prompt_len: int, max_tokens: int | None, cache_ver: bool, draft_ver: bool,
+            max_post_steps: int, editing: bool, stop_ids: Sequence[int], top_k_on: bool, top_p_on: bool) -> None:
+        stops = list(dict.fromkeys(int(s) for s in stop_ids))[: self.max_stop_ids]  # a cut list only delays
+        stops += [-1] * (self.max_stop_ids - len(stops))
+        limit = NO_LIMIT if max_tokens is None else int(max_tokens)
+        self.table.stage(slot, [prompt_len, limit, int(cache_ver), int(draft_ver), int(max_post_steps),
+                                int(editing)] + stops)
+        self.active[slot] = True
+        self.cache_ver[slot] = cache_ver
+        self.draft_ver[slot] = draft_ver
+        self.top_k_on[slot] = top_k_on
+        self.top_p_on[slot] = top_p_on
+        self.prompt_len[slot] = prompt_len
+
+    def gather(self, slots: torch.Tensor) -> FactsView:
+        rows = self.table.gpu[slots]
+        n = len(_FACT_COLUMNS)
+        cols = [rows[:, j] for j in range(n)]
+        for j in (2, 3, 5):  # cache_ver, draft_ver, editing
+            cols[j] = cols[j].bool()
+        return FactsView(*cols, rows[:, n:])
+
+
+class BlockLayout(NamedTuple):
+    """What every step of one engine shares: block and canvas sizes, the family's rules, the length cap."""
+
+    block_size: int
+    mask_token_id: int
+    shifted: bool  # logit i predicts token i + 1 (Fast-dLLM v2): sub-blocks, causal verification
+    sub_block: int  # positions one step may unmask (the block, or Fast-dLLM v2's sub-block)
+    max_model_len: int
+    rules: FamilyRules
+
+    @property
+    def canvas_length(self) -> int:
+        return 2 * self.block_size

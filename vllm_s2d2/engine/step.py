@@ -1,0 +1,206 @@
+"""One decode step for a batch of slots: state in, state and emitted tokens out (docs/lifecycle.md).
+
+Pure tensor work with static shapes and no host syncs, so :mod:`.cudagraph_utils` can capture it.  Every
+decision is made by ``core`` (``core.step`` for draft / verify / commit); this module reads each request's
+block logits out of the canvas logits, applies the phase rules of a canvas (DRAFT, VERIFY, COMMIT + next draft)
+and writes the next state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from vllm_s2d2.core.params import StepParams
+from vllm_s2d2.core.policies import PolicyState
+from vllm_s2d2.core.step import BlockState, draft_step, finish_step, shifted_next_token, verify_step
+from vllm_s2d2.engine.buffer_utils import gather_rows
+from vllm_s2d2.engine.canvas import write_next
+from vllm_s2d2.engine.draft_store import DraftStore
+from vllm_s2d2.engine.states import COMMIT, DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts
+from vllm_s2d2.engine.step_params import PackedStepParams
+
+
+class StepBatch(NamedTuple):
+    """The decoding requests of one step.  Request r's canvas logits are rows ``logits_row0[r] ..
+    logits_row0[r] + query_len[r] - 1`` of ``logits``; its query starts at absolute position ``start[r]``."""
+
+    logits: torch.Tensor  # [N, V]
+    slots: torch.Tensor  # [R] state rows
+    start: torch.Tensor  # [R] first query position (num_computed_tokens)
+    query_len: torch.Tensor  # [R] canvas slots scheduled (W, or fewer when truncated)
+    logits_row0: torch.Tensor  # [R]
+    valid: torch.Tensor | None  # [R] False on CUDA-graph padding rows (None = all valid)
+
+
+class StepContext(NamedTuple):
+    """The engine state a step reads and writes."""
+
+    layout: BlockLayout
+    blocks: BlockStates
+    facts: RequestFacts
+    params: PackedStepParams
+    drafts: DraftStore
+
+
+def pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> PolicyState:
+    """Per row: ``new`` where ``keep``, else ``old``."""
+    def pick(a, b):
+        return torch.where(keep.view(-1, *([1] * (a.dim() - 1))), b, a)
+    return PolicyState(pick(old.hysteresis_on, new.hysteresis_on), pick(old.ucb_t, new.ucb_t),
+                       pick(old.ucb_n, new.ucb_n), pick(old.ucb_mu, new.ucb_mu))
+
+
+def decode_step(ctx: StepContext, batch: StepBatch, has_verify: bool, use_top_k: bool, use_top_p: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``."""
+    layout, blocks = ctx.layout, ctx.blocks
+    B, mask_id, shift = layout.block_size, layout.mask_token_id, int(layout.shifted)
+    logits, slots, start, query_len, row0 = batch.logits, batch.slots, batch.start, batch.query_len, \
+        batch.logits_row0
+    cols = torch.arange(B, device=slots.device)[None, :]
+    wcols = torch.arange(2 * B, device=slots.device)[None, :]
+
+    block_start = blocks.block_start[slots]
+    tokens = blocks.tokens[slots]
+    phase = blocks.phase[slots]
+    step_idx = blocks.step_idx[slots]
+    rng_counter = blocks.rng_counter[slots]
+    post_steps = blocks.post_steps[slots]
+    facts = ctx.facts.gather(slots)
+
+    cached = (start - block_start).clamp(0, B)  # block positions already in the KV cache
+    uncached = B - cached
+    is_commit = phase == COMMIT
+    is_verify = phase == VERIFY
+    needed = torch.where(is_commit | is_verify, uncached + B, uncached)
+    full = query_len >= needed
+    clipped = ~full & (start + query_len >= layout.max_model_len)
+    commit_ok = is_commit & (query_len >= uncached)
+    draft_rows = query_len - torch.where(is_commit, uncached, torch.zeros_like(uncached))
+    draft_ok = torch.where(is_commit, full | (clipped & commit_ok & (draft_rows > 0)),
+                           full | (clipped & (query_len > 0))) & ~is_verify
+    if layout.shifted:
+        # The next block's first token comes from this commit forward, so its first draft cannot share it.
+        draft_ok = draft_ok & ~is_commit
+    verify_ok = is_verify & full  # a verify canvas is only ever written when it fits (canvas.write_next)
+
+    # The block this step denoises: the current one (DRAFT) or the fresh next one (COMMIT).  A shift-aligned
+    # model's fresh block starts with the argmax of the committed block's last logit (canvas row uncached - 1).
+    fresh = torch.full_like(tokens, mask_id)
+    if layout.shifted:
+        last_row = (row0 + uncached - 1).clamp(0, max(logits.shape[0] - 1, 0))
+        fresh = torch.where(cols == 0, shifted_next_token(logits[last_row], mask_id)[:, None], fresh)
+    draft_block = torch.where(is_commit[:, None], fresh, tokens)
+    draft_cached = torch.where(is_commit, torch.zeros_like(cached), cached)
+    draft_block_start = block_start + torch.where(is_commit, B, 0)
+    draft_step_idx = torch.where(is_commit, torch.zeros_like(step_idx), step_idx)
+    available = full[:, None] | (cols < (draft_cached + draft_rows.clamp(min=0))[:, None])
+    region = available
+    draft_is_mask = draft_block == mask_id
+    draft_has_mask = draft_is_mask.any(1)
+    if layout.shifted:
+        # Fast-dLLM v2 decodes the sub-block holding the block's first mask.
+        first_mask = torch.where(draft_has_mask, draft_is_mask.int().argmax(1), torch.zeros_like(draft_cached))
+        lo = first_mask // layout.sub_block * layout.sub_block
+        region = region & (cols >= lo[:, None]) & (cols < (lo + layout.sub_block)[:, None])
+    editable = (draft_block_start[:, None] + cols) >= facts.prompt_len[:, None]
+
+    # Block column i reads canvas row i - cached (position-aligned) or i - cached - 1 (shifted: the logit of the
+    # previous position; the first uncached column always holds a known token).
+    has_logit = (cols >= (draft_cached + shift)[:, None]) & (cols < (draft_cached + draft_rows.clamp(min=0))[:, None])
+    rows = (row0[:, None] + torch.where(is_commit, uncached, 0)[:, None] + (cols - draft_cached[:, None] - shift))
+    block_logits = gather_rows(logits, rows, has_logit)
+
+    params = ctx.params.gather(slots, use_top_k, use_top_p)
+    policy = blocks.policy.index(slots)
+    state = BlockState(draft_block, editable, region, draft_step_idx, rng_counter)
+    draft, policy_drafted = draft_step(block_logits, state, params, layout.rules, policy)
+    # A verify canvas needs 2B slots from the block start: near max_model_len the step falls back to the
+    # baseline rule (the routing state already counted the decision).
+    starts_verify = draft_ok & draft.do_verify & (draft_block_start + 2 * B <= layout.max_model_len)
+    draft.do_verify = starts_verify
+    result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
+    new_tokens = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, draft_block)
+    ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, draft_step_idx)
+    policy_next = pick_policy(policy, policy_finished, draft_ok & ~starts_verify)
+    policy_next = pick_policy(policy_next, policy_drafted, starts_verify)  # reward recorded when verified
+
+    num_accepted = torch.zeros_like(start)
+    if has_verify:
+        v_tokens, v_policy, num_accepted = _verify(ctx, logits, slots, tokens, editable, cached, row0,
+                                                   rng_counter, step_idx, params, policy)
+        new_tokens = torch.where(verify_ok[:, None], v_tokens, new_tokens)
+        policy_next = pick_policy(policy_next, v_policy, verify_ok)
+    blocks.policy.scatter_(slots, policy_next)
+    ran = draft_ok | verify_ok
+
+    # LLaDA2.1 editing passes: once the block has no mask, up to max_post_steps more draft steps may edit it; an
+    # editing pass that changes nothing ends the block.
+    edit_pass = draft_ok & ~draft_has_mask
+    changed = (new_tokens != draft_block).any(1)
+    post_next = torch.where(commit_ok, torch.zeros_like(post_steps), post_steps) + edit_pass.long()
+    new_has_mask = (new_tokens == mask_id).any(1)
+    more_edits = ran & ~new_has_mask & ~(edit_pass & ~changed) & (post_next < facts.max_post_steps)
+    # With editing, emitted tokens could still change until the block is settled.
+    settled = ~facts.editing | (~new_has_mask & ~more_edits)
+
+    # Early finish: a final prefix (from draft_cached) that already ends the request is emitted now.
+    blocking = ((new_tokens == mask_id) | ~available) & (cols >= draft_cached[:, None])
+    first_blocking = torch.where(blocking.any(1), blocking.int().argmax(1), torch.full_like(draft_cached, B))
+    leading = (first_blocking - draft_cached).clamp_min(0)
+    in_lead = (cols >= draft_cached[:, None]) & (cols < first_blocking[:, None])
+    is_stop = (new_tokens[:, :, None] == facts.stop_ids[:, None, :]).any(-1) & in_lead & editable
+    emitted_before = draft_block_start + draft_cached - facts.prompt_len  # output tokens before the lead
+    reach_max = emitted_before + leading >= facts.max_tokens
+    region_done = ~((new_tokens == mask_id) & available).any(1)
+    finish = ran & ~starts_verify & (leading > 0) & (
+        is_stop.any(1) | ((reach_max | (clipped & region_done)) & settled))
+
+    num_emitted = torch.where(commit_ok, uncached, 0) + torch.where(finish, leading, 0)
+    # Emitted tokens: [current block (final for COMMIT, drafted for DRAFT) | drafted next block] from `cached`.
+    out_row = torch.cat([torch.where(is_commit[:, None], tokens, new_tokens), new_tokens], dim=1)
+    out_tokens = out_row.gather(1, (cached[:, None] + wcols).clamp(max=2 * B - 1))
+
+    # Next state.
+    tokens_next = torch.where(commit_ok[:, None], torch.where(draft_ok[:, None], new_tokens, fresh),
+                              torch.where(ran[:, None], new_tokens, tokens))
+    blocks.block_start[slots] = torch.where(commit_ok, block_start + B, block_start)
+    blocks.tokens[slots] = tokens_next
+    blocks.step_idx[slots] = torch.where(commit_ok, draft_ok.long(), step_idx + draft_ok.long())
+    blocks.rng_counter[slots] = rng_counter + draft_ok.long()
+    blocks.post_steps[slots] = post_next
+    phase_next = torch.where((tokens_next == mask_id).any(1) | more_edits, DRAFT, COMMIT)
+    phase_next = torch.where(ran | commit_ok, phase_next, phase)  # a step that did not run keeps its phase
+    stay = starts_verify | (is_verify & ~verify_ok)  # a truncated verify step is retried
+    blocks.phase[slots] = torch.where(stay, VERIFY, phase_next)
+    counted = torch.stack([draft_ok.long(), verify_ok.long(),
+                           torch.where(verify_ok, ctx.drafts.reqs["span_length"][slots], 0),
+                           torch.where(verify_ok, num_accepted, 0), commit_ok.long()], dim=1)
+    if batch.valid is not None:
+        counted = counted * batch.valid[:, None].long()
+    blocks.stats[slots] += counted
+    blocks.totals += counted.sum(dim=0)
+    write_next(ctx, slots, start + num_emitted)
+    return out_tokens, num_emitted.to(torch.int32), (query_len - num_emitted).to(torch.int32)
+
+
+def _verify(ctx: StepContext, logits, slots, tokens, editable, cached, row0, rng_counter, step_idx,
+            params: StepParams, policy: PolicyState):
+    """Verification over every row (the caller keeps the rows whose step is a VERIFY): q from the verifier's
+    rows (2L mask half at canvas row B + i, or the causal pass's row i - 1 for shifted models),
+    ``core.step.verify_step`` against the saved draft, then ``finish_step``.  Rows are independent, so
+    computing all of them keeps the shapes static and changes no number.  Returns [R, B] tokens, policy state
+    and accepted counts."""
+    layout = ctx.layout
+    B = layout.block_size
+    draft = ctx.drafts.load(slots, params, layout.mask_token_id)
+    cols = torch.arange(B, device=slots.device)[None, :]
+    base, shift = (0, 1) if layout.shifted else (B, 0)
+    known = cols >= (cached + shift)[:, None]
+    q_logits = gather_rows(logits, row0[:, None] + base + (cols - cached[:, None] - shift), known)
+    commit, v_tokens, accepted = verify_step(draft, q_logits, params, layout.rules, ctx.drafts.counter[slots])
+    vstate = BlockState(tokens, editable, torch.ones_like(editable), step_idx, rng_counter)
+    result, v_policy = finish_step(vstate, draft, commit, v_tokens, accepted, params, policy)
+    return result.tokens, v_policy, result.num_accepted
