@@ -1,6 +1,6 @@
 """Per-request attention masks for the stock TRITON_ATTN backend: token-causal + bidirectional ranges.
 
-Choice (ISSUE 3 item 3; ``VLLM_0_26.md`` §9): every mask this engine needs *without verification* is
+Every mask this engine needs *without verification* is
 "token-causal OR (q and k inside one of the request's ranges)", which is exactly the semantics of vLLM's
 PrefixLM ``mm_req_doc_ranges`` in ``v1/attention/ops/triton_attention_helpers.py:compute_kv_seq_mask``::
 

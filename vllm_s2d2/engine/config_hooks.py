@@ -1,4 +1,4 @@
-"""``MODELS_CONFIG_MAP`` hook for the plugin's block-diffusion architectures (``VLLM_0_26.md`` §3, §11).
+"""``MODELS_CONFIG_MAP`` hook for the plugin's block-diffusion architectures (docs/architecture.md).
 
 vLLM runs ``verify_and_update_config(vllm_config)`` as the first step of ``VllmConfig.__post_init__`` (before the
 runner choice, async scheduling and CUDA-graph resolution), in the process that builds the config; the result

@@ -1,5 +1,5 @@
 """``S2D2Sampler``: the MRV2 sampler of block-diffusion models (replaces vLLM's ``Sampler`` via
-``ModelState.custom_sampler``; contract in ``VLLM_0_26.md`` §5, template ``diffusion_gemma.py:DiffusionSampler``).
+``ModelState.custom_sampler``, as vLLM's own ``diffusion_gemma.py:DiffusionSampler`` does; docs/architecture.md).
 
 Per call (one engine step), from the ``InputBatch`` alone -- no host syncs:
 

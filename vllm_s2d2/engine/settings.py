@@ -1,6 +1,6 @@
 """Engine-wide and per-request S2D2 settings, shared by the config hook, the sampling-params shim and the worker.
 
-Where the knobs live in vLLM 0.26 (``VLLM_0_26.md`` §3, §4, §11):
+Where the knobs live in vLLM 0.26 (docs/architecture.md):
 
 * the engine-wide :class:`~vllm_s2d2.s2d2_config.S2D2Config` travels in ``VllmConfig.additional_config["s2d2"]``
   (a plain dict: it is hashed and pickled into every process).  The ``speculative_config="s2d2"`` alias
