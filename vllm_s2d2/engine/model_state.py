@@ -1,4 +1,4 @@
-"""``S2D2ModelState``: the MRV2 ``ModelState`` of block-diffusion models (``VLLM_0_26.md`` §5, §11).
+"""``S2D2ModelState``: the MRV2 ``ModelState`` of block-diffusion models (docs/architecture.md).
 
 vLLM's runner stays stock; this class plugs the block-diffusion state machine into it:
 
@@ -6,9 +6,9 @@ vLLM's runner stays stock; this class plugs the block-diffusion state machine in
   runner from ``req_states.draft_tokens``); nothing is sampled "after" it.
 * Persistent per-slot GPU state lives in one :class:`~vllm_s2d2.engine.stepper.S2D2Stepper` shared with the
   :class:`~vllm_s2d2.engine.sampler.S2D2Sampler` (``custom_sampler`` -> ``(S2D2Sampler, None)``).
-* ``prepare_inputs`` returns a persistent ``positions`` buffer (a copy of the runner's positions today; the
-  2L verifier of Engine II writes duplicated positions into it) -- the same buffer is returned by
-  ``prepare_dummy_inputs`` so piecewise CUDA graphs see one address.
+* ``prepare_inputs`` returns a persistent ``positions`` buffer: the runner's positions, with the mask half of
+  a 2L verify canvas moved to the first half's positions -- the same buffer is returned by
+  ``prepare_dummy_inputs`` so CUDA graphs see one address.
 * ``prepare_attn`` builds TRITON_ATTN metadata with ``causal=True`` plus per-request bidirectional ranges
   (``mm_req_doc_ranges``, :mod:`vllm_s2d2.engine.attention`).  The ranges of decoding requests depend on the
   previous step's outcome; the stepper copies them to pinned host memory at the end of every sampler call,
