@@ -1,7 +1,8 @@
 """``S2D2Sampler``: the MRV2 sampler of block-diffusion models (replaces vLLM's ``Sampler`` via
 ``ModelState.custom_sampler``, as vLLM's own ``diffusion_gemma.py:DiffusionSampler`` does; docs/architecture.md).
 
-Per call (one engine step), from the ``InputBatch`` alone -- no host syncs:
+Per call (one engine step), from the ``InputBatch`` and the stepper's host mirror of the phases (one wait per
+step, on a copy that vLLM's own wait for the previous step's outputs has already finished):
 
 * requests whose prompt completes this step (``is_prefilling`` and the chunk reaches ``prefill_len``): open
   their first block and write the first canvas into ``req_states.draft_tokens`` (emit 0);
