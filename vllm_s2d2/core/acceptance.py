@@ -1,11 +1,11 @@
-"""Speculative acceptance of a drafted span against the AR verifier (S2D2_SPEC.md §3.3).
+"""Speculative acceptance of a drafted span against the AR verifier (docs/algorithm.md, verify).
 
 For span positions i (left to right): r_i = min(1, (q_i(x_i) / p_i(x_i))^gamma), accept iff U_i < r_i.
 At the first rejection j: commit a token drawn from norm((q_j - p_j)+) with the *full* draft distribution
 p_j (falling back to q_j when the residual has no mass); never a bonus token past the span.  Greedy
 acceptance: accept iff x_i = argmax q_i, correction = argmax q_j.
 
-Committed per verification = min(a + 1, |span|) (invariant I3).
+Committed per verification = min(a + 1, |span|), a = accepted prefix length.
 """
 
 from __future__ import annotations

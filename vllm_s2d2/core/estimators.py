@@ -1,4 +1,4 @@
-"""Token-acceptance estimators alpha_i and the expected accepted length K-hat (S2D2_SPEC.md §7.1-7.2).
+"""Token-acceptance estimators alpha_i and the expected accepted length K-hat (docs/algorithm.md).
 
 Every quantity comes from the *draft* distribution of each position (the same sampling transform as the
 verifier's q), never from the verifier.  ``probs``: fp32 ``[R, B, V]``; V is the full vocabulary size.

@@ -1,4 +1,4 @@
-"""Routing policies: verify this step or not (S2D2_SPEC.md §7.2-7.3).
+"""Routing policies: verify this step or not (docs/algorithm.md, routing policies).
 
 Per-request state (hysteresis switch, UCB statistics) lives in :class:`PolicyState` and persists across
 blocks of a request.  All requests are decided at once; each row uses its own policy index.
@@ -82,7 +82,9 @@ def route(policy: torch.Tensor, active: torch.Tensor, span_length: torch.Tensor,
     * ``contextual_bandit_ucb``: t += 1; arm score = +inf if untried else mu + beta * sqrt(ln t / n);
       verify iff score(verify) >= score(skip)
 
-    Returns the decision ``[R]`` (False on inactive rows) and the new state (changed on active rows only).
+    Returns the decision ``[R]`` (False on inactive rows) and the new state (changed on active rows only;
+    ``draft_step`` marks a row active only when it has a span, so a step with an empty span keeps the
+    hysteresis switch, where the LLaDA2 reference turns it off: docs/deviations.md).
     """
     by_span = span_length >= min_span
     by_threshold = s >= threshold

@@ -1,4 +1,4 @@
-"""The sampling transform shared by drafting, verification and the residual (S2D2_SPEC.md §1.4, §3.3).
+"""The sampling transform shared by drafting, verification and the residual (docs/algorithm.md).
 
 One transform for every distribution S2D2 compares, so p (draft) and q (verifier) always agree:
 
@@ -22,7 +22,7 @@ GREEDY_TEMPERATURE = 1e-6
 def exclude_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
     """``logits`` with one token made impossible (a copy).  Block diffusion never outputs the mask token:
     committing it would leave the position masked and the block could never finish (the reference code has
-    no such guard and can loop forever on a model that predicts ``<MASK>``)."""
+    no such guard and can loop forever on a model that predicts ``<MASK>``; docs/deviations.md)."""
     if not 0 <= token_id < logits.shape[-1]:
         return logits  # an id outside the vocabulary is never drawn anyway
     out = logits.clone()
