@@ -26,9 +26,9 @@ from vllm_s2d2.configs import (
 
 register_hf_configs()
 
-# ---- real config.json files (docs/MODELS.md) -------------------------------------------------------------
+# ---- real config.json files (released checkpoints) ---------------------------------------------------------
 
-# §2.2: [JetSDAR] training/model/SDAR-8B-Chat/config.json (incl. training-only keys)
+# SDAR: SDAR's own training/model/SDAR-8B-Chat/config.json (incl. training-only keys)
 SDAR_8B = {
     "architectures": ["SDARForCausalLM"],
     "auto_map": {
@@ -68,9 +68,9 @@ SDAR_8B = {
     "use_sliding_window": False,
     "vocab_size": 151936,
 }
-# §2.2: 4B differs only in hidden_size / intermediate_size.
+# SDAR: 4B differs only in hidden_size / intermediate_size.
 SDAR_4B = {**SDAR_8B, "hidden_size": 2560, "intermediate_size": 9728}
-# §2.2 generation_config.json (4B/8B)
+# SDAR generation_config.json (4B/8B)
 SDAR_GEN = {
     "bos_token_id": 151643,
     "do_sample": True,
@@ -80,7 +80,7 @@ SDAR_GEN = {
     "top_k": 20,
     "top_p": 0.95,
 }
-# §2.2 (unverified) 30B-A3B: Qwen3-MoE fields; the HF release may lack block_size / mask_token_id.
+# SDAR (unverified) 30B-A3B: Qwen3-MoE fields; the HF release may lack block_size / mask_token_id.
 SDAR_30B_A3B = {
     "architectures": ["SDARMoeForCausalLM"],
     "model_type": "sdar_moe",
@@ -109,7 +109,7 @@ SDAR_30B_A3B = {
     "use_sliding_window": False,
     "vocab_size": 151936,
 }
-# §3.2: Efficient-Large-Model/Fast_dLLM_v2_7B config.json (partial) + the Qwen2.5-7B tail.
+# Fast-dLLM v2: Efficient-Large-Model/Fast_dLLM_v2_7B config.json (partial) + the Qwen2.5-7B tail.
 FAST_7B = {
     "architectures": ["Fast_dLLM_QwenForCausalLM"],
     "auto_map": {
@@ -145,7 +145,7 @@ FAST_7B = {
     "use_sliding_window": False,
     "vocab_size": 152064,
 }
-# §4.2: [dFactory] configs/model_configs/llada2_mini/config.json, with the HF release's model_type.
+# LLaDA2: dFactory's configs/model_configs/llada2_mini/config.json, with the HF release's model_type.
 LLADA2_MINI = {
     "architectures": ["LLaDA2MoeModelLM"],
     "auto_map": {
@@ -310,6 +310,26 @@ def test_arch_table():
         "Fast_dLLM_QwenForCausalLM": "fast_dllm_v2",
         "LLaDA2MoeModelLM": "llada2",
     }
+
+
+def test_family_table_covers_the_config_classes():
+    """One family registry (vllm_s2d2.families): every architecture's model_type has a config class here, every
+    config class is a model_type the table knows, and the checkpoint fallbacks are the table's."""
+    from vllm_s2d2.configs import CONFIG_CLASSES
+    from vllm_s2d2.families import BY_MODEL_TYPE, TABLE
+
+    assert {a.model_type for f in TABLE for a in f.architectures} <= set(CONFIG_CLASSES)
+    assert set(CONFIG_CLASSES) <= set(BY_MODEL_TYPE)
+    assert {mt: BY_MODEL_TYPE[mt].name for mt in CONFIG_CLASSES} == {
+        "sdar": "sdar", "sdar_moe": "sdar", "Fast_dLLM_Qwen": "fast_dllm_v2", "llada2_moe": "llada2",
+        "llada2_moe_veomni": "llada2"}
+    for f in TABLE:
+        a = f.architectures[0]
+        cfg = {"architectures": [a.name], "vocab_size": 200000}
+        info = family_info(cfg)
+        assert (info.family, info.block_size, info.mask_token_id, info.stop_token_ids, info.shifted) == (
+            f.name, f.default_block_size, f.default_mask_token_id, f.default_stop_token_ids, f.shifted)
+        assert family_info({**cfg, f.block_size_key: 8}).block_size == 8
 
 
 # ---- fallbacks ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Unit tests for ``vllm_s2d2.s2d2_config`` (S2D2_SPEC.md §7.1, §7.3, §10.1)."""
+"""Unit tests for ``vllm_s2d2.s2d2_config``: knobs, family defaults, presets (``docs/families.md``)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_unresolved_defaults_are_family_placeholders():
 def test_sdar_defaults_config_a():
     c = resolve("sdar")
     _check(c, COMMON_DEFAULTS)
-    # SDAR Config-A (§10.1): B = S = 4, score_threshold 0, difference_static, c = 1, dynamic 0.85, cache/draft_ver
+    # SDAR Config-A (paper): B = S = 4, score_threshold 0, difference_static, c = 1, dynamic 0.85, cache/draft_ver
     _check(c, dict(block_size=4, denoising_steps=4, sub_block_size=4, confidence_threshold=0.85,
                    cache_ver=True, draft_ver=True, verify_policy="score_threshold",
                    score_type="difference_static", score_penalty_coef=1.0, score_threshold=0.0,
@@ -115,6 +115,25 @@ PRESET_FAMILY = {"sdar-a": "sdar", "sdar-b": "sdar", "fast-a": "fast_dllm_v2", "
 
 def test_preset_list():
     assert set(PRESETS) == set(PRESET_FAMILY)
+
+
+def test_family_table_feeds_the_config():
+    """The presets, defaults and per-family knob lists come from the one family registry (vllm_s2d2.families)
+    and name only valid options."""
+    import dataclasses
+
+    from vllm_s2d2.families import TABLE
+    from vllm_s2d2.s2d2_config import FAMILY_DEFAULTS, FAMILY_ESTIMATORS, FAMILY_POLICIES
+
+    assert FAMILIES == tuple(f.name for f in TABLE)
+    assert {name: f.name for f in TABLE for name in f.presets} == PRESET_FAMILY
+    fields = {fl.name for fl in dataclasses.fields(S2D2Config)}
+    for f in TABLE:
+        assert FAMILY_DEFAULTS[f.name] == dict(f.defaults) and set(f.defaults) <= fields
+        assert all(set(p) <= fields for p in f.presets.values())
+        assert FAMILY_ESTIMATORS[f.name] == f.estimators and set(f.estimators) <= set(ESTIMATORS)
+        assert FAMILY_POLICIES[f.name] == f.policies and set(f.policies) <= set(POLICIES)
+    assert FAMILY_ESTIMATORS["sdar"] == ESTIMATORS and FAMILY_POLICIES["sdar"] == POLICIES
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_FAMILY))
@@ -327,7 +346,7 @@ def test_estimators_available_everywhere(est):
         assert resolve(fam, token_acceptance_estimator=est).token_acceptance_estimator == est
 
 
-# Regression (spec §7.1; reference LLaDA2/generate_utils.py offers three estimators only).  Found by this suite.
+# Regression (reference LLaDA2/generate_utils.py offers three estimators only).  Found by this suite.
 @pytest.mark.parametrize("est", ["soft_confidence_power", "hard_entropy_threshold", "soft_clipped_linear_margin"])
 def test_sdar_only_estimators_rejected_for_llada2(est):
     with raises_naming("token_acceptance_estimator"):

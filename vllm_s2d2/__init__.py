@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_s2d2.families import TABLE
+
 __version__ = "0.1.0"
 __all__ = ["register", "request_stats"]
 
@@ -38,16 +40,11 @@ def __getattr__(name: str) -> Any:
         return request_stats
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 _registered = False
 
-# architecture -> "module:Class" (lazy registration strings)
-MODEL_CLASSES = {
-    "SDARForCausalLM": "vllm_s2d2.model_executor.models.sdar:SDARForCausalLM",
-    "SDARMoeForCausalLM": "vllm_s2d2.model_executor.models.sdar:SDARMoeForCausalLM",
-    "Fast_dLLM_QwenForCausalLM": "vllm_s2d2.model_executor.models.fast_dllm:Fast_dLLM_QwenForCausalLM",
-    "LLaDA2MoeModelLM": "vllm_s2d2.model_executor.models.llada2:LLaDA2MoeModelLM",
-}
-
+# architecture -> "module:Class" (lazy registration strings, from the family table)
+MODEL_CLASSES = {arch.name: arch.vllm_class for fam in TABLE for arch in fam.architectures}
 
 ATTENTION_BACKEND = "vllm_s2d2.model_executor.attention.backend.S2D2AttentionBackend"
 

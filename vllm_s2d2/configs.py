@@ -9,7 +9,7 @@ Two parts:
   ``trust_remote_code``.
 * :class:`FamilyInfo` / :func:`family_info`: everything the decoding engine needs from a checkpoint's
   config (family, block size, mask id, stop ids, logit alignment), validated, with the family defaults of
-  ``docs/MODELS.md`` §1 as fallbacks.
+  :mod:`vllm_s2d2.families` (``docs/families.md``) as fallbacks.
 
 Importing this module imports transformers' *config* classes only (never modeling code).
 
@@ -38,9 +38,10 @@ from typing import Any, Mapping
 
 from transformers import AutoConfig, PreTrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
+from vllm_s2d2.families import BY_ARCHITECTURE, BY_NAME
+
 __all__ = [
     "ARCH_TO_FAMILY",
-    "FAMILY_DEFAULTS",
     "CONFIG_CLASSES",
     "SDARConfig",
     "SDARMoeConfig",
@@ -63,9 +64,9 @@ __all__ = [
 class SDARConfig(Qwen3Config):
     """SDAR dense (``JetLM/SDAR-*-Chat``): a Qwen3 config.
 
-    Upstream ``configuration_sdar.SDARConfig`` ([JetSDAR] ``training/model/SDAR-8B-Chat``) is Qwen3's
+    Upstream ``configuration_sdar.SDARConfig`` (SDAR's own ``training/model/SDAR-8B-Chat``) is Qwen3's
     config with ``head_dim=128``, ``tie_word_embeddings=False`` defaults; ``block_size`` and ``mask_token_id``
-    are *not* declared there (pass-through kwargs, MODELS.md §2.2), so they stay pass-through here too:
+    are *not* declared there (pass-through kwargs), so they stay pass-through here too:
     :func:`family_info` supplies the family defaults when they are absent.
     """
 
@@ -73,7 +74,7 @@ class SDARConfig(Qwen3Config):
 
 
 class SDARMoeConfig(Qwen3MoeConfig):
-    """SDAR MoE (``SDAR-30B-A3B``): a Qwen3-MoE config (MODELS.md §2.2, lmdeploy ``models/sdar_moe.py``)."""
+    """SDAR MoE (``SDAR-30B-A3B``): a Qwen3-MoE config (as lmdeploy's ``models/sdar_moe.py`` reads it)."""
 
     model_type = "sdar_moe"
 
@@ -84,9 +85,9 @@ class SDARMoeConfig(Qwen3MoeConfig):
 class FastDLLMQwenConfig(Qwen2Config):
     """Fast-dLLM v2 (``Efficient-Large-Model/Fast_dLLM_v2_*``): a Qwen2 config + ``bd_size``.
 
-    Follows ``configuration.Fast_dLLM_QwenConfig`` ([S2D2] ``Fast-dLLM-v2/configuration_fast.py``): Qwen2
+    Follows ``configuration.Fast_dLLM_QwenConfig`` (the reference code's ``Fast-dLLM-v2/configuration_fast.py``): Qwen2
     fields + ``layer_types`` + ``bd_size=32``.  Upstream has no mask field; ``mask_token_id`` is a pass-through
-    (the plugin falls back to 151665, MODELS.md §3.2).
+    (the plugin falls back to 151665).
     """
 
     model_type = "Fast_dLLM_Qwen"
@@ -97,13 +98,13 @@ class FastDLLMQwenConfig(Qwen2Config):
 class LLaDA2MoeConfig(PreTrainedConfig):
     """LLaDA2.x (``inclusionAI/LLaDA2.0-mini``, ``LLaDA2.1-mini``): BailingMoeV2-style MoE.
 
-    Field list: [S2D2] ``LLaDA2/configuration_llada2_moe.py`` plus the pass-through keys of the real
-    ``config.json`` ([dFactory] ``configs/model_configs/llada2_mini/config.json``, MODELS.md §4.2) that vLLM's
+    Field list: the reference code's ``LLaDA2/configuration_llada2_moe.py`` plus the pass-through keys of the real
+    ``config.json`` (dFactory's ``configs/model_configs/llada2_mini/config.json``) that vLLM's
     ``BailingMoeV2ForCausalLM`` reads (``score_function``, ``moe_router_enable_expert_bias``,
     ``router_dtype``, ``use_rmsnorm``, ``rotary_dim``, ``norm_topk_prob``; see ``bailing_moe.py``).
 
     Defaults are the *mini* model's values, not the upstream class defaults (which differ from the model:
-    ``vocab_size 30592``, ``use_bias True``, ... MODELS.md §4.2), except:
+    ``vocab_size 30592``, ``use_bias True``, ...), except:
 
     * ``rotary_dim`` defaults to ``None``: vLLM 0.26 then rotates ``head_dim * partial_rotary_factor`` dims
       (= 64 for the mini model, the same as its ``rotary_dim 64``), which stays right for tiny test configs
@@ -171,7 +172,7 @@ class LLaDA2MoeConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         # Upstream treats num_key_value_heads == 0 / None as "same as attention heads" and head_dim None as
-        # hidden // heads ([S2D2] configuration_llada2_moe.py).
+        # hidden // heads (the reference code's configuration_llada2_moe.py).
         if not self.num_key_value_heads:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -180,7 +181,7 @@ class LLaDA2MoeConfig(PreTrainedConfig):
 
 
 class LLaDA2MoeVeomniConfig(LLaDA2MoeConfig):
-    """dFactory's training spelling ``llada2_moe_veomni`` (MODELS.md §4.2); same fields.
+    """dFactory's training spelling ``llada2_moe_veomni``; same fields.
 
     Note: dFactory checkpoints store *merged* experts (``scripts/moe_convertor.py``); only the config parses
     here, the weights need ``--mode split`` first.
@@ -211,30 +212,8 @@ def register_hf_configs() -> None:
 # Family info
 # --------------------------------------------------------------------------------------------------------
 
-ARCH_TO_FAMILY: dict[str, str] = {
-    "SDARForCausalLM": "sdar",
-    "SDARMoeForCausalLM": "sdar",
-    "Fast_dLLM_QwenForCausalLM": "fast_dllm_v2",
-    "LLaDA2MoeModelLM": "llada2",
-}
-
-
-@dataclass(frozen=True)
-class _FamilyDefaults:
-    block_size: int
-    block_key: str  # config key holding the block size
-    mask_token_id: int
-    stop_token_ids: tuple[int, ...]  # used only when neither config nor generation_config names an eos
-    shifted: bool
-
-
-# MODELS.md §1 (defaults), §2.2/§2.3 (SDAR), §3.2 (Fast-dLLM v2: bd_size, mask 151665, stop 151645),
-# §4.2 (LLaDA2: block 32, mask 156895, eos 156892 = pad).
-FAMILY_DEFAULTS: dict[str, _FamilyDefaults] = {
-    "sdar": _FamilyDefaults(4, "block_size", 151669, (151645, 151643), False),
-    "fast_dllm_v2": _FamilyDefaults(32, "bd_size", 151665, (151645,), True),
-    "llada2": _FamilyDefaults(32, "block_size", 156895, (156892,), False),
-}
+# architecture -> family name (vllm_s2d2.families)
+ARCH_TO_FAMILY: dict[str, str] = {arch: fam.name for arch, (fam, _) in BY_ARCHITECTURE.items()}
 
 
 @dataclass(frozen=True)
@@ -297,33 +276,33 @@ def family_info(hf_config: Any, generation_config: Mapping[str, Any] | Any | Non
     """
     arch = _architecture(hf_config)
     family = ARCH_TO_FAMILY[arch]
-    d = FAMILY_DEFAULTS[family]
+    fam = BY_NAME[family]
 
     vocab_size = _get(hf_config, "vocab_size")
     if not _is_int(vocab_size) or vocab_size <= 0:
         raise ValueError(f"`vocab_size` must be a positive int, got {vocab_size!r}")
 
     # Block size: SDAR / LLaDA2 `block_size`; Fast-dLLM v2 `bd_size` (then `block_size`); else the default.
-    block_key = d.block_key
+    block_key = fam.block_size_key
     block_size = _get(hf_config, block_key)
     if block_size is None and block_key != "block_size":
         alt = _get(hf_config, "block_size")
         if alt is not None:
             block_key, block_size = "block_size", alt
     if block_size is None:
-        block_size = d.block_size
+        block_size = fam.default_block_size
     if not _is_int(block_size) or block_size <= 0:
         raise ValueError(f"`{block_key}` (block size) must be a positive int, got {block_size!r}")
 
     # Mask id: `mask_token_id`, else the family default when it fits the vocabulary.
     mask = _get(hf_config, "mask_token_id")
     if mask is None:
-        if d.mask_token_id >= vocab_size:
+        if fam.default_mask_token_id >= vocab_size:
             raise ValueError(
-                f"config has no `mask_token_id` and the {family} default mask id {d.mask_token_id} is outside "
-                f"the vocabulary (vocab_size={vocab_size}); set `mask_token_id` in config.json"
+                f"config has no `mask_token_id` and the {family} default mask id {fam.default_mask_token_id} is "
+                f"outside the vocabulary (vocab_size={vocab_size}); set `mask_token_id` in config.json"
             )
-        mask = d.mask_token_id
+        mask = fam.default_mask_token_id
     if not _is_int(mask):
         raise ValueError(f"`mask_token_id` must be an int, got {mask!r}")
     if not 0 <= mask < vocab_size:
@@ -338,7 +317,7 @@ def family_info(hf_config: Any, generation_config: Mapping[str, Any] | Any | Non
     if not stops:
         # No eos anywhere (e.g. the LLaDA2 release config has only pad_token_id): use the family's
         # hard-coded stop ids where they fit the vocabulary.
-        stops = [s for s in d.stop_token_ids if s < vocab_size]
+        stops = [s for s in fam.default_stop_token_ids if s < vocab_size]
     for s in stops:
         if not 0 <= s < vocab_size:
             raise ValueError(f"`eos_token_id` {s} is outside the vocabulary [0, {vocab_size})")
@@ -353,7 +332,7 @@ def family_info(hf_config: Any, generation_config: Mapping[str, Any] | Any | Non
         block_size=block_size,
         mask_token_id=mask,
         stop_token_ids=tuple(stops),
-        shifted=d.shifted,
+        shifted=fam.shifted,
         vocab_size=vocab_size,
     )
 

@@ -1,20 +1,9 @@
 """Every S2D2 / block-diffusion decoding knob, validated, with the paper's presets.
 
 Names follow the paper and the reference code (phymhan/S2D2 @ 279500a); the CLI flag each one mirrors is
-given in the comment.  Defaults follow the *paper configurations* (S2D2_SPEC.md §10.1), not the reference
-code's function defaults, which disagree with the paper (code: ``hard_margin_threshold`` estimator,
-``difference_dynamic`` score, c = 2, always-verify).  Concretely the engine default is the family's first
-paper configuration:
-
-* SDAR: Config-A -- ``score_threshold`` tau = 0, ``difference_static``, c = 1, ``soft_entropy_negexp``,
-  ``low_confidence_dynamic`` 0.85, ``cache_ver`` + ``draft_ver`` on, denoising_steps = block_size.
-* Fast-dLLM v2: Config-A -- threshold 0.9, sub-block 4, ``score_hysteresis`` on 1 / off -5,
-  ``difference_dynamic``, c = 1, no AR-like caching.
-* LLaDA2.x: "Conservative" -- threshold 0.95, ``score_threshold`` -5, ``difference_static``, c = 4, no
-  AR-like caching; T2T editing (0.9) only when ``editing_threshold`` is set (LLaDA2.0 was not trained to
-  edit, and the checkpoint format does not say which of 2.0 / 2.1 it is).
-
-Fields left ``None`` are *family defaults* filled by :meth:`S2D2Config.resolve`.
+given in the comment.  Fields left ``None`` are *family defaults* filled by :meth:`S2D2Config.resolve` from
+:mod:`vllm_s2d2.families` (each family's first paper configuration; ``docs/families.md``), as are the presets
+and the knobs each family offers.
 """
 
 from __future__ import annotations
@@ -24,6 +13,8 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+
+from vllm_s2d2.families import BY_NAME, NAMES, TABLE
 
 # Choice sets (order = integer code used by the batched core functions).
 REMASKING = ("sequential", "low_confidence_static", "low_confidence_dynamic")
@@ -39,19 +30,11 @@ ESTIMATORS = (
 SCORES = ("difference_static", "difference_dynamic")
 ACCEPTANCE = ("stochastic", "greedy")
 UCB_ENTROPY_SOURCES = ("span", "masked")
-FAMILIES = ("sdar", "fast_dllm_v2", "llada2")
+FAMILIES = NAMES
 
-# Estimators the reference code offers per family (S2D2_SPEC.md §7.1).  Others are rejected, not ignored.
-FAMILY_ESTIMATORS = {
-    "sdar": ESTIMATORS,
-    "fast_dllm_v2": ("soft_entropy_negexp", "hard_margin_threshold", "soft_renyi_2_entropy"),
-    "llada2": ("soft_entropy_negexp", "hard_margin_threshold", "soft_renyi_2_entropy"),
-}
-FAMILY_POLICIES = {
-    "sdar": POLICIES,
-    "fast_dllm_v2": POLICIES,
-    "llada2": ("mask_span_length", "score_threshold", "score_hysteresis"),
-}
+# Estimators and verify policies the reference code offers per family; others are rejected, not ignored.
+FAMILY_ESTIMATORS: dict[str, tuple[str, ...]] = {f.name: f.estimators for f in TABLE}
+FAMILY_POLICIES: dict[str, tuple[str, ...]] = {f.name: f.policies for f in TABLE}
 
 
 @dataclass
@@ -213,11 +196,11 @@ class S2D2Config:
     # ------------------------------------------------------------------------------------------------
     def resolve(self, family: str, checkpoint_block_size: int) -> "S2D2Config":
         """Fill family defaults and check the result against the family; returns a new config."""
-        if family not in FAMILIES:
+        fam = BY_NAME.get(family)
+        if fam is None:
             raise ValueError(f"unknown model family {family!r}; valid: {list(FAMILIES)}")
         d = self.to_dict()
-        defaults = FAMILY_DEFAULTS[family]
-        for k, v in defaults.items():
+        for k, v in FAMILY_DEFAULTS[family].items():
             if d.get(k) is None:
                 d[k] = v
         if d["block_size"] is None:
@@ -225,88 +208,58 @@ class S2D2Config:
         if d["denoising_steps"] is None:
             d["denoising_steps"] = d["block_size"]
         B = d["block_size"]
-        if family == "fast_dllm_v2":
+        if fam.sub_blocks:
             if B != checkpoint_block_size:
                 raise ValueError(
-                    f"Fast-dLLM v2 decodes with its trained block size bd_size={checkpoint_block_size}; "
+                    f"{fam.title} decodes with its trained block size {fam.block_size_key}={checkpoint_block_size}; "
                     f"got block_size={B}. Use sub_block_size to change the decoding granularity.")
             if B % d["sub_block_size"]:
                 raise ValueError(
                     f"S2D2 option sub_block_size={d['sub_block_size']} must divide block_size={B}")
-            # cache_ver (token-causal prefill and commits, S2D2_SPEC.md §8) is supported; draft_ver is not: the
-            # upstream code offsets its causal rows by the block, not the sub-block (a latent bug, §8).
-            if d["draft_ver"]:
-                raise ValueError("S2D2 option draft_ver=true is not supported for Fast-dLLM v2")
         else:
             if self.sub_block_size is not None and self.sub_block_size != B:
-                raise ValueError(f"sub_block_size applies to Fast-dLLM v2 only (family {family!r})")
+                raise ValueError(f"sub_block_size applies to {_sub_block_families()} only (family {family!r})")
             d["sub_block_size"] = B
+        if d["draft_ver"] and not fam.draft_ver:
+            raise ValueError(f"S2D2 option draft_ver=true is not available for {fam.title}")
         if d["min_span_length"] > d["sub_block_size"]:
             raise ValueError(f"min_span_length={d['min_span_length']} exceeds the decoding window "
-                             f"({'sub_block_size' if family == 'fast_dllm_v2' else 'block_size'}="
+                             f"({'sub_block_size' if fam.sub_blocks else 'block_size'}="
                              f"{d['sub_block_size']}): such a span never occurs")
-        if family == "llada2" and not d["allow_resample"]:
-            raise ValueError("allow_resample=false is not available for LLaDA2 (its verifier always resamples)")
-        if family == "llada2" and d["draft_ver"]:
-            raise ValueError("S2D2 option draft_ver=true is not available for LLaDA2 (the reference has none)")
-        if family != "llada2" and d["editing_threshold"] is not None:
-            raise ValueError(f"editing_threshold (T2T editing) applies to LLaDA2.1 only (family {family!r})")
-        if family != "llada2" and d["max_post_steps"]:
-            raise ValueError(f"max_post_steps applies to LLaDA2.1 only (family {family!r})")
-        if d["token_acceptance_estimator"] not in FAMILY_ESTIMATORS[family]:
+        if not d["allow_resample"] and not fam.resample_optional:
+            raise ValueError(f"allow_resample=false is not available for {fam.title} (its verifier always resamples)")
+        if fam.editing is None and d["editing_threshold"] is not None:
+            raise ValueError(f"editing_threshold (T2T editing) applies to {_editing_models()} only "
+                             f"(family {family!r})")
+        if fam.editing is None and d["max_post_steps"]:
+            raise ValueError(f"max_post_steps applies to {_editing_models()} only (family {family!r})")
+        if d["token_acceptance_estimator"] not in fam.estimators:
             raise ValueError(
                 f"token_acceptance_estimator={d['token_acceptance_estimator']!r} is not defined for "
-                f"{family}; valid: {list(FAMILY_ESTIMATORS[family])}")
-        if d["verify_policy"] not in FAMILY_POLICIES[family]:
+                f"{family}; valid: {list(fam.estimators)}")
+        if d["verify_policy"] not in fam.policies:
             raise ValueError(f"verify_policy={d['verify_policy']!r} is not defined for {family}; "
-                             f"valid: {list(FAMILY_POLICIES[family])}")
-        if family != "fast_dllm_v2" and d["denoising_steps"] > B:
-            # quota 0 steps commit nothing (spec pitfall 16); reject instead of spinning.
+                             f"valid: {list(fam.policies)}")
+        if not fam.threshold_rule and d["denoising_steps"] > B:
+            # a step quota of 0 commits nothing: reject instead of spinning (the threshold rule has no quota)
             raise ValueError(f"denoising_steps={d['denoising_steps']} must be <= block_size={B}")
         if d["verify_policy"] == "score_hysteresis" and d["hysteresis_on"] <= d["hysteresis_off"]:
             raise ValueError("S2D2 score_hysteresis needs hysteresis_on > hysteresis_off")
         return S2D2Config(**d)
 
 
-_COMMON_DEFAULTS = dict(hysteresis_on=0.0, hysteresis_off=-1.0)
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Config-A of SDAR-8B (README:108-119).
-    "sdar": dict(_COMMON_DEFAULTS, remasking="low_confidence_dynamic", confidence_threshold=0.85,
-                 cache_ver=True, draft_ver=True, verify_policy="score_threshold",
-                 score_type="difference_static", score_penalty_coef=1.0, score_threshold=0.0),
-    # Config-A of Fast-dLLM v2 7B.
-    "fast_dllm_v2": dict(remasking="low_confidence_dynamic", confidence_threshold=0.9, sub_block_size=4,
-                         cache_ver=False, draft_ver=False, verify_policy="score_hysteresis",
-                         score_type="difference_dynamic", score_penalty_coef=1.0, score_threshold=0.0,
-                         hysteresis_on=1.0, hysteresis_off=-5.0),
-    # LLaDA2.1-mini "Conservative".
-    "llada2": dict(_COMMON_DEFAULTS, remasking="low_confidence_dynamic", confidence_threshold=0.95,
-                   cache_ver=False, draft_ver=False, verify_policy="score_threshold",
-                   score_type="difference_static", score_penalty_coef=4.0, score_threshold=-5.0),
-}
+def _sub_block_families() -> str:
+    return " / ".join(f.title for f in TABLE if f.sub_blocks)
 
-# The paper's named configurations (S2D2_SPEC.md §10.1).  All use soft_entropy_negexp.
-PRESETS: dict[str, dict[str, Any]] = {
-    "sdar-a": dict(block_size=4, denoising_steps=4, remasking="low_confidence_dynamic",
-                   confidence_threshold=0.85, cache_ver=True, draft_ver=True, verify_policy="score_threshold",
-                   score_type="difference_static", score_penalty_coef=1.0, score_threshold=0.0),
-    "sdar-b": dict(block_size=16, denoising_steps=16, remasking="low_confidence_dynamic",
-                   confidence_threshold=0.85, cache_ver=True, draft_ver=True, verify_policy="score_threshold",
-                   score_type="difference_static", score_penalty_coef=0.0, score_threshold=0.0),
-    "fast-a": dict(confidence_threshold=0.9, sub_block_size=4, verify_policy="score_hysteresis",
-                   hysteresis_on=1.0, hysteresis_off=-5.0, score_type="difference_dynamic",
-                   score_penalty_coef=1.0),
-    "fast-b": dict(confidence_threshold=0.9, sub_block_size=16, verify_policy="score_hysteresis",
-                   hysteresis_on=1.0, hysteresis_off=-5.0, score_type="difference_dynamic",
-                   score_penalty_coef=1.0),
-    "fast-c": dict(confidence_threshold=0.9, sub_block_size=32, verify_policy="mask_span_length",
-                   min_span_length=8),
-    "llada2-conservative": dict(block_size=32, confidence_threshold=0.95, editing_threshold=0.9,
-                                verify_policy="score_threshold", score_threshold=-5.0,
-                                score_type="difference_static", score_penalty_coef=4.0),
-    "llada2-quality": dict(block_size=32, confidence_threshold=0.7, editing_threshold=0.5,
-                           verify_policy="score_threshold", score_threshold=0.0,
-                           score_type="difference_static", score_penalty_coef=4.0),
-}
+
+def _editing_models() -> str:
+    return " / ".join(f.editing for f in TABLE if f.editing is not None)
+
+
+# S2D2Config fields each family fills when left None.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {f.name: dict(f.defaults) for f in TABLE}
+
+# The paper's named configurations, by name (each belongs to one family).  All use soft_entropy_negexp.
+PRESETS: dict[str, dict[str, Any]] = {name: dict(p) for f in TABLE for name, p in f.presets.items()}
 for _p in PRESETS.values():
     _p.setdefault("token_acceptance_estimator", "soft_entropy_negexp")

@@ -12,15 +12,16 @@ from typing import Sequence
 
 import torch
 
-from vllm_s2d2.s2d2_config import (ACCEPTANCE, ESTIMATORS, POLICIES, REMASKING, SCORES, S2D2Config)
 from vllm_s2d2.core.unmasking import transfer_quota
+from vllm_s2d2.families import BY_NAME
+from vllm_s2d2.s2d2_config import ACCEPTANCE, ESTIMATORS, POLICIES, REMASKING, SCORES, S2D2Config
 
 EDITING_OFF = 2.0  # an editing threshold no probability exceeds
 
 
 @dataclass(frozen=True)
 class FamilyRules:
-    """How a model family decodes; one per engine (S2D2_SPEC.md §9)."""
+    """How a model family decodes; one per engine (columns of :mod:`vllm_s2d2.families`, ``docs/families.md``)."""
 
     family: str
     mask_token_id: int
@@ -32,13 +33,12 @@ class FamilyRules:
 
     @classmethod
     def for_family(cls, family: str, mask_token_id: int) -> "FamilyRules":
-        if family == "sdar":
-            return cls(family, mask_token_id, False, False, True, True, None)
-        if family == "fast_dllm_v2":
-            return cls(family, mask_token_id, True, True, False, False, None)
-        if family == "llada2":
-            return cls(family, mask_token_id, False, False, True, True, 1)
-        raise ValueError(f"unknown model family {family!r}")
+        fam = BY_NAME.get(family)
+        if fam is None:
+            raise ValueError(f"unknown model family {family!r}")
+        return cls(family, mask_token_id, shifted=fam.shifted, threshold_rule=fam.threshold_rule,
+                   fallback_to_quota=fam.fallback_to_quota, keep_rejected_draft=fam.keep_rejected_draft,
+                   fixed_quota=fam.fixed_quota)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ mask ``visible[i, j]`` (query i may attend key j, in every layer), which lets th
 exactly which keys each token saw when its KV was "stored".  Position ids are explicit, so the
 S2D2 "2L" verifier layout (same positions twice) is expressible.
 
-Families (docs/MODELS.md):
-  * ``sdar``         -- ``sdar`` -> transformers ``Qwen3ForCausalLM``; ``sdar_moe`` -> ``Qwen3MoeForCausalLM``
-  * ``fast_dllm_v2`` -- ``Fast_dLLM_Qwen`` -> transformers ``Qwen2ForCausalLM`` (q/k/v bias)
-  * ``llada2``       -- ``llada2_moe`` -> pure-torch :mod:`vllm_s2d2.reference.llada2_model`
+Backbones by ``model_type`` (:data:`vllm_s2d2.families.BACKBONES`):
+  * ``qwen3``      -- SDAR ``sdar`` -> transformers ``Qwen3ForCausalLM``
+  * ``qwen3_moe``  -- SDAR ``sdar_moe`` -> transformers ``Qwen3MoeForCausalLM``
+  * ``qwen2``      -- Fast-dLLM v2 ``Fast_dLLM_Qwen`` -> transformers ``Qwen2ForCausalLM`` (q/k/v bias)
+  * ``llada2``     -- LLaDA2.x ``llada2_moe`` -> pure-torch :mod:`vllm_s2d2.reference.llada2_model`
 
 How transformers 5.17 treats the mask (``masking_utils.py``, ``integrations/sdpa_attention.py``,
 ``models/qwen3/modeling_qwen3.py``):
@@ -45,19 +46,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from vllm_s2d2.families import BACKBONES, BY_ARCHITECTURE, BY_MODEL_TYPE
+
 from .llada2_model import LLaDA2Config, LLaDA2ForLM
 
 __all__ = ["ReferenceModel", "detect_family", "load_safetensors_dir", "qwen_hf_config"]
-
-_SDAR_TYPES = {"sdar": "dense", "sdar_moe": "moe"}
-_FAST_TYPES = {"Fast_dLLM_Qwen", "fast_dllm_qwen"}
-_LLADA2_TYPES = {"llada2_moe", "llada2_moe_veomni"}
-_ARCH_TO_TYPE = {
-    "SDARForCausalLM": "sdar",
-    "SDARMoeForCausalLM": "sdar_moe",
-    "Fast_dLLM_QwenForCausalLM": "Fast_dLLM_Qwen",
-    "LLaDA2MoeModelLM": "llada2_moe",
-}
 
 
 def _model_type(cfg: dict[str, Any]) -> str:
@@ -65,20 +58,16 @@ def _model_type(cfg: dict[str, Any]) -> str:
     if mt:
         return mt
     for arch in cfg.get("architectures") or []:
-        if arch in _ARCH_TO_TYPE:
-            return _ARCH_TO_TYPE[arch]
+        if arch in BY_ARCHITECTURE:
+            return BY_ARCHITECTURE[arch][1].model_type
     raise ValueError("config.json has neither a known model_type nor a known architecture")
 
 
 def detect_family(cfg: dict[str, Any]) -> str:
     mt = _model_type(cfg)
-    if mt in _SDAR_TYPES:
-        return "sdar"
-    if mt in _FAST_TYPES:
-        return "fast_dllm_v2"
-    if mt in _LLADA2_TYPES:
-        return "llada2"
-    raise ValueError(f"unsupported model_type {mt!r}")
+    if mt not in BY_MODEL_TYPE:
+        raise ValueError(f"unsupported model_type {mt!r}")
+    return BY_MODEL_TYPE[mt].name
 
 
 def load_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
@@ -112,6 +101,7 @@ def qwen_hf_config(cfg: dict[str, Any]):
     from transformers import Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     mt = _model_type(cfg)
+    backbone = BACKBONES.get(mt)
     if cfg.get("rope_scaling") not in (None, {}):
         raise NotImplementedError("rope_scaling is not supported by the reference")
     common = dict(
@@ -134,11 +124,11 @@ def qwen_hf_config(cfg: dict[str, Any]):
         # Only for fidelity; none of the supported checkpoints uses it.
         common["sliding_window"] = cfg.get("sliding_window")
         common["max_window_layers"] = cfg.get("max_window_layers", cfg["num_hidden_layers"])
-    if mt in _SDAR_TYPES:
+    if backbone in ("qwen3", "qwen3_moe"):
         # SDARConfig default head_dim is 128 (configuration_sdar.py), not hidden // heads.
         common["head_dim"] = int(cfg.get("head_dim") or 128)
         common["attention_bias"] = bool(cfg.get("attention_bias", False))
-        if mt == "sdar":
+        if backbone == "qwen3":
             return Qwen3Config(**common)
         return Qwen3MoeConfig(
             **common,
@@ -149,7 +139,7 @@ def qwen_hf_config(cfg: dict[str, Any]):
             decoder_sparse_step=cfg.get("decoder_sparse_step", 1),
             mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
         )
-    if mt in _FAST_TYPES:
+    if backbone == "qwen2":
         if cfg.get("layer_types") is not None:
             common["layer_types"] = list(cfg["layer_types"])
         # Qwen2 always has q/k/v bias; head_dim = hidden // heads (no head_dim field).
@@ -196,11 +186,11 @@ def _no_init():
 def _build_qwen(cfg: dict[str, Any], sd: dict[str, torch.Tensor], device, dtype):
     from transformers import Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
-    hf_cfg = qwen_hf_config(cfg)
-    mt = _model_type(cfg)
-    cls = {"sdar": Qwen3ForCausalLM, "sdar_moe": Qwen3MoeForCausalLM}.get(mt, Qwen2ForCausalLM)
+    hf_cfg = qwen_hf_config(cfg)  # raises unless the backbone is a Qwen one
+    backbone = BACKBONES[_model_type(cfg)]
+    cls = {"qwen3": Qwen3ForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "qwen2": Qwen2ForCausalLM}[backbone]
     kwargs = dict(attn_implementation="sdpa", dtype=dtype)
-    if mt == "sdar_moe":
+    if backbone == "qwen3_moe":
         kwargs["experts_implementation"] = "eager"
         sd = _fuse_qwen3_moe_experts(sd, hf_cfg.num_experts)
     with _no_init(), torch.device(device):
@@ -232,6 +222,7 @@ class ReferenceModel:
         self.family = family
         self.config = config  # raw config.json dict
         self.model_type = _model_type(config)
+        self.backbone = BACKBONES[self.model_type]
         self.vocab_size = int(config["vocab_size"])
         self.module = module  # transformers *ForCausalLM, or LLaDA2ForLM
         self.device = torch.device(device)
@@ -243,7 +234,7 @@ class ReferenceModel:
             cfg = json.load(f)
         family = detect_family(cfg)
         sd = load_safetensors_dir(path)
-        if family == "llada2":
+        if BACKBONES[_model_type(cfg)] == "llada2":
             lcfg = LLaDA2Config.from_dict(cfg)
             with torch.device(device):
                 module = LLaDA2ForLM(lcfg)
@@ -274,7 +265,7 @@ class ReferenceModel:
         ids = input_ids.to(self.device, torch.long)
         pos = position_ids.to(self.device, torch.long)
         vis = visible.to(self.device)
-        if self.family == "llada2":
+        if self.backbone == "llada2":
             return self.module(ids, pos, vis)
         out = self.module.model(
             input_ids=ids[None], position_ids=pos[None], attention_mask=vis[None, None], use_cache=False
