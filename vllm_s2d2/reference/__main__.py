@@ -31,12 +31,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from vllm_s2d2 import register
-    from vllm_s2d2.configs import load_family_info
+    from vllm_s2d2.configs import load_family_info, register_hf_configs
     from vllm_s2d2.reference.decoder import generate
     from vllm_s2d2.reference.models import ReferenceModel
 
-    register()
+    register_hf_configs()  # the checkpoint's config classes for AutoTokenizer; the reference needs nothing else
     try:
         cfg = S2D2Config.from_json(args.s2d2_config)
         info = load_family_info(args.model)
