@@ -1,4 +1,4 @@
-"""vllm_s2d2.testing: tiny checkpoints (MODELS.md §6) and the offline Qwen tokenizer (§7). CPU only."""
+"""vllm_s2d2.testing: tiny checkpoints in the released formats and the offline Qwen tokenizer. CPU only."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _gen(path: Path) -> dict:
     return json.loads((path / "generation_config.json").read_text())
 
 
-# ---- expected names / shapes, written out from MODELS.md §6.2-§6.5 -----------------------------------------
+# ---- expected names / shapes, written out by hand (the released checkpoints' tensor names) -----------------
 
 
 def _mlp(p, inter, h=64):
@@ -234,7 +234,7 @@ def test_build_options(tmp_path):
     # tied embeddings: no lm_head
     p = build_tiny_checkpoint("fast_dllm_v2", tmp_path / "tied", small_vocab=True, tie_word_embeddings=True)
     assert "lm_head.weight" not in _tensors(p) and _cfg(p)["tie_word_embeddings"] is True
-    # LLaDA2 rotary_dim variant (MODELS.md §6.5)
+    # LLaDA2 rotary_dim variant
     p = build_tiny_checkpoint("llada2", tmp_path / "rd", small_vocab=True, rotary_dim=16, tokenizer=False)
     assert _cfg(p)["rotary_dim"] == 16
     # moe=True on "sdar" = "sdar_moe"
@@ -324,7 +324,7 @@ def test_plain_qwen3(tiny_sdar, tiny_plain_qwen3, tmp_path):
         as_plain_ar(build_tiny_checkpoint("llada2", tmp_path / "l", small_vocab=True, tokenizer=False), tmp_path / "o2")
 
 
-# ---- the Qwen tokenizer (MODELS.md §7) ---------------------------------------------------------------------
+# ---- the Qwen tokenizer -----------------------------------------------------------------------------------------
 
 CHAT_IDS = [151644, 872, 198, 6023, 151645, 198, 151644, 77091, 198, 151669, 151669]
 

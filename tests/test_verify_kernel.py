@@ -1,4 +1,4 @@
-"""The 2L verifier attention on vLLM's Triton kernel equals the dense 2L mask (S2D2_SPEC.md §3.2).
+"""The 2L verifier attention on vLLM's Triton kernel equals the dense 2L mask (``docs/algorithm.md``).
 
 The kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1) in a subprocess, so this check runs in
 CPU CI on the real vLLM 0.26 kernel; the GPU suite repeats it compiled.

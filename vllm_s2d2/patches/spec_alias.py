@@ -2,8 +2,8 @@
 
 vLLM 0.26 validates ``SpeculativeConfig.method`` against a fixed literal set (``"s2d2"`` -> ``literal_error``),
 and every entry point (``LLM``, ``AsyncLLM``, ``vllm serve``, gRPC) builds its config through
-``EngineArgs.create_engine_config`` (``VLLM_0_26.md`` §7).  This shim wraps that one method: when the speculative
-config names ``s2d2`` (also ``spec_method="s2d2"``), it
+``EngineArgs.create_engine_config`` (``docs/architecture.md``, vLLM integration).  This shim wraps that one
+method: when the speculative config names ``s2d2`` (also ``spec_method="s2d2"``), it
 
 1. validates the remaining keys as an :class:`~vllm_s2d2.s2d2_config.S2D2Config` (unknown keys or bad values ->
    ``ValueError`` naming them),

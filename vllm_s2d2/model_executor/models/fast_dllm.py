@@ -1,6 +1,6 @@
 """Fast-dLLM v2 (``Efficient-Large-Model/Fast_dLLM_v2_1.5B`` / ``_7B``) on vLLM 0.26: Qwen2.5 layers, unchanged.
 
-The checkpoint uses Qwen2's tensor names and shapes (q/k/v projections with bias, ``MODELS.md`` §3.3), which
+The checkpoint uses Qwen2's tensor names and shapes (q/k/v projections with bias), which
 vLLM's ``Qwen2ForCausalLM`` loads 1:1 (tied ``lm_head`` on the 1.5B model included).  ``model_type``
 ``Fast_dLLM_Qwen`` is parsed by :class:`vllm_s2d2.configs.FastDLLMQwenConfig` (``bd_size`` = block size), so no
 ``--trust-remote-code`` is needed.  The model is shift-aligned (logit i predicts token i + 1): the engine reads

@@ -2,7 +2,7 @@
 
 The checkpoint uses the Bailing-MoE tensor names (``word_embeddings``, ``attention.query_key_value``,
 ``query_layernorm`` / ``key_layernorm``, ``attention.dense``, ``mlp.gate`` + ``gate.expert_bias``, experts,
-``shared_experts``; ``MODELS.md`` §4.4), which vLLM's ``BailingMoeV2ForCausalLM`` loads as they are.  The fields
+``shared_experts``), which vLLM's ``BailingMoeV2ForCausalLM`` loads as they are.  The fields
 vLLM reads and the HF modeling ignores (``use_qk_norm``, ``use_rmsnorm``, ``score_function``,
 ``moe_router_enable_expert_bias``, ``router_dtype``, ``rotary_dim``) get the values the HF model implies from
 :class:`vllm_s2d2.configs.LLaDA2MoeConfig` (``model_type`` ``llada2_moe``), so no ``--trust-remote-code`` is

@@ -1,6 +1,6 @@
 """SDAR (``JetLM/SDAR-*-Chat``) on vLLM 0.26: Qwen3 / Qwen3-MoE layers, weights and loading, unchanged.
 
-SDAR checkpoints use exactly the Qwen3 (dense) and Qwen3-MoE tensor names (``MODELS.md`` §2.4); the classes add
+SDAR checkpoints use exactly the Qwen3 (dense) and Qwen3-MoE tensor names; the classes add
 only :class:`~.common.BlockDiffusionModel`.  The config classes (``model_type`` ``sdar`` / ``sdar_moe``) come
 from :mod:`vllm_s2d2.configs`, registered by :func:`vllm_s2d2.register`, so no ``--trust-remote-code`` is needed.
 """
