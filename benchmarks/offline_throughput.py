@@ -1,33 +1,48 @@
-"""Offline throughput of block-diffusion decoding in vLLM 0.26 (ISSUE 3 item 6).
+"""Offline throughput of block-diffusion decoding in vLLM 0.26, against vLLM's own AR decode of the same weights.
 
-A random-weight checkpoint with SDAR-1.7B's shapes (``MODELS.md`` §2.2: hidden 2048, 28 layers, 16 / 8 heads,
-head_dim 128, intermediate 6144, vocab 151936, untied head; bf16; vLLM ``load_format="dummy"``), prompts of
-128 random tokens, 256 new tokens (``ignore_eos``), greedy, batch 1 / 16 / 64 / 256, four modes:
+A random-weight checkpoint (vLLM ``load_format="dummy"``, bf16) with a real model's shapes (``--family``):
 
-* ``a``  vLLM's own AR decode of the same shapes as a ``Qwen3ForCausalLM`` (stock config: FULL+PIECEWISE
-  CUDA graphs, async scheduling);  all modes capture graphs at the same token counts (``--capture-sizes``,
-  covering every decode shape up to batch 256 x canvas 8);
-* ``b``  the plugin in AR mode (``block_size=1``: canvas 2, one token per forward);
-* ``c``  the plugin, static remasking, block 4 / 4 steps;
-* ``d``  the plugin, dynamic remasking, threshold 0.85 (same engine as ``c``, per-request ``extra_args``);
-* ``s h u m v``  S2D2 on the same engine (dynamic 0.85 + verification, per request): Config-A
-  (``score_threshold``), ``score_hysteresis``, ``contextual_bandit_ucb``, ``mask_span_length`` (min span 2) and
-  always-verify (min span 1).  Their rows add the plugin's counters: verify rate (verify / draft steps) and
-  acceptance rate (accepted / proposed span tokens).
+* ``sdar-1.7b`` (default): SDAR-1.7B -- hidden 2048, 28 layers, 16 / 8 heads, head_dim 128, intermediate 6144,
+  vocab 151936, untied head (docs/families.md); modes
 
-Each mode runs in its own process.  Requests are driven through ``LLMEngine.step`` so every engine step (= one
-model forward) is timed: ``step_ms_median`` is the median step time over the run (decode steps dominate),
-``forwards_per_s`` = steps / s, ``tokens_per_forward`` = output tokens / (steps x batch) (per request).  With
-random weights the distributions are flat, so dynamic remasking rarely clears 0.85 (``d`` ~ ``c``): the
-tokens-per-forward numbers of block diffusion need a trained checkpoint; the step-cost comparison does not.
+  * ``a``  vLLM's own AR decode of the same shapes as a ``Qwen3ForCausalLM`` (stock config: FULL+PIECEWISE CUDA
+    graphs, async scheduling) -- the **baseline**;
+  * ``b``  the plugin in AR mode (``block_size=1``: canvas 2, one token per forward);
+  * ``c``  the plugin, static remasking, block 4 / 4 steps;
+  * ``d``  the plugin, dynamic remasking, threshold 0.85 (same engine as ``c``, per-request ``extra_args``);
+  * ``s h u m v``  S2D2 on the same engine as ``c`` (dynamic 0.85 + verification, per request): Config-A
+    (``score_threshold``), ``score_hysteresis``, ``contextual_bandit_ucb``, ``mask_span_length`` (min span 2)
+    and always-verify (min span 1);
 
-Engine III families (``--family fast-1.5b | fast-7b | llada2-mini``): the same measurement at the real shapes of
-Fast-dLLM v2 1.5B / 7B and LLaDA2-mini, modes ``a`` (vLLM AR of the base architecture: ``Qwen2ForCausalLM`` /
-``BailingMoeV2ForCausalLM``), ``t`` (threshold baseline), ``s`` (S2D2, family default), ``v`` (always verify).
+* ``fast-1.5b`` / ``fast-7b`` / ``llada2-mini``: Fast-dLLM v2 1.5B / 7B and LLaDA2-mini shapes, modes ``a`` (vLLM
+  AR of the base architecture: ``Qwen2ForCausalLM`` / ``BailingMoeV2ForCausalLM``), ``t`` (threshold baseline =
+  the family default without verification), ``s`` (S2D2, family default policy), ``v`` (always verify).
 
-Usage (GPU host): ``python benchmarks/offline_throughput.py --out benchmarks/results/offline_throughput.json``.
-An engine of this size takes ~1.5-2 min to start (torch.compile + graph capture), so under the device's 10-minute
-call limit run the groups in separate calls: ``--modes a --merge``, ``--modes b --merge``, ``--modes cd --merge``.
+Prompts of 128 random tokens, 256 new tokens (``ignore_eos``), greedy.  ``--modes`` lists *engine groups*: the
+modes of one group share one engine (they differ per request); every group runs in its own process (one fresh
+engine each, its GPU memory released when the process exits).  **The baseline ``a`` always runs in the same call**
+(added as the first group when ``--modes`` lacks it): ratios are computed only between rows of one call, never
+across calls (``bench_records.ratios_vs_baseline`` refuses rows of different calls), and the record carries the
+call's id, commit, device and versions (``bench_records.run_metadata``); every row names its call.
+
+Requests are driven through ``LLMEngine.step`` (engine core in this process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+so every step is one scheduler step = one model forward and is timed.  Per (mode, batch size):
+``output_tokens_per_s``, ``step_ms_median`` (decode steps dominate), ``tokens_per_forward`` = output tokens /
+the forwards the plugin's S2D2 counters give (per request: draft + verify steps; ``vllm_s2d2.request_stats``;
+1 for vLLM's AR decode), and against the baseline of the same batch size ``step_time_ratio`` (median step time
+/ the baseline's) and ``output_tokens_per_s_ratio``.  With random weights the distributions are flat, so the
+tokens per forward of block diffusion need a trained checkpoint; the step-cost comparison does not.
+
+Usage (GPU host; an engine of these sizes takes ~1.5-2 min to start, and a device call may run 10 minutes, so
+run the baseline plus one or two groups per call, each call to its own file)::
+
+    COMMIT=<hash> python benchmarks/offline_throughput.py --modes a,cd --out $OUT/offline_sdar_cd.json
+    COMMIT=<hash> python benchmarks/offline_throughput.py --family fast-1.5b --modes a,tsv --batches 1,16,64 \
+        --out $OUT/offline_fast-1.5b.json
+    python benchmarks/offline_throughput.py --replot RECORD.json        # redraw the PNG of a record
+
+Writes the JSON record (``--out``) after every group and a PNG beside it (output tokens/s, step-time ratio and
+tokens per forward against batch size; only if matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -35,11 +50,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_records as rec  # noqa: E402
 
 SDAR_1P7B = {
     "architectures": ["SDARForCausalLM"], "model_type": "sdar", "vocab_size": 151936, "hidden_size": 2048,
@@ -59,7 +75,7 @@ MODES = {
           "extra": {"s2d2": {"remasking": "low_confidence_dynamic", "confidence_threshold": 0.85}},
           "label": "plugin dynamic, threshold 0.85"},
 }
-# S2D2 (Engine II): the same engine as c/d, verification switched on per request.
+# S2D2: the same engine as c/d, verification switched on per request.
 _S2D2 = {"remasking": "low_confidence_dynamic", "confidence_threshold": 0.85, "verify": True}
 for _key, _label, _opts in (
         ("s", "S2D2 Config-A (score_threshold)", {"preset": "sdar-a"}),
@@ -71,7 +87,7 @@ for _key, _label, _opts in (
                    "label": _label}
 
 
-# Engine III families at their real shapes (MODELS.md §3.2, §4.2), next to vLLM's AR decode of the base
+# The other families at their real shapes (docs/families.md), next to vLLM's AR decode of the base
 # architecture (same weights layout: Qwen2ForCausalLM / BailingMoeV2ForCausalLM).  Modes: a = vLLM AR,
 # t = threshold baseline (the family's unmasking rule, no verification), s = S2D2 with the family's paper
 # default (Fast-dLLM v2 Config-A / LLaDA2.1 conservative routing), v = always verify.
@@ -92,7 +108,7 @@ FAMILIES = {
                            max_window_layers=28, layer_types=["full_attention"] * 28, tie_word_embeddings=False),
                 "ar": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
                 "drop": ("bd_size", "mask_token_id"), "model": "Fast-dLLM v2 7B shapes (Qwen2.5-7B)"},
-    # LLaDA2.0/2.1-mini (MODELS.md §4.2)
+    # LLaDA2.0/2.1-mini (docs/families.md): 16B MoE, 1.4B active
     "llada2-mini": {"bd": {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "vocab_size": 157184,
                            "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 20,
                            "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
@@ -141,8 +157,53 @@ def write_checkpoints(root: str, family: str = "sdar-1.7b") -> dict[str, str]:
     return paths
 
 
+ROW_FIELDS = ("output_tokens_per_s", "tokens_per_forward", "step_ms_median", "verify_rate", "acceptance_rate")
+TARGET_STEP_TIME_RATIO = 1.15  # goal for mode c (SDAR static B = S = 4) against a: a step within 15% of vLLM's
+
+
+def groups_of(modes_arg: str | None, family: str) -> list[str]:
+    """The engine groups of one call (``--modes``), the baseline group ``a`` first; unknown modes and groups that
+    mix the two architectures are refused."""
+    table = modes_of(family)
+    default = "a,b,cd" if family == "sdar-1.7b" else "a,tsv"
+    groups = [g.strip() for g in (modes_arg or default).split(",") if g.strip()]
+    for g in groups:
+        unknown = [m for m in g if m not in table]
+        if unknown:
+            raise ValueError(f"unknown mode(s) {unknown} for family {family}; valid: {sorted(table)}")
+    groups = rec.with_baseline(groups)
+    for g in groups:
+        archs = {table[m]["arch"] for m in g}
+        if len(archs) != 1:
+            raise ValueError(f"group {g!r} mixes architectures {sorted(archs)}: modes of one group share an engine")
+        specs = {json.dumps(table[m]["spec"], sort_keys=True) for m in g}
+        if len(specs) != 1:
+            raise ValueError(f"group {g!r} mixes engine configurations: its modes must share one engine")
+    return groups
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/offline_throughput.json")
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--family", default="sdar-1.7b", choices=sorted(FAMILIES),
+                    help="model shapes; the non-SDAR families have modes a (vLLM AR), t, s, v")
+    ap.add_argument("--modes", default=None, help="comma-separated engine groups (the modes of a group share one "
+                    "engine); the baseline a is always run first; default a,b,cd (SDAR) or a,tsv (others)")
+    ap.add_argument("--timeout", type=int, default=420, help="per-engine timeout (s)")
+    ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256,512,1024,2048",
+                    help="CUDA-graph capture sizes (tokens) for every mode: the decode shapes of all batches")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an existing record")
+    ap.add_argument("--merge", action="store_true", help=argparse.SUPPRESS)  # removed: see main()
+    ap.add_argument("--_worker", nargs=3, metavar=("MODEL", "GROUP", "CALL_ID"), help=argparse.SUPPRESS)
+    return ap
+
+
+# -- worker (one engine, one process) -----------------------------------------------------------------------
 def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
-               capture_sizes: list[int], family: str = "sdar-1.7b") -> dict:
+               capture_sizes: list[int], family: str, call_id: str) -> dict:
     """Inside the worker process: one engine, the given modes (sharing it), every batch size.
 
     The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that one ``LLMEngine.step``
@@ -150,19 +211,23 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
     per *output batch*, and block-diffusion draft steps emit nothing, so forwards would be undercounted)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import numpy as np
+    import torch
     from vllm import LLM, SamplingParams
 
     table = modes_of(family)
     spec = table[modes[0]]["spec"]
+    plugin = table[modes[0]]["arch"] == "bd"
     t0 = time.time()
     llm = LLM(model=model, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16",
               speculative_config=spec, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=max(batches),
               gpu_memory_utilization=0.85, seed=0,
               compilation_config={"cudagraph_capture_sizes": capture_sizes})
-    startup = time.time() - t0
+    engine_info = {"startup_s": time.time() - t0, "device": torch.cuda.get_device_name(),
+                   "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode),
+                   "call_id": call_id, "modes": list(modes)}
     engine = llm.llm_engine
     rng = np.random.default_rng(0)
-    out = {}
+    rows = []
     for mode in modes:
         extra = table[mode]["extra"]
         kw = dict(max_tokens=new_tokens, ignore_eos=True, temperature=0.0)
@@ -172,148 +237,158 @@ def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int
         # warm-up (compiles Triton variants for this mode's shapes)
         llm.generate([{"prompt_token_ids": rng.integers(0, 150000, prompt_len).tolist()}],
                      SamplingParams(**{**kw, "max_tokens": 16}), use_tqdm=False)
+        _flush(engine)
+        if plugin:
+            _pop_counters(llm, None)  # drop the warm-up request's counters
         for bs in batches:
-            for i in range(bs):
-                engine.add_request(f"{mode}-{bs}-{i}", {"prompt_token_ids": rng.integers(0, 150000, prompt_len)
-                                                        .tolist()}, sp)
-            steps, times, tokens = 0, [], 0
-            before = _s2d2_totals(llm)
+            ids = [f"{mode}-{bs}-{i}" for i in range(bs)]
+            for rid in ids:
+                engine.add_request(rid, {"prompt_token_ids": rng.integers(0, 150000, prompt_len).tolist()}, sp)
+            steps, times, per_request = 0, [], {}
             t_start = time.perf_counter()
             while engine.has_unfinished_requests():
                 t = time.perf_counter()
                 for o in engine.step():
                     if o.finished:
-                        tokens += len(o.outputs[0].token_ids)
+                        per_request[o.request_id] = len(o.outputs[0].token_ids)
                 times.append(time.perf_counter() - t)
                 steps += 1
             elapsed = time.perf_counter() - t_start
-            s2d2 = _stats_delta(before, _s2d2_totals(llm))
-            out[f"{mode}/{bs}"] = {
-                "mode": mode, "label": table[mode]["label"], "batch": bs, "elapsed_s": elapsed,
-                "steps": steps, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
-                "forwards_per_s": steps / elapsed, "tokens_per_forward": tokens / max(1, steps * bs),
-                "step_ms_median": 1e3 * float(np.median(times)), "step_ms_mean": 1e3 * elapsed / steps,
-                **s2d2,
-            }
-            print(json.dumps(out[f"{mode}/{bs}"]), flush=True)
-    out["_startup_s"] = startup
-    out["_cudagraph_mode"] = str(engine.vllm_config.compilation_config.cudagraph_mode)
-    return out
+            tokens = sum(per_request.values())
+            _flush(engine)  # (untimed) the worker records a finished request's counters when it drops it
+            row = {"mode": mode, "label": table[mode]["label"], "batch": bs, "call_id": call_id,
+                   "elapsed_s": elapsed, "steps": steps, "output_tokens": tokens,
+                   "output_tokens_per_s": tokens / elapsed, "engine_steps_per_s": steps / elapsed,
+                   "step_ms_median": 1e3 * float(np.median(times)), "step_ms_mean": 1e3 * elapsed / steps,
+                   "step_ms_p90": 1e3 * float(np.percentile(times, 90))}
+            row.update(forward_stats(per_request, _pop_counters(llm, ids) if plugin else None, plugin))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"engine": engine_info, "rows": rows}
 
 
-def _s2d2_totals(llm) -> dict | None:
-    """The plugin's engine-wide S2D2 counters (None for vLLM's own engine)."""
-    def read(worker):
-        # vLLM's own models may run on the V1 GPUModelRunner, which has no model_state
-        st = getattr(getattr(worker.model_runner, "model_state", None), "stepper", None)
-        return None if st is None else st.host_totals()
-    return llm.collective_rpc(read)[0]
+def _flush(engine) -> None:
+    """One more (empty) engine step after a run: vLLM sends the ids of finished requests to the worker with the
+    *next* scheduler output, and an in-process engine core steps only when asked, so without it the worker
+    would drop (and the plugin record the counters of) the last requests only during the next run."""
+    engine.step()
 
 
-def _stats_delta(before: dict | None, after: dict | None) -> dict:
-    """Counters of one run: verify rate = verify steps / draft steps, acceptance = accepted / proposed span
-    tokens."""
-    from vllm_s2d2.engine.stats import counter_delta, derived
+def _pop_counters(llm, request_ids: list[str] | None) -> dict[str, dict] | str:
+    """The S2D2 counters of the given finished requests (all, for None), cleared in the worker; or the error text
+    when the plugin's worker extension did not answer."""
+    from vllm_s2d2 import request_stats
 
-    if before is None or after is None:
-        return {}
-    d = counter_delta(before, after)
-    rates = derived(d)
-    return {"s2d2_counters": d, "verify_rate": rates["verify_rate"], "acceptance_rate": rates["acceptance_rate"]}
+    try:
+        return request_stats(llm, request_ids)
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        return f"{type(e).__name__}: {e}"[:500]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/offline_throughput.json")
-    ap.add_argument("--batches", default="1,16,64,256")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--family", default="sdar-1.7b", choices=sorted(FAMILIES),
-                    help="model shapes; the non-SDAR families have modes a (vLLM AR), t, s, v")
-    ap.add_argument("--modes", default=None, help="comma-separated engine groups (modes sharing an engine); "
-                    "default a,b,cd (SDAR) or a,tsv (other families)")
-    ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
-    ap.add_argument("--timeout", type=int, default=420, help="per-engine timeout (s)")
-    ap.add_argument("--merge", action="store_true", help="update an existing --out file (run groups separately)")
-    ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256,512,1024,2048",
-                    help="CUDA-graph capture sizes (tokens) for every mode: the decode shapes of all batches")
-    ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    if args.modes is None:
-        args.modes = "a,b,cd" if args.family == "sdar-1.7b" else "a,tsv"
-    if args._worker:
-        model, modes = args._worker
-        res = run_worker(model, list(modes), batches, args.prompt_len, args.new_tokens,
-                         [int(x) for x in args.capture_sizes.split(",")], args.family)
-        print("BENCH_JSON=" + json.dumps(res), flush=True)
+COUNTER_NAMES = ("draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens", "committed_blocks")
+
+
+def forward_stats(tokens: dict[str, int], counters: dict[str, dict] | str | None, plugin: bool) -> dict:
+    """Tokens per forward and the S2D2 rates of one run, from each request's output length (``tokens``) and its
+    S2D2 counters (``counters``, by request id).  Plugin modes: forwards = the requests' draft + verify steps
+    (a block's commit is fused into the next draft), over the requests that returned counters; vLLM's AR decode
+    makes one token per request per forward, so 1."""
+    if not plugin:
+        return {"tokens_per_forward": 1.0, "tokens_per_forward_source": "vLLM AR: one token per forward"}
+    if not isinstance(counters, dict):
+        return {"tokens_per_forward": None, "tokens_per_forward_source": None, "s2d2_error": counters}
+    found = [r for r in tokens if r in counters]
+    total = {n: sum(int(counters[r].get(n, 0)) for r in found) for n in COUNTER_NAMES}
+    forwards = total["draft_steps"] + total["verify_steps"]
+    return {"tokens_per_forward": sum(tokens[r] for r in found) / forwards if forwards else None,
+            "tokens_per_forward_source": "output tokens / (draft + verify steps), S2D2 counters per request",
+            "requests_with_counters": len(found), "s2d2_counters": total,
+            "verify_rate": total["verify_steps"] / max(1, total["draft_steps"]),
+            "acceptance_rate": total["accepted_tokens"] / max(1, total["proposed_tokens"])}
+
+
+# -- driver --------------------------------------------------------------------------------------------------
+def new_record(args, groups: list[str], call: dict) -> dict:
+    table = modes_of(args.family)
+    return {
+        "benchmark": "offline_throughput", "schema": 2, "call": call,
+        "model": f"random weights, {FAMILIES[args.family]['model']} (bf16, load_format=dummy)",
+        "family": args.family, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "batches": rec.parse_int_list(args.batches), "groups": groups, "baseline": rec.BASELINE_MODE,
+        "modes": {m: {k: table[m][k] for k in ("label", "spec", "extra")} for g in groups for m in g},
+        "capture_sizes": rec.parse_int_list(args.capture_sizes),
+        "target_step_time_ratio": {"mode": "c", "max": TARGET_STEP_TIME_RATIO} if args.family == "sdar-1.7b"
+        else None,
+        "engines": {}, "results": {}, "ratios_vs_baseline": {}, "per_batch": {}, "errors": {},
+    }
+
+
+def finish(record: dict) -> dict:
+    """Fill ``ratios_vs_baseline`` and ``per_batch`` from the rows (one call: see ``ratios_vs_baseline``)."""
+    rows = list(record["results"].values())
+    record["ratios_vs_baseline"] = rec.ratios_vs_baseline(rows, record["baseline"])
+    record["per_batch"] = rec.per_batch_table(rows, record["ratios_vs_baseline"], ROW_FIELDS)
+    return record
+
+
+def plot(record: dict, path) -> bool:
+    labels = {m: f"{m}: {v['label']}" for m, v in record["modes"].items()}
+    tps, ratio, tpf = {}, {}, {}
+    for r in record["results"].values():
+        lab = labels.get(r["mode"], r["mode"])
+        tps.setdefault(lab, {})[r["batch"]] = r.get("output_tokens_per_s")
+        tpf.setdefault(lab, {})[r["batch"]] = r.get("tokens_per_forward")
+        if r["mode"] != record["baseline"]:
+            ratio.setdefault(lab, {})[r["batch"]] = (record["ratios_vs_baseline"].get(r["mode"], {})
+                                                     .get(str(r["batch"]), {}).get("step_time_ratio"))
+    return rec.plot_modes(path, rec.record_title(record),
+                          [("output tokens / s", tps), ("median step time / vLLM AR's (same call)", ratio),
+                           ("tokens per forward", tpf)], hline={1: 1.0})
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.merge:
+        ap.error("--merge was removed: ratios against vLLM AR are computed only within one call.  Each call runs "
+                 "the baseline (mode a) itself; write each call to its own --out")
+    if args.replot:
+        with open(args.replot) as f:
+            record = json.load(f)
+        print("wrote" if plot(record, os.path.splitext(args.replot)[0] + ".png") else "no plot", flush=True)
         return
-
-    root = tempfile.mkdtemp(prefix="s2d2_bench_")
-    paths = write_checkpoints(root, args.family)
-    results: dict = {}
-    errors: dict = {}
-    if args.merge and os.path.exists(args.out):  # groups may run in separate calls (10-min device limit)
-        with open(args.out) as f:
-            old = json.load(f)
-        results, errors = old.get("results", {}), old.get("errors", {})
-        for key, engine in results.items():  # groups from an earlier call keep the commit they ran at
-            if key.startswith("_engine_"):
-                engine.setdefault("commit", old.get("commit", "unknown"))
-    for group in args.modes.split(","):
+    batches = rec.parse_int_list(args.batches)
+    capture = rec.parse_int_list(args.capture_sizes)
+    if args._worker:
+        model, group, call_id = args._worker
+        rec.emit_result(run_worker(model, list(group), batches, args.prompt_len, args.new_tokens, capture,
+                                   args.family, call_id))
+        return
+    try:
+        groups = groups_of(args.modes, args.family)
+    except ValueError as e:
+        ap.error(str(e))
+    record = new_record(args, groups, rec.run_metadata())
+    call_id = record["call"]["call_id"]
+    paths = write_checkpoints(tempfile.mkdtemp(prefix="s2d2_bench_"), args.family)
+    for group in groups:
         model = paths[modes_of(args.family)[group[0]]["arch"]]
         cmd = [sys.executable, os.path.abspath(__file__), "--family", args.family, "--batches", args.batches,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--capture-sizes", args.capture_sizes, "--_worker", model, group]
-        with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
-            try:
-                stdout, _ = proc.communicate(timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the engine-core grandchild holds the GPU memory
-                stdout, _ = proc.communicate()
-                err.seek(0)
-                errors[group] = f"timeout after {args.timeout}s: {err.read()[-3000:]}"
-                _write(args, batches, results, errors)
-                continue
-            err.seek(0)
-            line = [ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON=")]
-            if not line:
-                errors[group] = err.read()[-4000:]
-            else:
-                res = json.loads(line[-1][len("BENCH_JSON="):])
-                results[f"_engine_{group}"] = {"startup_s": res.pop("_startup_s"),
-                                               "cudagraph_mode": res.pop("_cudagraph_mode"), "commit": args.commit}
-                results.update(res)
-                errors.pop(group, None)
-        _write(args, batches, results, errors)
-    _write(args, batches, results, errors)
-
-
-def _write(args, batches, results, errors) -> None:
-    import torch
-    import vllm
-
-    ratios = {}
-    base_mode = "c" if args.family == "sdar-1.7b" else "t"
-    for bs in batches:
-        a, c = results.get(f"a/{bs}"), results.get(f"{base_mode}/{bs}")
-        if a and c:
-            ratios[str(bs)] = c["step_ms_median"] / a["step_ms_median"]
-    commits = sorted({e.get("commit", args.commit) for k, e in results.items() if k.startswith("_engine_")})
-    record = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no-cuda",
-        "vllm": vllm.__version__, "torch": torch.__version__,
-        "commit": ",".join(commits) if commits else args.commit,  # per group: results["_engine_<group>"]["commit"]
-        "model": f"random weights, {FAMILIES[args.family]['model']} (bf16, load_format=dummy)",
-        "family": args.family,
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": batches,
-        "results": results, f"step_cost_ratio_{base_mode}_over_a": ratios, "target_ratio": 1.15, "errors": errors,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(json.dumps({"ratios": ratios, "errors": list(errors)}, indent=1), flush=True)
+               "--capture-sizes", args.capture_sizes, "--_worker", model, group, call_id]
+        res, err = rec.run_worker_process(cmd, args.timeout)
+        if res is None:
+            record["errors"][group] = err
+        else:
+            record["engines"][group] = res["engine"]
+            for row in res["rows"]:
+                record["results"][f"{row['mode']}/{row['batch']}"] = row
+        rec.write_json(args.out, finish(record))  # after every group: a killed call keeps what it measured
+    png = os.path.splitext(args.out)[0] + ".png"
+    record["png"] = os.path.basename(png) if plot(record, png) else None
+    rec.write_json(args.out, record)
+    print(json.dumps({"call": record["call"], "per_batch": record["per_batch"], "errors": list(record["errors"])},
+                     indent=1), flush=True)
 
 
 if __name__ == "__main__":

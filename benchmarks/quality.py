@@ -32,13 +32,15 @@ import difflib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_records  # noqa: E402
+
 DEFAULT_MODEL = REPO / "assets" / "sdar-stdlib-10m"
 
 # name -> (kind, S2D2Config dict).  Kinds: ar, static, dynamic, s2d2.  S2D2 configurations use the paper's SDAR
@@ -82,7 +84,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "s2d2-b16-ucb": ("s2d2", dict(_S2D2, block_size=16, denoising_steps=16,
                                   verify_policy="contextual_bandit_ucb")),
     # Greedy acceptance (accept iff draft == argmax q; the correction is argmax q): the natural rule for greedy
-    # decoding -- stochastic acceptance of greedy drafts resamples rejections from (q - p)+ (S2D2_SPEC.md I2).
+    # decoding -- stochastic acceptance of greedy drafts resamples rejections from (q - p)+ (docs/algorithm.md).
     "s2d2-b4-score-greedy": ("s2d2", dict(_S2D2, block_size=4, denoising_steps=4, verify_policy="score_threshold",
                                           score_type="difference_static", score_penalty_coef=1.0,
                                           score_threshold=0.0, acceptance="greedy")),
@@ -259,14 +261,6 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
                         "proposed": st["proposed_tokens"], "accepted": st["accepted_tokens"],
                         "seconds": secs / len(items), "finish": o.outputs[0].finish_reason})
     return out
-
-
-def _vllm_version() -> str | None:
-    try:
-        from importlib.metadata import version
-        return version("vllm")
-    except Exception:  # noqa: BLE001 - not installed
-        return None
 
 
 def run_vllm(model_path: Path, prompts: list[dict], names: list[str], max_tokens: int, temperature: float,
@@ -464,28 +458,21 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records, names)
     wall = time.time() - t0
 
-    import torch
-
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     tag = args.tag or date
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"quality_{args.backend}_{tag}"
-    commit = os.environ.get("COMMIT")  # the GPU host gets the tree without .git
-    try:
-        commit = commit or subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                          capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        commit = None
+    # the call's id, commit ($COMMIT on the GPU host, which has no .git), device and versions
+    call = bench_records.run_metadata(device=(
+        "cpu (reference decoder, %s, %d worker(s) x %d thread(s))" % (args.dtype, args.workers, threads)
+        if args.backend == "reference" else None))
     record = {
-        "backend": args.backend,
-        "device": ("cpu (reference decoder, %s, %d worker(s) x %d thread(s))" % (args.dtype, args.workers, threads)
-                   if args.backend == "reference" else
-                   torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
-        "date": date, "commit": commit, "model": str(model.resolve().relative_to(REPO)) if model.resolve()
+        "backend": args.backend, "call": call, "device": call["device"],
+        "date": date, "commit": call["commit"], "model": str(model.resolve().relative_to(REPO)) if model.resolve()
         .is_relative_to(REPO) else str(model), "num_prompts": len(prompts), "max_tokens": args.max_tokens,
         "sampling": {"temperature": args.temperature, "seed": args.seed}, "wall_seconds": round(wall, 1),
-        "python": platform.python_version(), "torch": torch.__version__, "vllm": _vllm_version(),
+        "python": call["python"], "torch": call["torch"], "vllm": call["vllm"],
         "metrics": {
             "tokens_per_forward": "generated tokens / all forwards (prefill + draft + verify + commit)",
             "tpf_fused": "generated tokens / (prefill + draft + verify): commit fused into the next draft",

@@ -1,4 +1,4 @@
-"""Serving benchmark (ISSUE 5 item 4): ``vllm serve`` with the plugin, driven by the ``openai`` client.
+"""Serving benchmark: ``vllm serve`` with the plugin, driven by the ``openai`` client.
 
 For each mode one server is started on the same checkpoint (default: the trained demo model
 ``assets/sdar-stdlib-10m``, so acceptance is real):
@@ -10,9 +10,11 @@ For each mode one server is started on the same checkpoint (default: the trained
 and driven at each concurrency (default 1, 16, 64) with streaming completions of the held-out prompts.  Per run:
 requests/s, output tokens/s, TTFT (time to the first streamed token) and TPOT (time per output token after the
 first) as mean and p50/p90, and the run's S2D2 counters from ``/metrics`` (``vllm:s2d2_*``: verify rate,
-acceptance).  Writes JSON (device, vLLM version, commit) and a PNG next to it.
+acceptance).  All modes run in one call; the JSON record starts with the call's id, commit, device and vLLM /
+torch / transformers versions (``bench_records.run_metadata``; ``$COMMIT`` on the GPU host, which has no
+``.git``) and a PNG is written next to it (if matplotlib is installed).
 
-    python benchmarks/serve_bench.py --out benchmarks/results/serve_bench.json     # GPU host
+    COMMIT=<hash> python benchmarks/serve_bench.py --out $OUT/serve_bench.json     # GPU host
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_records  # noqa: E402
+
 MODES = {
     "ar": '{"method": "s2d2", "verify": false, "block_size": 1}',
     "threshold": '{"method": "s2d2", "verify": false}',
@@ -134,7 +139,7 @@ def plot(record: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"vllm serve + vllm-s2d2: {record['model']} on {record['device']} ({record['commit']})")
+    fig.suptitle(bench_records.record_title(record), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -149,13 +154,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8021)
     ap.add_argument("--server-args", default="--max-model-len 1024 --gpu-memory-utilization 0.3 --max-num-seqs 64")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_bench.json"))
-    ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     args = ap.parse_args()
     # servers run in their own process group: a SIGTERM (e.g. from `timeout`) must still stop them (finally:)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import openai
-    import torch
-    import vllm
 
     prompts_file = Path(args.model) / "heldout_prompts.jsonl"
     if prompts_file.exists():
@@ -165,8 +167,8 @@ def main() -> None:
     prompts = (prompts * (args.requests // max(1, len(prompts)) + 1))[:args.requests]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no-cuda",
-              "vllm": vllm.__version__, "commit": args.commit, "model": args.model, "max_tokens": args.max_tokens,
+    record = {"benchmark": "serve_bench", "schema": 2, "call": bench_records.run_metadata(),
+              "model": args.model, "max_tokens": args.max_tokens,
               "requests_per_level": args.requests, "server_args": args.server_args, "modes": {}, "results": {},
               "errors": {}}
     for mode in args.modes.split(","):
@@ -184,6 +186,7 @@ def main() -> None:
                 r = run_load(client, prompts, c, args.max_tokens)
                 time.sleep(1.5)
                 r["s2d2"] = counter_delta(before, s2d2_counters(args.port))
+                r["call_id"] = record["call"]["call_id"]
                 record["results"][mode].append(r)
                 print(mode, json.dumps(r), flush=True)
         except Exception as e:  # noqa: BLE001 (recorded, the next mode still runs)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from gpu_records import write_record
 from gpu_skip import require_cuda
 
 pytestmark = pytest.mark.gpu
@@ -49,7 +50,7 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def _checkpoint(fam: str, path, tokenizer: bool = False) -> str:
-    # vLLM's Triton attention needs head_dim >= 32; the MODELS.md recipe for Fast-dLLM v2 (hidden 64, 4 heads,
+    # vLLM's Triton attention needs head_dim >= 32; the tiny Fast-dLLM v2 recipe (docs/families.md: hidden 64, 4 heads,
     # no head_dim field in Qwen2) gives 16, so that tiny model is twice as wide here.
     wide = {"hidden_size": 128} if fam == "fast_dllm_v2" else {}
     return str(build_tiny_checkpoint(fam, path, small_vocab=True, dtype=torch.float32, init_std=0.4, seed=3,
@@ -194,6 +195,7 @@ def test_family_served_by_vllm_serve_with_s2d2(fam, tmp_path):
         after = s2d2_counters(port)
         assert after["draft_steps"] > before.get("draft_steps", 0) and after["verify_steps"] > before.get(
             "verify_steps", 0), (before, after)
-        print(f"serve {fam}:", json.dumps({"requests": checked, "s2d2_counters": [before, after]}))  # (pytest -s)
+        write_record(f"serve_{fam}", f"test_engine_families.py::test_family_served_by_vllm_serve_with_s2d2[{fam}]",
+                     {"requests": checked, "s2d2_counters": [before, after]})
     finally:
         stop_server(proc)

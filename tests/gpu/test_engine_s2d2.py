@@ -22,6 +22,7 @@ import sys
 
 import pytest
 
+from gpu_records import write_record
 from gpu_skip import require_cuda
 
 pytestmark = pytest.mark.gpu
@@ -132,13 +133,11 @@ def test_stochastic_acceptance_statistics_over_200_prompts(ckpts, ref_models, tm
           f"tokens/forward {rate['engine'][1]:.4f}; reference {rate['reference'][0]:.4f}, "
           f"{rate['reference'][1]:.4f}; identical outputs {same_tokens}/{N_STAT}, identical counters "
           f"{same_counts}/{N_STAT}; proposed {eng['proposed']} / {ref['proposed']}")
-    if os.environ.get("S2D2_GPU_LOG_DIR"):  # the record (device tool: $OUT)
-        import json
-
-        with open(os.path.join(os.environ["S2D2_GPU_LOG_DIR"], "s2d2_stochastic_200.json"), "w") as f:
-            json.dump({"prompts": N_STAT, "engine": eng, "reference": ref, "identical_outputs": same_tokens,
-                       "identical_counters": same_counts, "acceptance_and_tokens_per_forward": rate,
-                       "tolerance": ACC_TOL}, f, indent=1)
+    # the record ($S2D2_GPU_LOG_DIR; on the device tool a folder under $OUT), with device, versions and commit
+    write_record("s2d2_stochastic_200", "test_engine_s2d2.py::test_stochastic_acceptance_statistics_over_200_prompts",
+                 {"prompts": N_STAT, "engine": eng, "reference": ref, "identical_outputs": same_tokens,
+                  "identical_counters": same_counts, "acceptance_and_tokens_per_forward": rate,
+                  "tolerance": ACC_TOL})
     assert eng["proposed"] > 200, eng  # verification really ran
     assert abs(rate["engine"][0] - rate["reference"][0]) <= ACC_TOL, rate
     assert abs(rate["engine"][1] - rate["reference"][1]) <= ACC_TOL, rate

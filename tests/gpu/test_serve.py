@@ -1,4 +1,4 @@
-"""GPU: ``vllm serve MODEL --speculative-config s2d2`` as typed, driven with the ``openai`` client (ISSUE 5).
+"""GPU: ``vllm serve MODEL --speculative-config s2d2`` as typed, driven with the ``openai`` client.
 
 One server on the trained demo checkpoint (``assets/sdar-stdlib-10m``, S2D2 Config-A by the bare alias) serves:
 completions and chat (the checkpoint's template), streaming (the streamed text equals the non-streamed text),
@@ -6,7 +6,8 @@ seeded sampling (reproducible),
 per-request S2D2 options through ``vllm_xargs`` (JSON-string and flat ``s2d2.<option>`` spellings), 64 concurrent
 requests with mixed parameters, a bad-input matrix that must give HTTP 400 naming the problem while the server
 keeps serving, and the diffusion and ``vllm:s2d2_*`` counters on ``/metrics``.  A non-block-diffusion model with ``s2d2`` must fail at
-start-up with a clear message.  Results go to ``$S2D2_GPU_LOG_DIR/serve.json``.
+start-up with a clear message.  What the tests saw goes to ``$S2D2_GPU_LOG_DIR/serve.json`` (through
+``gpu_records.write_record``: device, versions and commit first).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from gpu_records import write_record
 from gpu_skip import require_cuda
 
 pytestmark = pytest.mark.gpu
@@ -68,9 +70,7 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
-    if LOG_DIR:
-        with open(os.path.join(LOG_DIR, "serve.json"), "w") as f:
-            json.dump(RECORD, f, indent=1)
+    write_record("serve", "test_serve.py", RECORD)
 
 
 def _complete(client, **kw):
