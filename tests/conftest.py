@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-# ---- tiny checkpoints (vllm_s2d2.testing.checkpoints; docs/MODELS.md §6) ---------------------------------
+# ---- tiny checkpoints (vllm_s2d2.testing.checkpoints) ----------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -35,25 +35,25 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sdar(tiny_checkpoint):
-    """Tiny SDAR (dense) checkpoint, full vocabulary, real Qwen tokenizer (MODELS.md §6.2)."""
+    """Tiny SDAR (dense) checkpoint, full vocabulary, real Qwen tokenizer."""
     return tiny_checkpoint("sdar")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdar_moe(tiny_checkpoint):
-    """Tiny SDAR-MoE checkpoint, full vocabulary, real Qwen tokenizer (MODELS.md §6.3)."""
+    """Tiny SDAR-MoE checkpoint, full vocabulary, real Qwen tokenizer."""
     return tiny_checkpoint("sdar_moe")
 
 
 @pytest.fixture(scope="session")
 def tiny_fast(tiny_checkpoint):
-    """Tiny Fast-dLLM v2 checkpoint, full vocabulary, real Qwen(2.5) tokenizer (MODELS.md §6.4)."""
+    """Tiny Fast-dLLM v2 checkpoint, full vocabulary, real Qwen(2.5) tokenizer."""
     return tiny_checkpoint("fast_dllm_v2")
 
 
 @pytest.fixture(scope="session")
 def tiny_llada2(tiny_checkpoint):
-    """Tiny LLaDA2 checkpoint, full vocabulary, synthetic byte-level tokenizer (MODELS.md §6.5)."""
+    """Tiny LLaDA2 checkpoint, full vocabulary, synthetic byte-level tokenizer."""
     return tiny_checkpoint("llada2")
 
 

@@ -1,8 +1,11 @@
 """Runs vLLM 0.26 config-level scenarios on a CPU-only machine and prints one JSON object (test helper).
 
-Started as a subprocess by ``tests/test_engine_config.py`` so the CPU-platform recipe of ``VLLM_0_26.md`` §1
-(``CUDA_VISIBLE_DEVICES=""`` + ``vllm.platforms._current_platform = CpuPlatform()``) never leaks into other
-tests.  Usage: ``python tests/engine_cpu_probe.py CKPT_DIR QWEN3_DIR [FAST_DLLM_DIR LLADA2_DIR]``.
+Started as a subprocess by ``tests/test_engine_config.py`` so the CPU-platform override never leaks into other
+tests.  vLLM 0.26's CUDA wheel on a machine without a GPU resolves no platform (config creation fails with
+"Device string must not be empty") and ignores ``VLLM_TARGET_DEVICE=cpu``; the override is
+``vllm.platforms._current_platform = CpuPlatform()`` plus ``CUDA_VISIBLE_DEVICES=""`` (so Triton, which Model
+Runner V2 requires, still counts as available).
+Usage: ``python tests/engine_cpu_probe.py CKPT_DIR QWEN3_DIR [FAST_DLLM_DIR LLADA2_DIR]``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 causal greedy decoder of the shifted-model invariant (:func:`causal_greedy`).
 
 Temporary local builder (``vllm_s2d2.testing.build_tiny_checkpoint`` is not there yet): real tensor names and
-``config.json`` keys of SDAR (MODELS.md §2), V = 512 with the special ids inside the vocabulary.  ``head_std``
+``config.json`` keys of SDAR, V = 512 with the special ids inside the vocabulary.  ``head_std``
 scales ``lm_head`` so that the tiny model is *confident* (peaked distributions): dynamic remasking then commits
 several tokens per step and greedy argmax has clear margins (fewer fp near-ties between engine and reference);
 ``lin_std`` (attention / MLP projections) is large enough that outputs depend on the context (with small

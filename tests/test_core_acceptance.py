@@ -1,4 +1,4 @@
-"""Unit tests for ``vllm_s2d2.core.acceptance.accept_span`` (S2D2_SPEC.md §0 I2/I3, §3.3, §11.3-4)."""
+"""Unit tests for ``vllm_s2d2.core.acceptance.accept_span`` (docs/algorithm.md, verify)."""
 
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def test_invariant_i3_random_cases():
 
 
 # ----------------------------------------------------------------------------------------------------
-# I2: the first committed token is distributed as q_0 (statistical)
+# Speculative-sampling correctness: the first committed token is distributed as q_0 (statistical)
 # ----------------------------------------------------------------------------------------------------
 
 FALSE_ALARM = 1e-3  # per chi-square test; seeds are fixed so the outcome is deterministic

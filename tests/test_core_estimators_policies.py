@@ -1,4 +1,4 @@
-"""Unit tests for ``vllm_s2d2.core.estimators`` and ``vllm_s2d2.core.policies`` (S2D2_SPEC.md §7)."""
+"""Unit tests for ``vllm_s2d2.core.estimators`` and ``vllm_s2d2.core.policies`` (docs/algorithm.md)."""
 
 from __future__ import annotations
 

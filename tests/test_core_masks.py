@@ -1,4 +1,4 @@
-"""Unit tests for ``vllm_s2d2.core.masks`` (S2D2_SPEC.md §1.1, §3.2, §8)."""
+"""Unit tests for ``vllm_s2d2.core.masks`` (docs/lifecycle.md draws the masks)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from vllm_s2d2.core.masks import block_causal, causal, causal_rows, committed_kv
 
 
 def rows(*bits: str) -> torch.Tensor:
-    """Rows written as in the spec ('11 1000 0000'; spaces ignored)."""
+    """Rows written as in the ``core.masks`` docstrings ('11 1000 0000'; spaces ignored)."""
     return torch.tensor([[c == "1" for c in b.replace(" ", "")] for b in bits], dtype=torch.bool)
 
 
 def test_verifier_2l_matches_spec_table_l4_c2():
-    # S2D2_SPEC.md §3.2, rows written as cache | first | mask
+    # the 2L mask of docs/lifecycle.md (verify), rows written as cache | first | mask
     expected = rows(
         "11 1000 0000",  # q0
         "11 1100 0000",  # q1
@@ -103,7 +103,7 @@ def test_draft_rows_without_causal_prefix():
 
 
 def test_draft_rows_with_causal_prefix_doc_example():
-    # L = 4, C = 2, causal_prefix = 2 (docstring / §8 draft_ver)
+    # L = 4, C = 2, causal_prefix = 2 (docstring example; draft_ver)
     expected = rows("11 1000", "11 1100", "11 1111", "11 1111")
     assert draft_rows(2, 4, 2).tolist() == expected.tolist()
     assert draft_rows(2, 4, torch.tensor(2)).tolist() == expected.tolist()

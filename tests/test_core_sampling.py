@@ -1,4 +1,4 @@
-"""Unit tests for ``vllm_s2d2.core.sampling`` and ``vllm_s2d2.core.rng`` (S2D2_SPEC.md §1.4, §3.3, §3.4).
+"""Unit tests for ``vllm_s2d2.core.sampling`` and ``vllm_s2d2.core.rng`` (docs/algorithm.md).
 
 Every expected value is derived by hand in the test from small explicit tensors.
 """

@@ -1,4 +1,4 @@
-"""Unit tests for ``vllm_s2d2.core.spans`` and ``vllm_s2d2.core.unmasking`` (S2D2_SPEC.md §1.3, §2, §4, §5)."""
+"""Unit tests for ``vllm_s2d2.core.spans`` and ``vllm_s2d2.core.unmasking`` (docs/algorithm.md)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """CPU tests of the vLLM wiring: register(), model registration, config hook, the s2d2 alias and the
 sampling-parameter shim, against the real vLLM 0.26 (config level; no model runs on CPU).
 
-Every scenario runs in one subprocess (``tests/engine_cpu_probe.py``) that applies the CPU-platform recipe of
-``VLLM_0_26.md`` §1, so the platform override never leaks into other tests.
+Every scenario runs in one subprocess (``tests/engine_cpu_probe.py``) that makes vLLM's CPU-only setup work
+(see that file), so the platform override never leaks into other tests.
 """
 
 from __future__ import annotations

