@@ -1,4 +1,4 @@
-"""Unit tests for ``vllm_s2d2.core.step`` (S2D2_SPEC.md §0 I3/I4/I5, §3.1, §3.4, §4, §5)."""
+"""Unit tests for ``vllm_s2d2.core.step``: draft, verify, finish and the invariants I3/I4/I5 (``docs/algorithm.md``)."""
 
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def test_verify_step_commits_between_one_and_span_span_tokens():
 
 
 def test_verify_step_with_quota_met_commits_no_fallback():
-    # §3.4: with quota 1 a verifying step commits only the accepted prefix + correction (no fallback when the
+    # With quota 1 a verifying step commits only the accepted prefix + correction (no fallback when the
     # quota is met, not even the "all above tau" dynamic rule).  Regression test for the k_left = 0 fallback
     # (fixed in b32ca9c).  Block [M, 7, M, M]: span = {0}; masks 2, 3 have p0 = 0.99 > 0.85 outside the span.
     cfg = dict(verify_policy="mask_span_length", min_span_length=1)
@@ -289,8 +289,9 @@ def test_verify_step_tops_up_to_quota_when_short():
     assert res.num_committed.tolist() == [2]
 
 
-# Regression (spec §4; Fast-dLLM-v2/generate_policy_utils.py "Avoid stalling when allow_resample=False"):
-# a verification that commits nothing falls back to the threshold rule.  Found by this suite.
+# Regression (Fast-dLLM v2 verification, ``docs/algorithm.md``): a verification that commits nothing falls back to
+# the threshold rule, as the Fast-dLLM v2 reference code does to avoid stalling without resampling.  Found by
+# this suite.
 def test_fast_no_resample_nothing_accepted_falls_back_to_threshold_rule():
     rules = FamilyRules.for_family("fast_dllm_v2", M)
     cfg = S2D2Config(verify_policy="mask_span_length", min_span_length=1, allow_resample=False,
@@ -326,7 +327,7 @@ def test_fast_no_resample_partial_accept_leaves_rejected_masked():
 
 
 # Regression: always_check_high_confidence commits count toward the quota before the fallback runs
-# (generate_ssd_policy.py order).  Found by this suite.
+# (the order of the SDAR reference code).  Found by this suite.
 def test_always_check_high_confidence_counts_toward_quota():
     # quota 2 (B 8, S 4); span {0} commits 1; remaining: pos 5 has p0 0.99 > 0.85 -> high-confidence commit
     # brings the step to 2 = quota, so the sequential fallback (which would pick position 2) must not run.
@@ -435,7 +436,7 @@ def test_llada2_post_step_edit_without_masks():
 
 
 # ----------------------------------------------------------------------------------------------------
-# UCB context bucket as computed by draft_step (§7.3)
+# UCB context bucket as computed by draft_step (``docs/algorithm.md``, policies)
 # ----------------------------------------------------------------------------------------------------
 # Entropy of peaked(t, 0.99) with V = 8: H = -(0.99 ln 0.99 + 0.01 ln(0.01 / 7)) = 0.0755 nats, / ln 8 = 0.036
 # (entropy bin 0); a flat row (all logits 0) has normalised entropy 1 (bin 1).

@@ -1,4 +1,4 @@
-"""S2D2 invariants (S2D2_SPEC.md §0) checked end to end on the reference decoder with tiny random models.
+"""S2D2 invariants (``docs/algorithm.md``) checked end to end on the reference decoder with tiny random models.
 
 All runs are fp32 on CPU, so equalities are exact: the reference model computes every row with the same
 kernels whatever the mask, and random weights with std 0.5 in the head give top-2 logit gaps far above

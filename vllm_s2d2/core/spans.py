@@ -1,4 +1,4 @@
-"""The first contiguous run of masked positions ("span", S2D2_SPEC.md §2), batched over requests."""
+"""The first contiguous run of masked positions ("span", ``docs/algorithm.md``), batched over requests."""
 
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ The engine and the reference decoder both drive decoding through these three cal
 3. :func:`finish_step`: pick each row's commit (verified or baseline), write tokens and edits into the block
    and update the bandit's statistics.
 
-Logits must be position-aligned (``logits[:, i]`` predicts block position i); shifted families align theirs
-with :func:`align_shifted_logits` first.  Random numbers come from :mod:`vllm_s2d2.core.rng` keyed by each
-request's seed and step counter, so results do not depend on batch composition.
+Logits must be position-aligned (``logits[:, i]`` predicts block position i); for shifted families that is
+logit ``i - 1`` (:func:`align_shifted_logits`).  Random numbers come from :mod:`vllm_s2d2.core.rng` keyed by
+each request's seed and step counter, so results do not depend on batch composition.  What happens around a
+step (region, draft_ver prefix, editing passes, early finish, canvases) is :mod:`vllm_s2d2.core.block`.
 """
 
 from __future__ import annotations
@@ -40,15 +41,15 @@ def align_shifted_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def shifted_next_token(last_logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """Shift-aligned models: the token after a stored prefix, argmax of the prefix's last logit (``[R, V]`` ->
-    ``[R]``), the mask token excluded (S2D2_SPEC.md §4: a block's first token comes from the previous forward;
-    a predicted ``<MASK>`` would leave the block's first position masked for good)."""
+    ``[R]``), the mask token excluded (a block's first token comes from the previous forward, and a predicted
+    ``<MASK>`` would leave the block's first position masked for good; ``docs/lifecycle.md``)."""
     return exclude_token(last_logits, mask_token_id).argmax(dim=-1)
 
 
 class BlockState(NamedTuple):
     tokens: torch.Tensor  # [R, B] current block, mask id at masked positions
     editable: torch.Tensor  # [R, B] bool, generated (non-prompt) positions
-    region: torch.Tensor  # [R, B] bool, positions this step may unmask (Fast-dLLM v2 sub-block)
+    region: torch.Tensor  # [R, B] bool, positions this step may unmask (core.block.step_region)
     step: torch.Tensor  # [R] denoising step index inside the block (quota lookup)
     counter: torch.Tensor  # [R] RNG counter (one value per step)
 
@@ -83,12 +84,20 @@ class StepResult(NamedTuple):
     num_accepted: torch.Tensor  # [R] accepted draft tokens (0 when not verified)
 
 
+def draft_probs(logits: torch.Tensor, params: StepParams, rules: FamilyRules) -> torch.Tensor:
+    """``[R, B, V]`` fp32 sampling distribution of position-aligned logits: the mask token excluded, then
+    temperature / top-k / top-p.  The draft's p, the verifier's q, and p again where a verification recomputes
+    it from saved draft logits, all come from it."""
+    return transform_probs(exclude_token(logits, rules.mask_token_id), params.temperature, params.top_k,
+                           params.top_p)
+
+
 def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rules: FamilyRules,
                policy_state: PolicyState) -> tuple[Draft, PolicyState]:
-    """Everything decided from the draft forward alone (S2D2_SPEC.md §3.1 steps 2-3, §5 step 1, §7)."""
+    """Everything decided from the draft forward alone: sample, edits, span, K-hat, score, route, baseline
+    commit (``docs/algorithm.md``)."""
     R, B, _ = logits.shape
-    logits = exclude_token(logits, rules.mask_token_id)
-    probs = transform_probs(logits, params.temperature, params.top_k, params.top_p)
+    probs = draft_probs(logits, params, rules)
     x0, p0 = sample(probs, params.greedy, rng.uniform(params.seed, block.counter, rng.STREAM_DRAFT, B))
     is_mask = block.tokens == rules.mask_token_id
     eligible = is_mask & block.region
@@ -138,8 +147,7 @@ def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules:
     the 2L forward; Fast-dLLM v2: the shifted causal forward).  Returns (commit [R, B], tokens [R, B],
     num_accepted [R])."""
     R, B, _ = q_logits.shape
-    q_logits = exclude_token(q_logits, rules.mask_token_id)
-    q = transform_probs(q_logits, params.temperature, params.top_k, params.top_p)
+    q = draft_probs(q_logits, params, rules)  # the same transform as the draft's p
     verdict = accept_span(
         draft.x0, draft.probs, q, draft.span,
         rng.uniform(params.seed, counter, rng.STREAM_ACCEPT, B),

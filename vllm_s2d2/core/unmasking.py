@@ -1,7 +1,8 @@
-"""Which masked positions a step commits without verification (S2D2_SPEC.md §1.3, §4, §5).
+"""Which masked positions a step commits without verification (``docs/algorithm.md``).
 
-All functions take ``[R, B]`` tensors and return a bool commit mask ``[R, B]``; ``k`` is a per-request
-count ``[R]``.  Nothing here loops over tokens or syncs with the host.
+The commit rules take ``[R, B]`` tensors and return a bool commit mask ``[R, B]``; ``k`` is a per-request
+count ``[R]``; they never loop over tokens or sync with the host.  :func:`transfer_quota` is host-side
+(Python ints, once per request).
 """
 
 from __future__ import annotations

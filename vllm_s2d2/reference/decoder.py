@@ -1,28 +1,33 @@
 """Eager reference decoder: block diffusion, AR mode and S2D2 for every family, one request at a time.
 
-It is the oracle the vLLM engine is compared against.  Every decision (sampling, spans, policies,
-acceptance, unmasking) is made by :mod:`vllm_s2d2.core.step`; this module only arranges forwards:
+It is the oracle the vLLM engine is compared against.  Every decision is made by :mod:`vllm_s2d2.core`: the
+step (sampling, spans, policies, acceptance, unmasking) by :mod:`~vllm_s2d2.core.step`, the block lifecycle
+around it (region, ``draft_ver`` prefix, editing passes, early finish, query layouts) by
+:mod:`~vllm_s2d2.core.block`, as in the engine; this module only arranges forwards:
 
 * The model has **no KV cache**: each forward recomputes ``[committed tokens | query tokens]`` with an
   explicit dense mask.  Committed rows use the mask their KV was written with (block-causal, or
   token-causal with ``cache_ver``), which is exactly what a KV cache of committed tokens holds; query rows
-  use the draft / 2L-verify / causal rows of :mod:`vllm_s2d2.core.masks`.  Forwards are counted as a
-  cached engine would run them (prefill, draft, verify, commit), so the statistics are the engine's.
-* Blocks are aligned to absolute position 0 (S2D2_SPEC.md §1.1).  The **whole prompt is prefilled**, as
+  use the draft / 2L-verify / causal rows of :mod:`vllm_s2d2.core.masks`.  Forwards are counted one per pass
+  a cached engine runs (prefill, draft, verify, commit); the engine fuses each commit into the next block's
+  first draft (``engine.stats.reference_forwards`` maps its counters onto this accounting).
+* Blocks are aligned to absolute position 0 (``docs/lifecycle.md``).  The **whole prompt is prefilled**, as
   vLLM schedules it, so the first decode block is the partial block after the prompt and the prompt tail is
   read from the cache.  This equals the SDAR reference for its paper configuration (``cache_ver`` +
   ``draft_ver``: the tail's KV is token-causal either way); without them, and for Fast-dLLM v2 / LLaDA2,
   it differs from the reference code only in the first block of a prompt whose length is not a multiple
-  of B (there the reference lets the tail attend to the block's masks).
+  of B (there the reference lets the tail attend to the block's masks; ``docs/deviations.md``).
 
-Family specifics (S2D2_SPEC.md §1-5): SDAR verifies with the 2L mask and tops up to the step quota;
+Family specifics (``docs/families.md``): SDAR verifies with the 2L mask and tops up to the step quota;
 Fast-dLLM v2 is shift-aligned, decodes sub-blocks of its 32-token blocks, verifies with a causal forward
 and takes each block's first token from the previous forward's last logit; LLaDA2 commits one token per
 step (plus everything above the threshold) and may edit its block (2.1, ``editing_threshold``).
 
 Stopping (one rule for all families, as vLLM does it): the output ends at the first stop token, which is
-kept, or after ``max_tokens``; ``ignore_eos`` disables stop tokens.  A block after which the request is
-finished is not committed to the cache (its commit forward would be wasted).
+kept, or after ``max_tokens``; ``ignore_eos`` disables stop tokens.  A stop token in the block's final prefix
+ends the block at once; ``max_tokens`` is checked when the block is done (the engine already stops once the
+final prefix reaches it: same tokens, fewer draft steps).  A block after which the request is finished is
+not committed to the cache (its commit forward would be wasted).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Protocol, Sequence
 import torch
 
 from vllm_s2d2.configs import FamilyInfo
+from vllm_s2d2.core import block as blk
 from vllm_s2d2.core import masks
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
 from vllm_s2d2.core.policies import PolicyState
@@ -102,6 +108,14 @@ class _Request:
         self.seq = list(prompt)  # committed tokens followed by the open block's known tokens
         self.prompt_len = len(prompt)
         self.max_tokens, self.stop_ids = max_tokens, stop_ids
+        # The same facts as [1] tensors for core.block (stop ids: [1, K], K may be 0).
+        long = dict(dtype=torch.long, device=device)
+        self.t_prompt_len = torch.tensor([self.prompt_len], **long)
+        self.t_max_tokens = torch.tensor([max_tokens], **long)
+        self.t_stop_ids = torch.tensor([sorted(stop_ids)], **long).view(1, len(stop_ids))
+        self.t_max_post = torch.tensor([cfg.max_post_steps or 0], **long)
+        self.t_editing = torch.tensor([cfg.editing_threshold is not None], device=device)
+        self.t_draft_ver = torch.tensor([bool(cfg.draft_ver)], device=device)
         self.cached = 0  # tokens whose KV is "stored"
         self.counter = 0
         self.stats = DecodeStats()
@@ -131,7 +145,7 @@ class _Request:
         return logits[-1]
 
     def _append_shifted_token(self, last_logits: torch.Tensor) -> None:
-        """Shift-aligned models: the token after a stored prefix is the argmax of its last logit (§4)."""
+        """Shift-aligned models: the token after a stored prefix is the argmax of its last logit."""
         if self.rules.shifted:
             self.seq.append(int(shifted_next_token(last_logits[None], self.info.mask_token_id)[0]))
 
@@ -140,7 +154,7 @@ class _Request:
         P = self.prompt_len
         self._append_shifted_token(self._store(P))  # the whole prompt is prefilled
         self.stats.prefill_forwards += 1
-        while not self._finished(len(self.seq)) and not self._decode_block():
+        while not self._decode_block():
             pass
         gen = self.seq[P:]
         stop_at = next((i for i, t in enumerate(gen) if t in self.stop_ids), None)
@@ -150,10 +164,6 @@ class _Request:
             gen, reason = gen[:self.max_tokens], "length"
         self.stats.generated_tokens = len(gen)
         return ReferenceOutput(list(self.seq[:P]), gen, reason, self.stats)
-
-    def _finished(self, upto: int) -> bool:
-        gen = self.seq[self.prompt_len:upto]
-        return len(gen) >= self.max_tokens or any(t in self.stop_ids for t in gen)
 
     def _decode_block(self) -> bool:
         """Decode the block holding position ``cached``; returns True when the request is finished.
@@ -166,29 +176,26 @@ class _Request:
         block_start = start // B * B
         end = block_start + B
         off = start - block_start
-        known = self.seq[block_start:]
-        tokens = torch.tensor([known + [mask_id] * (B - len(known))], dtype=torch.long, device=dev)
+        t_bs = torch.tensor([block_start], device=dev)
+        t_off = torch.tensor([off], device=dev)
+        tail = torch.tensor([self.seq[block_start:start] + [mask_id] * (B - off)], dtype=torch.long, device=dev)
+        first = torch.tensor([self.seq[start]], device=dev) if self.rules.shifted else None
+        tokens = blk.open_block(tail, t_off, mask_id, first)
         positions = torch.arange(block_start, end, device=dev)
-        editable = (positions >= self.prompt_len)[None, :]
-        sub = self.cfg.sub_block_size
-        step = post_steps = 0
-        while True:
-            is_mask = tokens[0] == mask_id
-            has_mask = bool(is_mask.any())
-            if not has_mask:
-                if self.info.family != "llada2":
-                    break
-                post_steps += 1  # LLaDA2.1 editing passes after the last mask
-                if post_steps > self.cfg.max_post_steps:
-                    break
-            first_mask = int(is_mask.int().argmax()) if has_mask else B
-            if self.rules.shifted and has_mask:
-                lo = first_mask // sub * sub  # Fast-dLLM v2: the first sub-block that still has masks
-                region = ((positions >= block_start + lo) & (positions < block_start + lo + sub))[None, :]
-            else:
-                region = torch.ones(1, B, dtype=torch.bool, device=dev)
-            causal_prefix = max(first_mask - off, 0) if self.cfg.draft_ver else 0
-            q_logits = self._forward(tokens[0, off:], positions[off:], masks.draft_rows(start, B - off, causal_prefix, dev))
+        editable = blk.editable_columns(t_bs, self.t_prompt_len, B)
+        sub = self.cfg.sub_block_size or B
+        # No step has run: ``again`` = the block has masks, ``settled`` = nothing can change any more.
+        life = blk.post_steps(torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.bool,
+                              device=dev), tokens, tokens, mask_id, self.t_max_post, self.t_editing)
+        prefix = self._final_prefix(tokens, t_bs, t_off)
+        if bool(blk.early_finish(prefix, life.settled)[0]):  # the shifted first token already ends it
+            return True
+        step = 0
+        while bool(life.again[0]):
+            region = blk.step_region(tokens, mask_id, sub)
+            causal_prefix = blk.causal_prefix(tokens, mask_id, t_off, self.t_draft_ver)[0]
+            query = blk.block_canvas(tokens, t_off, mask_id, B - off)[0]
+            q_logits = self._forward(query, positions[off:], masks.draft_rows(start, B - off, causal_prefix, dev))
             logits = self._full_block(q_logits, off)
             self.stats.draft_forwards += 1
             counter = torch.tensor([self.counter], device=dev)
@@ -196,7 +203,7 @@ class _Request:
             draft, self.policy_state = draft_step(logits, block, self.params, self.rules, self.policy_state)
             v_commit = v_tokens = v_acc = None
             if bool(draft.do_verify[0]):
-                v_logits = self._verify_logits(draft.first_half[0], region[0], start, off)
+                v_logits = self._verify_logits(draft.first_half, region[0], start, off)
                 v_commit, v_tokens, v_acc = verify_step(draft, v_logits, self.params, self.rules, counter)
                 self.stats.verify_forwards += 1
                 self.stats.verify_steps += 1
@@ -209,18 +216,22 @@ class _Request:
             self.stats.edited_tokens += int(draft.edits.sum())
             self.counter += 1
             step += 1
-            changed = bool((result.tokens != tokens).any())
+            life = blk.post_steps(life.post, torch.ones(1, dtype=torch.bool, device=dev), tokens, result.tokens,
+                                  mask_id, self.t_max_post, self.t_editing)
             tokens = result.tokens
             self.seq = self.seq[:block_start] + tokens[0].tolist()
-            if not has_mask and not changed:  # an editing pass that edited nothing ends the block
+            prefix = self._final_prefix(tokens, t_bs, t_off)
+            if bool(prefix.stop[0]):  # a stop token in the final prefix ends the block (the rest is discarded)
                 break
-            if self._stop_before_mask(tokens[0], mask_id, block_start):
-                break
-        if self._finished(end):
+        if bool(blk.early_finish(prefix, life.settled)[0]):
             return True
         self._append_shifted_token(self._store(end))
         self.stats.commit_forwards += 1
         return False
+
+    def _final_prefix(self, tokens: torch.Tensor, block_start: torch.Tensor, off: torch.Tensor) -> blk.FinalPrefix:
+        return blk.final_prefix(tokens, self.info.mask_token_id, block_start, off, self.t_prompt_len,
+                                self.t_stop_ids, self.t_max_tokens)
 
     def _full_block(self, query_logits: torch.Tensor, off: int) -> torch.Tensor:
         """``[1, B, V]`` logits for the whole block from the query rows (cached tail columns get zeros);
@@ -228,32 +239,22 @@ class _Request:
         full = torch.cat([query_logits.new_zeros(off, query_logits.shape[-1]), query_logits])[None]
         return align_shifted_logits(full) if self.rules.shifted else full
 
-    def _stop_before_mask(self, block: torch.Tensor, mask_id: int, block_start: int) -> bool:
-        """A generated stop token with no mask before it ends the block (what follows is discarded)."""
-        if not self.stop_ids:
-            return False
-        for i, t in enumerate(block.tolist()):
-            if t == mask_id:
-                return False
-            if block_start + i >= self.prompt_len and t in self.stop_ids:
-                return True
-        return False
-
     def _verify_logits(self, first_half: torch.Tensor, region: torch.Tensor, start: int, off: int) -> torch.Tensor:
-        """Verifier logits for the whole block ``[1, B, V]`` (aligned; cached columns zero)."""
+        """Verifier logits for the whole block ``[1, B, V]`` (aligned; cached columns zero); ``first_half [1, B]``."""
         B, dev = self.B, self.device
         block_start = start - off
         positions = torch.arange(start, block_start + B, device=dev)
         if self.rules.shifted:
             # Causal forward over [cached, sub-block end), drafts filled; logit i-1 predicts token i.
             stop = int(region.nonzero().max()) + 1
-            q = self._forward(first_half[off:stop], positions[:stop - off], masks.causal_rows(start, stop - off, dev))
+            q = self._forward(first_half[0, off:stop], positions[:stop - off],
+                              masks.causal_rows(start, stop - off, dev))
             q = torch.cat([q, q.new_zeros(B - stop, q.shape[-1])])
             return self._full_block(q, off)
+        # 2L query [first half[off:] | L x MASK], both halves at the block's positions
         L = B - off
-        mask_half = torch.full((L,), self.info.mask_token_id, dtype=torch.long, device=dev)
-        q = self._forward(torch.cat([first_half[off:], mask_half]), torch.cat([positions, positions]),
-                          masks.verifier_2l(start, L, dev))
+        query = blk.block_canvas(first_half, torch.tensor([off], device=dev), self.info.mask_token_id, 2 * L)[0]
+        q = self._forward(query, torch.cat([positions, positions]), masks.verifier_2l(start, L, dev))
         return self._full_block(q[L:], off)
 
 
