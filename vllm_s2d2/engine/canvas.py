@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_s2d2.core import block as lifecycle
 from vllm_s2d2.engine.states import COMMIT, VERIFY
-
-
-def verify_canvas(first_half: torch.Tensor, cached: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """``[R, 2B]`` canvas: the first half's uncached part at slots ``[0, B - cached)``, masks elsewhere."""
-    R, B = first_half.shape
-    w = torch.arange(2 * B, device=first_half.device)
-    src = (cached[:, None] + w[None, :]).clamp(max=B - 1)
-    return torch.where(w[None, :] < (B - cached)[:, None], first_half.gather(1, src), torch.full_like(src, mask_id))
 
 
 def write_next(ctx, slots: torch.Tensor, next_start: torch.Tensor) -> None:
@@ -31,25 +24,14 @@ def write_next(ctx, slots: torch.Tensor, next_start: torch.Tensor) -> None:
     tokens = blocks.tokens[slots]
     phase = blocks.phase[slots]
     facts = ctx.facts.gather(slots)
-    wcols = torch.arange(2 * B, device=slots.device)[None, :]
     cached = (next_start - block_start).clamp(0, B)
-    src = (cached[:, None] + wcols).clamp(max=B - 1)
-    canvas = torch.where(wcols < (B - cached)[:, None], tokens.gather(1, src), torch.full_like(src, mask_id))
+    canvas = lifecycle.block_canvas(tokens, cached, mask_id, 2 * B)
     is_verify = phase == VERIFY
     if ctx.drafts is not None:  # (none before the first step: no slot can be verifying then)
-        canvas = torch.where(is_verify[:, None], verify_canvas(ctx.drafts.rows["first_half"][slots], cached,
-                                                               mask_id), canvas)
+        vcanvas = lifecycle.verify_canvas(ctx.drafts.rows["first_half"][slots], cached, mask_id)
+        canvas = torch.where(is_verify[:, None], vcanvas, canvas)
     blocks.canvas[slots] = canvas
-
-    is_mask = tokens == mask_id
-    first_mask = torch.where(is_mask.any(1), is_mask.int().argmax(1), torch.full_like(cached, B))
-    causal_prefix = torch.where(facts.draft_ver, (first_mask - cached).clamp_min(0), torch.zeros_like(cached))
-    block_end = block_start + B - 1
-    none = torch.zeros_like(block_start)
-    is_commit = phase == COMMIT
-    r1_lo = torch.where(is_commit, torch.where(facts.cache_ver, none, next_start), next_start + causal_prefix)
-    r1_hi = torch.where(is_commit, torch.where(facts.cache_ver, none, block_end), block_end)
-    r2_lo = torch.where(is_commit, block_start + B, none)
-    r2_hi = torch.where(is_commit, block_start + 2 * B - 1, none)
-    spec = torch.stack([r1_lo, r1_hi, r2_lo, r2_hi], dim=1)
-    blocks.attn_spec[slots] = torch.where(is_verify[:, None], torch.zeros_like(spec), spec).to(torch.int32)
+    causal_prefix = lifecycle.causal_prefix(tokens, mask_id, cached, facts.draft_ver)
+    spec = lifecycle.attention_ranges(block_start, next_start, B, phase == COMMIT, facts.cache_ver, causal_prefix,
+                                      is_verify)
+    blocks.attn_spec[slots] = spec.to(torch.int32)

@@ -11,9 +11,8 @@ from dataclasses import fields
 
 import torch
 
-from vllm_s2d2.core.params import StepParams
-from vllm_s2d2.core.sampling import exclude_token, transform_probs
-from vllm_s2d2.core.step import Draft
+from vllm_s2d2.core.params import FamilyRules, StepParams
+from vllm_s2d2.core.step import Draft, draft_probs
 
 _PER_ROW = ("x0", "p0", "is_mask", "eligible", "edits", "first_half", "span", "baseline_commit")
 _PER_REQ = ("span_length", "k_hat", "score", "quota", "do_verify", "routed", "bucket")
@@ -54,13 +53,12 @@ class DraftStore:
         put(self.counter, counter)
         put(self.step, step)
 
-    def load(self, slots: torch.Tensor, params: StepParams, mask_token_id: int) -> Draft:
-        """The saved drafts of ``slots``; ``probs`` recomputed from the saved logits exactly as
-        ``core.step.draft_step`` computed them."""
-        logits = exclude_token(self.logits[slots], mask_token_id)
+    def load(self, slots: torch.Tensor, params: StepParams, rules: FamilyRules) -> Draft:
+        """The saved drafts of ``slots``; ``probs`` recomputed from the saved logits with ``core.step.draft_probs``,
+        as ``draft_step`` computed them."""
         kw = {name: self.rows[name][slots] for name in _PER_ROW}
         kw.update({name: self.reqs[name][slots] for name in _PER_REQ})
-        kw["probs"] = transform_probs(logits, params.temperature, params.top_k, params.top_p)
+        kw["probs"] = draft_probs(self.logits[slots], params, rules)
         assert {f.name for f in fields(Draft)} == set(kw)
         return Draft(**kw)
 

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_s2d2.core import block as lifecycle
 from vllm_s2d2.core.params import StepParams
 from vllm_s2d2.core.policies import PolicyState
 from vllm_s2d2.core.step import BlockState, draft_step, finish_step, shifted_next_token, verify_step
@@ -88,24 +89,18 @@ def decode_step(ctx: StepContext, batch: StepBatch, has_verify: bool, use_top_k:
 
     # The block this step denoises: the current one (DRAFT) or the fresh next one (COMMIT).  A shift-aligned
     # model's fresh block starts with the argmax of the committed block's last logit (canvas row uncached - 1).
-    fresh = torch.full_like(tokens, mask_id)
+    first = None
     if layout.shifted:
         last_row = (row0 + uncached - 1).clamp(0, max(logits.shape[0] - 1, 0))
-        fresh = torch.where(cols == 0, shifted_next_token(logits[last_row], mask_id)[:, None], fresh)
+        first = shifted_next_token(logits[last_row], mask_id)
+    fresh = lifecycle.open_block(tokens, torch.zeros_like(cached), mask_id, first)
     draft_block = torch.where(is_commit[:, None], fresh, tokens)
     draft_cached = torch.where(is_commit, torch.zeros_like(cached), cached)
     draft_block_start = block_start + torch.where(is_commit, B, 0)
     draft_step_idx = torch.where(is_commit, torch.zeros_like(step_idx), step_idx)
-    available = full[:, None] | (cols < (draft_cached + draft_rows.clamp(min=0))[:, None])
-    region = available
-    draft_is_mask = draft_block == mask_id
-    draft_has_mask = draft_is_mask.any(1)
-    if layout.shifted:
-        # Fast-dLLM v2 decodes the sub-block holding the block's first mask.
-        first_mask = torch.where(draft_has_mask, draft_is_mask.int().argmax(1), torch.zeros_like(draft_cached))
-        lo = first_mask // layout.sub_block * layout.sub_block
-        region = region & (cols >= lo[:, None]) & (cols < (lo + layout.sub_block)[:, None])
-    editable = (draft_block_start[:, None] + cols) >= facts.prompt_len[:, None]
+    available = lifecycle.available_columns(draft_cached, draft_rows, B)
+    region = lifecycle.step_region(draft_block, mask_id, layout.sub_block, available)
+    editable = lifecycle.editable_columns(draft_block_start, facts.prompt_len, B)
 
     # Block column i reads canvas row i - cached (position-aligned) or i - cached - 1 (shifted: the logit of the
     # previous position; the first uncached column always holds a known token).
@@ -136,42 +131,27 @@ def decode_step(ctx: StepContext, batch: StepBatch, has_verify: bool, use_top_k:
     blocks.policy.scatter_(slots, policy_next)
     ran = draft_ok | verify_ok
 
-    # LLaDA2.1 editing passes: once the block has no mask, up to max_post_steps more draft steps may edit it; an
-    # editing pass that changes nothing ends the block.
-    edit_pass = draft_ok & ~draft_has_mask
-    changed = (new_tokens != draft_block).any(1)
-    post_next = torch.where(commit_ok, torch.zeros_like(post_steps), post_steps) + edit_pass.long()
-    new_has_mask = (new_tokens == mask_id).any(1)
-    more_edits = ran & ~new_has_mask & ~(edit_pass & ~changed) & (post_next < facts.max_post_steps)
-    # With editing, emitted tokens could still change until the block is settled.
-    settled = ~facts.editing | (~new_has_mask & ~more_edits)
-
+    # LLaDA2.1 editing passes after the block's last mask, and whether its tokens are settled.
+    life = lifecycle.post_steps(torch.where(commit_ok, 0, post_steps), ran, draft_block, new_tokens, mask_id,
+                                facts.max_post_steps, facts.editing)
     # Early finish: a final prefix (from draft_cached) that already ends the request is emitted now.
-    blocking = ((new_tokens == mask_id) | ~available) & (cols >= draft_cached[:, None])
-    first_blocking = torch.where(blocking.any(1), blocking.int().argmax(1), torch.full_like(draft_cached, B))
-    leading = (first_blocking - draft_cached).clamp_min(0)
-    in_lead = (cols >= draft_cached[:, None]) & (cols < first_blocking[:, None])
-    is_stop = (new_tokens[:, :, None] == facts.stop_ids[:, None, :]).any(-1) & in_lead & editable
-    emitted_before = draft_block_start + draft_cached - facts.prompt_len  # output tokens before the lead
-    reach_max = emitted_before + leading >= facts.max_tokens
-    region_done = ~((new_tokens == mask_id) & available).any(1)
-    finish = ran & ~starts_verify & (leading > 0) & (
-        is_stop.any(1) | ((reach_max | (clipped & region_done)) & settled))
+    prefix = lifecycle.final_prefix(new_tokens, mask_id, draft_block_start, draft_cached, facts.prompt_len,
+                                    facts.stop_ids, facts.max_tokens, available)
+    finish = ran & ~starts_verify & lifecycle.early_finish(prefix, life.settled, clipped)
 
-    num_emitted = torch.where(commit_ok, uncached, 0) + torch.where(finish, leading, 0)
+    num_emitted = torch.where(commit_ok, uncached, 0) + torch.where(finish, prefix.length, 0)
     # Emitted tokens: [current block (final for COMMIT, drafted for DRAFT) | drafted next block] from `cached`.
     out_row = torch.cat([torch.where(is_commit[:, None], tokens, new_tokens), new_tokens], dim=1)
     out_tokens = out_row.gather(1, (cached[:, None] + wcols).clamp(max=2 * B - 1))
 
-    # Next state.
-    tokens_next = torch.where(commit_ok[:, None], torch.where(draft_ok[:, None], new_tokens, fresh),
-                              torch.where(ran[:, None], new_tokens, tokens))
+    # Next state.  The block after this step is new_tokens in every row (a commit that did not draft keeps the
+    # fresh block, a step that did not run keeps the block).
     blocks.block_start[slots] = torch.where(commit_ok, block_start + B, block_start)
-    blocks.tokens[slots] = tokens_next
+    blocks.tokens[slots] = new_tokens
     blocks.step_idx[slots] = torch.where(commit_ok, draft_ok.long(), step_idx + draft_ok.long())
     blocks.rng_counter[slots] = rng_counter + draft_ok.long()
-    blocks.post_steps[slots] = post_next
-    phase_next = torch.where((tokens_next == mask_id).any(1) | more_edits, DRAFT, COMMIT)
+    blocks.post_steps[slots] = life.post
+    phase_next = torch.where(life.again, DRAFT, COMMIT)
     phase_next = torch.where(ran | commit_ok, phase_next, phase)  # a step that did not run keeps its phase
     stay = starts_verify | (is_verify & ~verify_ok)  # a truncated verify step is retried
     blocks.phase[slots] = torch.where(stay, VERIFY, phase_next)
@@ -195,7 +175,7 @@ def _verify(ctx: StepContext, logits, slots, tokens, editable, cached, row0, rng
     and accepted counts."""
     layout = ctx.layout
     B = layout.block_size
-    draft = ctx.drafts.load(slots, params, layout.mask_token_id)
+    draft = ctx.drafts.load(slots, params, layout.rules)
     cols = torch.arange(B, device=slots.device)[None, :]
     base, shift = (0, 1) if layout.shifted else (B, 0)
     known = cols >= (cached + shift)[:, None]

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from vllm_s2d2.core.block import open_block
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
 from vllm_s2d2.core.step import shifted_next_token
 from vllm_s2d2.engine.canvas import write_next
@@ -145,12 +146,13 @@ class S2D2Stepper:
         P = prefill_len.to(torch.int64)
         block_start = P // B * B
         cols = block_start[:, None] + torch.arange(B, device=self.device)[None, :]
-        tokens = token_at(slots, torch.minimum(cols, (P - 1).clamp_min(0)[:, None]).to(torch.int64)).to(torch.int64)
-        tokens = torch.where(cols < P[:, None], tokens, torch.full_like(tokens, mask_id))
+        tail = token_at(slots, torch.minimum(cols, (P - 1).clamp_min(0)[:, None]).to(torch.int64)).to(torch.int64)
+        first = None
         if self.shifted:
             if last_logits is None:
                 raise ValueError("a shift-aligned model needs the prompt's last logits to open its first block")
-            tokens = torch.where(cols == P[:, None], shifted_next_token(last_logits, mask_id)[:, None], tokens)
+            first = shifted_next_token(last_logits, mask_id)
+        tokens = open_block(tail, P - block_start, mask_id, first)
         blocks.tokens[slots] = tokens
         blocks.block_start[slots] = block_start
         blocks.step_idx[slots] = 0
