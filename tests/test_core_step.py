@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
-import pytest
 import torch
 
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams

@@ -165,7 +165,7 @@ S2D2_CASES = {
 
 @pytest.mark.parametrize("case", list(S2D2_CASES))
 def test_s2d2_greedy_matches_reference(tiny, case):
-    # greedy drafts, but acceptance is random unless acceptance="greedy" (S2D2_SPEC.md §3.4): seed it
+    # greedy drafts, but acceptance is random unless acceptance="greedy" (docs/algorithm.md): seed it
     _, emu = check(tiny, S2D2_CASES[case], greedy(seed=7))
     assert emu.verify_forwards > 0  # verification really ran
 
