@@ -315,6 +315,21 @@ def plot_modes(path: str | os.PathLike, title: str, panels: list[tuple[str, dict
     return True
 
 
+def mode_series(record: dict, rows: Iterable[dict], fields: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """Plot series per field: ``{field: {"mode: label": {batch: value}}}``, plus ``"step_time_ratio"`` (every mode but
+    the baseline, from ``record["ratios_vs_baseline"]``)."""
+    labels = {m: f"{m}: {v['label']}" for m, v in record["modes"].items()}
+    out: dict[str, dict[str, dict]] = {f: {} for f in fields + ("step_time_ratio",)}
+    for r in rows:
+        lab = labels.get(r["mode"], r["mode"])
+        for f in fields:
+            out[f].setdefault(lab, {})[r["batch"]] = r.get(f)
+        if r["mode"] != record["baseline"]:
+            out["step_time_ratio"].setdefault(lab, {})[r["batch"]] = (
+                record["ratios_vs_baseline"].get(r["mode"], {}).get(str(r["batch"]), {}).get("step_time_ratio"))
+    return out
+
+
 def record_title(record: dict) -> str:
     """``<benchmark>: <model> | <device> | commit <c> | vLLM <v>, torch <t> | call <id>``."""
     m = record["call"]

@@ -332,18 +332,11 @@ def finish(record: dict) -> dict:
 
 
 def plot(record: dict, path) -> bool:
-    labels = {m: f"{m}: {v['label']}" for m, v in record["modes"].items()}
-    tps, ratio, tpf = {}, {}, {}
-    for r in record["results"].values():
-        lab = labels.get(r["mode"], r["mode"])
-        tps.setdefault(lab, {})[r["batch"]] = r.get("output_tokens_per_s")
-        tpf.setdefault(lab, {})[r["batch"]] = r.get("tokens_per_forward")
-        if r["mode"] != record["baseline"]:
-            ratio.setdefault(lab, {})[r["batch"]] = (record["ratios_vs_baseline"].get(r["mode"], {})
-                                                     .get(str(r["batch"]), {}).get("step_time_ratio"))
+    series = rec.mode_series(record, record["results"].values(), ("output_tokens_per_s", "tokens_per_forward"))
     return rec.plot_modes(path, rec.record_title(record),
-                          [("output tokens / s", tps), ("median step time / vLLM AR's (same call)", ratio),
-                           ("tokens per forward", tpf)], hline={1: 1.0})
+                          [("output tokens / s", series["output_tokens_per_s"]),
+                           ("median step time / vLLM AR's (same call)", series["step_time_ratio"]),
+                           ("tokens per forward", series["tokens_per_forward"])], hline={1: 1.0})
 
 
 def main(argv: list[str] | None = None) -> None:

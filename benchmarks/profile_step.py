@@ -247,20 +247,13 @@ def finish(record: dict) -> dict:
 
 
 def plot(record: dict, path) -> bool:
-    labels = {m: f"{m}: {v['label']}" for m, v in record["modes"].items()}
-    step, ratio, busy, launches = {}, {}, {}, {}
-    for r in record["runs"].values():
-        lab = labels.get(r["mode"], r["mode"])
-        step.setdefault(lab, {})[r["batch"]] = r.get("step_ms_median")
-        busy.setdefault(lab, {})[r["batch"]] = r.get("gpu_busy_fraction")
-        launches.setdefault(lab, {})[r["batch"]] = r.get("launch_calls_per_step")
-        if r["mode"] != record["baseline"]:
-            ratio.setdefault(lab, {})[r["batch"]] = (record["ratios_vs_baseline"].get(r["mode"], {})
-                                                     .get(str(r["batch"]), {}).get("step_time_ratio"))
+    series = rec.mode_series(record, record["runs"].values(),
+                             ("step_ms_median", "gpu_busy_fraction", "launch_calls_per_step"))
     return rec.plot_modes(path, rec.record_title(record),
-                          [("median step time (ms)", step), ("median step time / vLLM AR's (same call)", ratio),
-                           ("GPU-busy fraction of a step", busy), ("launch calls per step", launches)],
-                          hline={1: 1.0})
+                          [("median step time (ms)", series["step_ms_median"]),
+                           ("median step time / vLLM AR's (same call)", series["step_time_ratio"]),
+                           ("GPU-busy fraction of a step", series["gpu_busy_fraction"]),
+                           ("launch calls per step", series["launch_calls_per_step"])], hline={1: 1.0})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,8 +24,7 @@ def test_import_is_cheap_and_register_idempotent():
         "assert {'sdar', 'sdar_moe', 'Fast_dLLM_Qwen', 'llada2_moe'} <= set(CONFIG_MAPPING.keys())\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    _run_prints_ok(code)
 
 
 def test_request_stats_is_loaded_lazily():
@@ -43,5 +42,10 @@ def test_request_stats_is_loaded_lazily():
         "except AttributeError:\n"
         "    print('ok')\n"
     )
+    _run_prints_ok(code)
+
+
+def _run_prints_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter; it must exit 0 and print ``ok`` last."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
