@@ -1,7 +1,8 @@
 """A CPU emulation of vLLM 0.26's scheduler + MRV2 runner around the plugin's real sampler and mask code.
 
 What is real: :class:`~vllm_s2d2.engine.stepper.S2D2Stepper`, :class:`~vllm_s2d2.engine.sampler.S2D2Sampler`
-and :func:`~vllm_s2d2.engine.attention.step_ranges` (the exact objects the GPU engine runs).  What is emulated,
+and the model state's attention plan (:mod:`vllm_s2d2.engine.attention`: which rows are canvas rows, the
+prefill tables and ranges, the RoPE positions) -- the exact objects the GPU engine runs.  What is emulated,
 following the 0.26 source:
 
 * scheduling: prompts (optionally chunked by a token budget), then W canvas tokens per decode request
@@ -11,11 +12,10 @@ following the 0.26 source:
 * the runner's ``InputBatch`` fields the plugin reads, ``draft_tokens`` -> input ids of the canvas;
 * the paged KV cache: every position keeps the attention row it was written with (what the KV of that slot
   encodes); a forward is a dense recompute of ``[cached | query]`` where cached rows use their recorded rows
-  and query rows use the TRITON kernel's mask (causal OR ranges, ``attention.kernel_visibility``) -- the same
-  device the reference decoder uses, so the emulated engine must equal ``reference.generate`` token for token;
-* a VERIFY step (the stepper's phase, full 2B canvas, as ``S2D2ModelState`` selects it) runs what the CUSTOM
-  backend's verify launch computes: the 2L mask (``core.masks.verifier_2l``) with the mask half at the first
-  half's positions.
+  and query rows use what the attention backend computes: canvas rows see every key below the canvas plus
+  their slot's table (the canvas kernel), other rows the stock Triton mask (causal OR ranges,
+  ``attention.kernel_visibility``) -- the same dense model the reference decoder uses, so the emulated engine
+  must equal ``reference.generate`` token for token.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vllm_s2d2.core.masks import verifier_2l
-from vllm_s2d2.engine.attention import kernel_visibility, step_ranges
+from vllm_s2d2.engine.attention import (canvas_positions, kernel_visibility, plan_canvas_rows, prefill_ranges,
+                                        write_prefill_tables)
 from vllm_s2d2.engine.settings import resolve_engine_settings
 from vllm_s2d2.engine.states import VERIFY
 from vllm_s2d2.engine.stepper import S2D2Stepper
@@ -173,7 +173,16 @@ class Emulator:
             query_start_loc=torch.from_numpy(qsl.copy()), query_start_loc_np=qsl,
             seq_lens=torch.from_numpy(computed + nsched), cu_num_logits=torch.from_numpy(cu.copy()),
             cu_num_logits_np=cu)
-        ranges = step_ranges(self.stepper, batch) or {}
+        # Attention as the model state and the backend run it: canvas rows read their slot's table (keys below the
+        # canvas all visible), other rows the stock kernel's mask; RoPE positions with the canvas offsets.
+        plan = plan_canvas_rows(self.stepper, batch)
+        if plan.prefill_rows.size:
+            write_prefill_tables(self.stepper, batch, plan.prefill_rows)
+        ranges = {} if plan.canvas_only else (prefill_ranges(self.stepper, batch) or {})
+        runner_pos = torch.cat([torch.arange(c, c + n) for c, n in zip(computed.tolist(), nsched.tolist())])
+        positions = canvas_positions(runner_pos, batch.query_start_loc, R, torch.from_numpy(plan.row_slot),
+                                     self.stepper.blocks.pos_offset, torch.zeros_like(runner_pos))
+        phases = self.stepper.blocks.phase.clone()
         logits_rows, token_rows = [], []
         for i, (r, n, spec) in enumerate(sched):
             p = r.num_computed
@@ -183,9 +192,10 @@ class Emulator:
             else:
                 ids = self.req_states.draft_tokens[r.slot, :n].tolist()
             rr = [x for x in ranges.get(i, []) if x[0] < x[1]]
-            is_verify = not r.prefilling and n == self.W and int(self.stepper.phase_host[r.slot]) == VERIFY
-            two_l = is_verify and self.stepper.two_l_verify  # shifted models verify with a causal pass
-            logits = self._forward(r, p, ids, rr, two_l)
+            slot = int(plan.row_slot[i])
+            table = self.stepper.blocks.canvas_tables[slot, :n, :n].bool() if slot >= 0 else None
+            is_verify = not r.prefilling and n == self.W and int(phases[r.slot]) == VERIFY
+            logits = self._forward(r, p, ids, rr, table, positions[int(qsl[i]):int(qsl[i + 1])])
             token_rows.append(logits)
             self.verify_forwards += int(is_verify)
             r.forwards += 1
@@ -223,7 +233,8 @@ class Emulator:
             return "length"
         return None
 
-    def _forward(self, r: EmuRequest, p: int, ids: list[int], ranges, verify: bool = False) -> torch.Tensor:
+    def _forward(self, r: EmuRequest, p: int, ids: list[int], ranges, table: torch.Tensor | None,
+                 query_positions: torch.Tensor) -> torch.Tensor:
         n = p + len(ids)
         tokens = [r.kv_tokens[k] for k in range(p)] + list(ids)
         vis = torch.zeros(n, n, dtype=torch.bool)
@@ -234,11 +245,10 @@ class Emulator:
             m = min(row.numel(), n)
             vis[k, :m] = row[:m]
         q_pos = torch.arange(p, n)
-        positions = torch.arange(n)
-        if verify:
-            B = self.W // 2
-            vis[p:] = verifier_2l(p, B)
-            positions[p + B:] -= B  # mask half at the first half's positions
+        positions = torch.cat([torch.arange(p), query_positions])
+        if table is not None:  # the canvas kernel: every key below p, then the slot's table
+            vis[p:, :p] = True
+            vis[p:, p:] = table
         else:
             vis[p:] = kernel_visibility(q_pos, n, ranges)
         logits = self.model.logits(torch.tensor(tokens), positions, vis, rows=q_pos)

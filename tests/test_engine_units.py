@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import numpy as np
 import pytest
 import torch
 
 from vllm_s2d2.core import masks
 from vllm_s2d2.core.params import FamilyRules, SamplingSpec, StepParams
-from vllm_s2d2.engine.attention import decode_ranges, kernel_visibility, pad_ranges, prefill_block_ranges
+from vllm_s2d2.engine.attention import kernel_visibility, pad_ranges, prefill_block_ranges
 from vllm_s2d2.engine.settings import request_config, resolve_engine_settings
 from vllm_s2d2.engine.step_params import PackedStepParams
 from vllm_s2d2.s2d2_config import S2D2Config
@@ -50,9 +49,34 @@ def test_prefill_block_ranges_match_committed_kv():
     assert prefill_block_ranges(0, 16, 10, 4) == [(0, 3), (4, 7), (8, 9), (10, 11), (12, 15)]
 
 
-def test_decode_ranges_clip_to_present_keys_and_pad():
-    spec = np.array([[5, 11, 12, 15], [9, 9, 0, 0]], dtype=np.int32)
-    assert decode_ranges(spec, np.array([14, 20])) == [[(5, 11), (12, 13)], []]
+def test_canvas_tables_equal_the_range_masks_they_replace_truncated_canvases_included():
+    # The canvas kernel's rule (every key below p visible, then the table among the canvas slots) gives exactly
+    # the mask vLLM's Triton kernel computed from the same ranges clipped to the keys present, for every query
+    # length a truncated canvas can have.
+    B, W = 4, 8
+    spec = torch.tensor([[9, 11, 12, 15], [13, 15, 0, 0], [0, 0, 12, 15], [5, 5, 0, 0]])
+    p = torch.tensor([9, 12, 9, 5])
+    for q_len in range(1, W + 1):
+        table = masks.canvas_visibility(spec, p, torch.full_like(p, W), torch.zeros(4, dtype=torch.bool),
+                                        masks.verifier_2l(0, B))
+        for r in range(4):
+            seq_len = int(p[r]) + q_len
+            ranges = [(lo, min(hi, seq_len - 1)) for lo, hi in spec[r].view(2, 2).tolist()]
+            want = kernel_visibility(torch.arange(int(p[r]), seq_len), seq_len, [x for x in ranges if x[0] < x[1]])
+            got = torch.cat([torch.ones(q_len, int(p[r]), dtype=torch.bool), table[r, :q_len, :q_len]], dim=1)
+            assert torch.equal(got, want), (r, q_len)
+
+
+def test_verify_rows_take_the_2l_pattern():
+    B = 4
+    pattern = masks.verifier_2l(0, B)
+    table = masks.canvas_visibility(torch.zeros(1, 4, dtype=torch.long), torch.tensor([20]), torch.tensor([8]),
+                                    torch.tensor([True]), pattern)
+    assert torch.equal(table[0], pattern)
+    assert torch.equal(torch.cat([torch.ones(2 * B, 20, dtype=torch.bool), table[0]], 1), masks.verifier_2l(20, B))
+
+
+def test_prefill_ranges_are_padded():
     assert pad_ranges({0: []}) is None
     padded = pad_ranges({0: [(1, 2)], 1: [(1, 2), (3, 4), (5, 6)]})
     assert len(padded[1]) == 4 and padded[1][-1] == (0, 0)
@@ -147,3 +171,52 @@ def test_model_classes_keep_hidden_states_for_the_shifted_first_token():
     assert torch.equal(got, m.compute_logits(out[rows]))
     with pytest.raises(RuntimeError, match="BlockDiffusionModel"):
         S2D2ModelState._token_logits(SimpleNamespace(model=Base()), rows)
+
+
+def _stepper_batch(scheduled, computed, prefilling, slots, cache_ver=True, prompt_len=10):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_s2d2.engine.stepper import S2D2Stepper
+
+    st = S2D2Stepper(max_num_reqs=4, block_size=4, family="sdar", mask_token_id=511,
+                     engine_config=resolve_engine_settings(SDAR, {"cache_ver": cache_ver}).config,
+                     max_model_len=64, device="cpu")
+    for slot in slots:
+        st.add_request(slot, prompt_len=prompt_len, config=resolve_engine_settings(SDAR, {"cache_ver": cache_ver}).config,
+                       sampling=SamplingSpec(temperature=0.0), stop_ids=[], max_tokens=8)
+    st.apply_staged_writes()
+    qsl = np.concatenate([[0], np.cumsum(scheduled)]).astype(np.int32)
+    batch = SimpleNamespace(num_reqs=len(slots), idx_mapping_np=np.array(slots, dtype=np.int32),
+                            num_scheduled_tokens=np.array(scheduled, dtype=np.int32),
+                            num_computed_tokens_np=np.array(computed, dtype=np.int32),
+                            is_prefilling_np=np.array(prefilling), query_start_loc=torch.from_numpy(qsl))
+    return st, batch
+
+
+def test_uniform_batch_serves_a_w_token_prefill_chunk_with_its_block_causal_table():
+    from vllm_s2d2.engine.attention import plan_canvas_rows, write_prefill_tables
+
+    st, batch = _stepper_batch([8, 8], [0, 12], [True, False], [2, 0], cache_ver=False, prompt_len=6)
+    plan = plan_canvas_rows(st, batch)
+    assert plan.canvas_only and plan.row_slot.tolist() == [2, 0] and plan.prefill_rows.tolist() == [0]
+    write_prefill_tables(st, batch, plan.prefill_rows)
+    want = kernel_visibility(torch.arange(0, 8), 8, prefill_block_ranges(0, 8, 6, 4))
+    assert torch.equal(st.blocks.canvas_tables[2].bool(), want)
+    # a mixed batch: the prefill row goes to the stock kernel (-1), the canvas row to its slot
+    st, batch = _stepper_batch([5, 8], [0, 12], [True, False], [2, 0], cache_ver=False, prompt_len=6)
+    plan = plan_canvas_rows(st, batch)
+    assert not plan.canvas_only and plan.row_slot.tolist() == [-1, 0] and plan.prefill_rows.size == 0
+
+
+def test_canvas_positions_add_slot_offsets_on_canvas_rows_only():
+    from vllm_s2d2.engine.attention import canvas_positions
+
+    st, batch = _stepper_batch([3, 8], [0, 12], [True, False], [1, 0])
+    st.blocks.pos_offset[0, 4:] = -4  # slot 0 holds a 2L verify canvas
+    st.blocks.pos_offset[1] = -100  # never read: row 0 is a prefill row
+    runner = torch.tensor([0, 1, 2] + list(range(12, 20)) + [0])  # padded to 12 rows, as the runner pads
+    out = canvas_positions(runner, batch.query_start_loc, 2, torch.tensor([-1, 0], dtype=torch.int32),
+                           st.blocks.pos_offset, torch.zeros(12, dtype=torch.long))
+    assert out.tolist() == [0, 1, 2, 12, 13, 14, 15, 12, 13, 14, 15, 0]  # the last row is padding: unchanged 0

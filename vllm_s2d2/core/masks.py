@@ -95,3 +95,37 @@ def verifier_qq_bias(block_size: int, device=None, dtype: torch.dtype = torch.fl
     visible = verifier_2l(0, block_size, device)
     bias = torch.zeros(2 * block_size, 2 * block_size, dtype=dtype, device=device)
     return bias.masked_fill_(~visible, float("-inf"))
+
+
+def canvas_visibility(spec: torch.Tensor, p: torch.Tensor, q_len: torch.Tensor, verifying: torch.Tensor,
+                      verify_pattern: torch.Tensor) -> torch.Tensor:
+    """``[R, W, W]`` bool table of a canvas starting at position ``p [R]``: query slot i sees canvas key j (every
+    key below ``p`` is visible, so the table is all a step's attention needs; docs/lifecycle.md).
+
+    ``spec [R, 4]``: the ranges ``lo1, hi1, lo2, hi2`` of :func:`vllm_s2d2.core.block.attention_ranges`
+    (inclusive; ``lo >= hi`` = none): token-causal OR both inside one range, clipped to the keys present
+    (``< p + q_len``); ``verifying [R]`` rows take ``verify_pattern [W, W]`` (the 2L mask,
+    :func:`verifier_2l` with an empty cache) instead."""
+    R, W = spec.shape[0], verify_pattern.shape[0]
+    idx = torch.arange(W, device=spec.device)
+    q = p[:, None] + idx[None, :]  # [R, W] absolute positions of the canvas slots
+    vis = (idx[:, None] >= idx[None, :]).expand(R, W, W)  # token-causal inside the canvas
+    last = (p + q_len - 1)[:, None]
+    for c in (0, 2):
+        lo, hi = spec[:, c:c + 1].long(), torch.minimum(spec[:, c + 1:c + 2].long(), last)
+        inside = (q >= lo) & (q <= hi) & (lo < hi)  # [R, W]
+        vis = vis | (inside[:, :, None] & inside[:, None, :])
+    return torch.where(verifying[:, None, None], verify_pattern[None].expand(R, W, W), vis)
+
+
+def prefill_visibility(start: torch.Tensor, prompt_len: torch.Tensor, block_size: int, width: int,
+                       token_causal: torch.Tensor) -> torch.Tensor:
+    """``[R, W, W]`` bool table of a prefill chunk of ``width`` tokens from ``start`` (every key below ``start``
+    is visible): token-causal rows (``cache_ver``), else block-causal with the last block split at the prompt
+    end, as :func:`committed_kv` writes the prompt's KV."""
+    idx = torch.arange(width, device=start.device)
+    pos = start[:, None] + idx[None, :]  # [R, W]
+    segment = pos // block_size * 2 + (pos >= prompt_len[:, None]).long()
+    same = segment[:, :, None] == segment[:, None, :]
+    causal_ = idx[:, None] >= idx[None, :]
+    return causal_[None] | (~token_causal[:, None, None] & same)

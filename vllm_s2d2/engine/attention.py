@@ -1,52 +1,30 @@
-"""Per-request attention masks for the stock TRITON_ATTN backend: token-causal + bidirectional ranges.
+"""Which attention each row of a step gets (host side, from the ``InputBatch``; no vLLM imports).
 
-Every mask this engine needs *without verification* is
-"token-causal OR (q and k inside one of the request's ranges)", which is exactly the semantics of vLLM's
-PrefixLM ``mm_req_doc_ranges`` in ``v1/attention/ops/triton_attention_helpers.py:compute_kv_seq_mask``::
+* **Canvas rows** (decoding requests: their canvas was scheduled as draft tokens) are attended by the plugin's
+  canvas kernel: every key below the canvas start is visible, and among the canvas slots the per-slot table the
+  stepper wrote after the previous step (:mod:`.canvas`).  Nothing per request is computed on the host.
+* **Prefill rows** go through vLLM's stock Triton launch: token-causal (``cache_ver``), or block-causal through
+  vLLM's PrefixLM ranges ``mm_req_doc_ranges`` -- "token-causal OR (q and k inside one range)", one range per
+  block segment of the chunk, the prompt's last block split at the prompt end.  Without ``cache_ver`` the config
+  hook disables chunked prefill (a chunk cut inside a block could not see the block's later prompt tokens).
+* **Uniform batches** (every request scheduled W tokens: decode-only steps, the ones vLLM replays as FULL CUDA
+  graphs) run the canvas kernel alone; a W-token prefill chunk in such a batch gets a prefill table
+  (:func:`vllm_s2d2.core.masks.prefill_visibility`) written into its slot's table for this step.
 
-    visible(q, k) = (k <= q  [causal])  OR  any_r (lo_r <= q <= hi_r AND lo_r <= k <= hi_r AND lo_r < hi_r)
-
-with q, k absolute positions (``query_abs_pos = context_len + local index``; ranges inclusive; a range with
-lo >= hi is ignored).  ``CommonAttentionMetadata.causal`` stays ``True`` (a plain bool), so no per-request
-causal buffer is needed.  Ranges per step (p = first query position, block [bs, bs+B)):
-
-* prefill, ``cache_ver``: causal, no range;  prefill, block-causal: one range per block segment of the chunk,
-  the prompt's last (partial) block split at the prompt end (prompt rows never see generated tokens);
-* DRAFT: ``[p + causal_prefix, bs + B - 1]`` (``causal_prefix`` = rows before the first mask, ``draft_ver``);
-  the filler rows after the block are causal and nobody reads them;
-* COMMIT (+ next draft): ``[p, bs + B - 1]`` unless ``cache_ver`` (then token-causal rows), and
-  ``[bs + B, bs + 2B - 1]`` for the next block.
-
-Cost: the Triton builder turns the dict into a ``[num_reqs, max_ranges, 2]`` tensor on every build
-(``backends/utils.py:compute_mm_prefix_range_tensor``: a small host-to-device copy) and the kernel then scans
-whole sequences (no causal tile skipping) and tests each range per tile.  The tensor is rebuilt per step, so
-FULL CUDA graphs would replay a stale mask: the config hook selects PIECEWISE graphs (attention runs eagerly
-between the captured pieces).  Block-causal prefill (``cache_ver=false``) needs one range per block, which is
-slow for long prompts (counts are padded to a power of two to bound Triton recompiles); SDAR's default
-``cache_ver=true`` needs none.  Without ``cache_ver`` the config hook disables chunked prefill: a chunk cut inside
-a block could not see the block's later prompt tokens.
+RoPE: the mask half of a 2L verify canvas sits at the first half's positions; :func:`canvas_positions` adds the
+per-slot offsets the stepper wrote to the runner's positions, on the device.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
+from vllm_s2d2.core.masks import prefill_visibility
+
 Ranges = dict[int, list[tuple[int, int]]]
-
-
-def decode_ranges(spec_rows: np.ndarray, seq_lens: np.ndarray) -> list[list[tuple[int, int]]]:
-    """Ranges of decoding requests from the stepper's ``attn_spec`` rows ``[n, 4]`` (clipped to the keys that
-    exist this step, ``k < seq_len``)."""
-    out = []
-    for (lo1, hi1, lo2, hi2), sl in zip(spec_rows.tolist(), seq_lens.tolist()):
-        rs = []
-        for lo, hi in ((lo1, hi1), (lo2, hi2)):
-            hi = min(hi, sl - 1)
-            if lo < hi:
-                rs.append((lo, hi))
-        out.append(rs)
-    return out
 
 
 def prefill_block_ranges(start: int, end: int, prompt_len: int, block_size: int) -> list[tuple[int, int]]:
@@ -96,34 +74,79 @@ def kernel_visibility(q_pos: torch.Tensor, seq_len: int, ranges: list[tuple[int,
     return vis
 
 
-def step_ranges(stepper, input_batch) -> Ranges | None:
-    """``mm_req_doc_ranges`` of one step (batch index -> [(lo, hi)]) from the runner's ``InputBatch`` and the
-    stepper's host mirror of the decoding requests' ranges."""
+class CanvasPlan(NamedTuple):
+    """Host decision of one step: the slot of each batch row's canvas table (-1: stock attention) and whether
+    the canvas kernel alone serves the step."""
+
+    row_slot: np.ndarray  # [R] int32
+    canvas_only: bool
+    prefill_rows: np.ndarray  # batch indices of prefill chunks that use a prefill table (canvas_only steps)
+
+
+def plan_canvas_rows(stepper, input_batch) -> CanvasPlan:
+    """Canvas rows of a step: decoding requests (active, not prefilling, some tokens scheduled).  In a uniform
+    batch (every request scheduled W tokens) every row is served by the canvas kernel: prefill chunks through a
+    prefill table, rows of no request the plugin tracks through the scratch slot's causal table."""
     st = stepper
     R = input_batch.num_reqs
     slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
+    scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
+    prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
     active = st.active[slots]
-    if not active.any():
-        return None
+    canvas_only = bool(R > 0 and (scheduled == st.W).all())
+    if canvas_only:
+        row_slot = np.where(active, slots, st.scratch)
+        prefill_rows = np.nonzero(active & prefilling)[0]
+    else:
+        row_slot = np.where(active & ~prefilling & (scheduled > 0), slots, -1)
+        prefill_rows = np.zeros(0, dtype=np.int64)
+    return CanvasPlan(row_slot.astype(np.int32), canvas_only, prefill_rows)
+
+
+def write_prefill_tables(stepper, input_batch, rows: np.ndarray) -> None:
+    """Prefill tables of the W-token prefill chunks of a uniform batch (batch indices ``rows``), into their slots."""
+    st = stepper
+    slots = np.asarray(input_batch.idx_mapping_np, dtype=np.int64)[rows]
+    start = np.asarray(input_batch.num_computed_tokens_np, dtype=np.int64)[rows]
+    device = st.blocks.canvas_tables.device
+    as_dev = lambda x, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(x)).to(device, dt)  # noqa: E731
+    table = prefill_visibility(as_dev(start), as_dev(st.prompt_len[slots]), st.B, st.W,
+                               as_dev(st.cache_ver[slots], torch.bool))
+    index = as_dev(slots)
+    st.blocks.canvas_tables[index] = table.to(torch.int8)
+    st.blocks.pos_offset[index] = 0
+
+
+def canvas_positions(positions: torch.Tensor, query_start_loc: torch.Tensor, num_reqs: int, row_slot: torch.Tensor,
+                     pos_offset: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """RoPE positions of the step's ``out.numel()`` token rows: the runner's ``positions`` plus, on canvas rows,
+    the slot's offset (``pos_offset [slots, W]``); device work only, static shapes."""
+    T, W = out.numel(), pos_offset.shape[1]
+    out.copy_(positions[:T])
+    if num_reqs == 0:
+        return out
+    tok = torch.arange(T, device=out.device, dtype=query_start_loc.dtype)
+    row = torch.searchsorted(query_start_loc[1:num_reqs + 1], tok, right=True).clamp(max=num_reqs - 1)
+    local = tok.long() - query_start_loc[row].long()
+    slot = row_slot[row].long()
+    use = (slot >= 0) & (local >= 0) & (local < W) & (tok < query_start_loc[num_reqs])
+    offset = pos_offset[slot.clamp(min=0), local.clamp(0, W - 1)]
+    return out.add_(torch.where(use, offset, torch.zeros_like(offset)))
+
+
+def prefill_ranges(stepper, input_batch) -> Ranges | None:
+    """``mm_req_doc_ranges`` of a step (batch index -> [(lo, hi)]): block-causal prefill chunks only (canvas rows
+    are attended by the canvas kernel)."""
+    st = stepper
+    R = input_batch.num_reqs
+    slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
     computed = np.asarray(input_batch.num_computed_tokens_np[:R], dtype=np.int64)
     scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
-    seq_lens = computed + scheduled
     prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
-    ndraft = input_batch.num_draft_tokens_per_req
-    if ndraft is None:
-        decode = np.zeros(R, dtype=bool)
-    else:
-        decode = active & ~prefilling & (np.asarray(ndraft[:R]) > 0)
     ranges: Ranges = {}
-    if decode.any():
-        idx = np.nonzero(decode)[0]
-        spec = st.host_attn_spec()[slots[idx]]
-        for i, rs in zip(idx.tolist(), decode_ranges(spec, seq_lens[idx])):
-            if rs:
-                ranges[i] = rs
-    block_prefill = active & prefilling & ~st.cache_ver[slots]
-    for i in np.nonzero(block_prefill)[0].tolist():
-        rs = prefill_block_ranges(int(computed[i]), int(seq_lens[i]), int(st.prompt_len[slots[i]]), st.B)
+    for i in np.nonzero(st.active[slots] & prefilling & ~st.cache_ver[slots])[0].tolist():
+        rs = prefill_block_ranges(int(computed[i]), int(computed[i] + scheduled[i]), int(st.prompt_len[slots[i]]),
+                                  st.B)
         if rs:
             ranges[i] = rs
     return pad_ranges(ranges)

@@ -1,7 +1,8 @@
 """What the engine hands the attention backend beyond vLLM's own metadata (no vLLM imports).
 
-The model state builds a :class:`VerifyGroup` for the steps where some request verifies and attaches it to the
-attention metadata as ``s2d2_verify``; :mod:`vllm_s2d2.model_executor.attention.backend` reads it.
+The model state attaches a :class:`CanvasInputs` to the attention metadata as ``s2d2_canvas``;
+:mod:`vllm_s2d2.model_executor.attention.backend` reads it and runs the canvas attention kernel for the canvas
+rows (docs/architecture.md, "Attention").
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ import torch
 
 
 @dataclass
-class VerifyGroup:
-    """The verifying requests of one step, as the verify launch needs them (all on the device)."""
+class CanvasInputs:
+    """The canvas rows of one step.  Every tensor is (a view of) a persistent buffer, so a FULL CUDA graph
+    captured with these objects reads the current step's values."""
 
-    rows: torch.Tensor  # [Nv * 2B] token rows of the batch (each request's 2B canvas rows, in order)
-    cu_seqlens_q: torch.Tensor  # [Nv + 1] int32, 0, 2B, 4B, ...
-    seqused_k: torch.Tensor  # [Nv] int32, committed length + 2B
-    block_table: torch.Tensor  # [Nv, pages] int32
-    max_seqlen_q: int
-    max_seqlen_k: int
-    qq_bias: torch.Tensor  # [2B, 2B] float32, 0 / -inf (vllm_s2d2.core.masks.verifier_qq_bias)
+    tables: torch.Tensor  # [num_slots, W, W] int8: tables[s, i, j] = 1 iff canvas query i of slot s sees canvas
+    #                       key j (every key below the request's committed length is visible)
+    row_slot: torch.Tensor  # [R] int32: the slot of batch row r, -1 if row r is no canvas (prefill, padding)
+    canvas_only: bool  # every row that needs attention is a canvas row (uniform batch): no stock launch

@@ -9,11 +9,10 @@ vLLM's runner stays stock; this class plugs the block-diffusion state machine in
 * ``prepare_inputs`` returns a persistent ``positions`` buffer: the runner's positions, with the mask half of
   a 2L verify canvas moved to the first half's positions -- the same buffer is returned by
   ``prepare_dummy_inputs`` so CUDA graphs see one address.
-* ``prepare_attn`` builds TRITON_ATTN metadata with ``causal=True`` plus per-request bidirectional ranges
-  (``mm_req_doc_ranges``, :mod:`vllm_s2d2.engine.attention`).  The ranges of decoding requests depend on the
-  previous step's outcome; the stepper copies them to pinned host memory at the end of every sampler call,
-  and vLLM has already waited for that step's outputs, so reading them costs no stall.  Because the range
-  tensor is rebuilt on every step, the config hook selects PIECEWISE CUDA graphs (not FULL).
+* ``prepare_attn`` builds TRITON_ATTN metadata (``causal=True``; ``mm_req_doc_ranges`` only for block-causal
+  prefill chunks) and attaches :class:`~vllm_s2d2.engine.attention_inputs.CanvasInputs`: the per-slot canvas
+  tables the stepper wrote on the device and the slot of each batch row (:mod:`vllm_s2d2.engine.attention`).  No
+  request's mask is computed on the host, so uniform decode batches replay as FULL CUDA graphs.
 * Preemption: ``remove_request`` keeps a device snapshot of the slot's block state (RNG counter included);
   when the request comes back (re-prefilled with its committed tokens) the interrupted block continues.
 """
@@ -33,12 +32,10 @@ from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.interface import ModelState
 
-from vllm_s2d2.core.masks import verifier_qq_bias
-from vllm_s2d2.engine.attention import step_ranges
-from vllm_s2d2.engine.attention_inputs import VerifyGroup
+from vllm_s2d2.engine.attention import canvas_positions, plan_canvas_rows, prefill_ranges, write_prefill_tables
+from vllm_s2d2.engine.attention_inputs import CanvasInputs
 from vllm_s2d2.engine.stats import external_request_id
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
-from vllm_s2d2.engine.states import VERIFY
 from vllm_s2d2.engine.stepper import S2D2Stepper
 
 _MAX_SAVED = 4096
@@ -66,7 +63,12 @@ class S2D2ModelState(ModelState):
         self._saved: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._finished_stats: OrderedDict[str, dict[str, int]] = OrderedDict()
         self._positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
-        self._qq_bias = verifier_qq_bias(self.settings.block_size, device=device)
+        # Slot of each batch row's canvas table (-1: stock attention); persistent, read by FULL graphs.
+        self._row_slot = torch.full((self.max_num_reqs,), -1, dtype=torch.int32, device=device)
+        pinned = device.type == "cuda"
+        self._row_slot_host = [torch.full((self.max_num_reqs,), -1, dtype=torch.int32, pin_memory=pinned)
+                               for _ in range(2)]
+        self._row_slot_turn = 0
         self._sampler = None
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -135,35 +137,13 @@ class S2D2ModelState(ModelState):
     def get_mm_embeddings(self, scheduled_encoder_inputs, input_batch, req_states):
         return None
 
-    def _verifying(self, input_batch: InputBatch) -> np.ndarray:
-        """Batch indices of requests whose coming step is a 2L verification with its full 2B canvas."""
-        R = input_batch.num_reqs
-        st = self.stepper
-        if not st.two_l_verify:  # shift-aligned models verify with a plain causal pass (no 2L launch)
-            return np.zeros(0, dtype=np.int64)
-        st.sync_host()
-        slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
-        q_len = np.asarray(input_batch.num_scheduled_tokens[:R])
-        ok = ((st.phase_host[slots] == VERIFY) & st.active[slots]
-              & ~np.asarray(input_batch.is_prefilling_np[:R], dtype=bool) & (q_len == st.W))
-        return np.nonzero(ok)[0]
-
-    def _verify_rows(self, input_batch: InputBatch, reqs: np.ndarray, first: int, count: int) -> torch.Tensor:
-        qsl = np.asarray(input_batch.query_start_loc_np[:input_batch.num_reqs + 1], dtype=np.int64)
-        rows = (qsl[reqs][:, None] + first + np.arange(count)[None, :]).reshape(-1)
-        return torch.from_numpy(rows).to(self.device, non_blocking=True)
-
     def prepare_inputs(self, input_batch: InputBatch, req_states: Any) -> dict[str, Any]:
+        """Positions for RoPE, written in place (a FULL graph reads this buffer): the runner's positions plus the
+        per-slot offsets of canvas rows (the mask half of a 2L verify canvas), on the device."""
         n = input_batch.num_tokens_after_padding
-        pos = self._positions[:n]
-        pos.copy_(input_batch.positions[:n])
-        reqs = self._verifying(input_batch)
-        if reqs.size:
-            # 2L canvas: the mask half (local slots B..2B-1) takes the first half's positions p .. p+B-1.
-            B = self.settings.block_size
-            rows = self._verify_rows(input_batch, reqs, B, B)
-            pos.index_copy_(0, rows, pos.index_select(0, rows) - B)
-        return {"positions": pos}
+        canvas_positions(input_batch.positions, input_batch.query_start_loc, input_batch.num_reqs,
+                         self._row_slot, self.stepper.blocks.pos_offset, self._positions[:n])
+        return {"positions": self._positions[:n]}
 
     def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
         return {"positions": self._positions[:num_tokens]}
@@ -183,9 +163,16 @@ class S2D2ModelState(ModelState):
         if for_capture:
             max_seq_len = self.max_model_len
             ranges = None
+            canvas_only = True
+            self._set_row_slot(np.full(num_reqs, self.stepper.scratch, dtype=np.int32), num_reqs)
         else:
             max_seq_len = int(seq_lens_cpu_upper_bound[:num_reqs].max())
-            ranges = step_ranges(self.stepper, input_batch)
+            plan = plan_canvas_rows(self.stepper, input_batch)
+            canvas_only = plan.canvas_only
+            ranges = None if canvas_only else prefill_ranges(self.stepper, input_batch)
+            if plan.prefill_rows.size:
+                write_prefill_tables(self.stepper, input_batch, plan.prefill_rows)
+            self._set_row_slot(plan.row_slot, num_reqs)
         metadata = build_attn_metadata(
             attn_groups=attn_groups,
             num_reqs=num_reqs,
@@ -206,18 +193,16 @@ class S2D2ModelState(ModelState):
             for_cudagraph_capture=for_capture,
             causal=True,
         )
-        reqs = np.zeros(0, dtype=np.int64) if for_capture else self._verifying(input_batch)
-        if reqs.size:
-            W = self.stepper.W
-            idx = torch.from_numpy(reqs).to(self.device, non_blocking=True)
-            group = VerifyGroup(
-                rows=self._verify_rows(input_batch, reqs, 0, W),
-                cu_seqlens_q=torch.arange(0, (reqs.size + 1) * W, W, dtype=torch.int32, device=self.device),
-                seqused_k=input_batch.seq_lens.index_select(0, idx).to(torch.int32),
-                block_table=block_tables[0].index_select(0, idx),
-                max_seqlen_q=W,
-                max_seqlen_k=int(np.asarray(seq_lens_cpu_upper_bound[:num_reqs])[reqs].max()),
-                qq_bias=self._qq_bias)
-            for md in {id(m): m for m in metadata.values()}.values():
-                md.s2d2_verify = group
+        canvas = CanvasInputs(self.stepper.blocks.canvas_tables, self._row_slot[:num_reqs], canvas_only)
+        for md in {id(m): m for m in metadata.values()}.values():
+            md.s2d2_canvas = canvas
         return metadata
+
+    def _set_row_slot(self, row_slot: np.ndarray, num_rows: int) -> None:
+        """Write the step's row -> slot map into the persistent ``_row_slot`` (rows past the batch: -1, skipped),
+        through one of two pinned staging buffers (the copy of the previous step may still be in flight)."""
+        self._row_slot_turn ^= 1
+        host = self._row_slot_host[self._row_slot_turn]
+        host[:num_rows] = -1
+        host[:row_slot.size] = torch.from_numpy(row_slot)
+        self._row_slot[:num_rows].copy_(host[:num_rows], non_blocking=True)

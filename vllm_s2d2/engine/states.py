@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from vllm_s2d2.core.masks import verifier_2l
 from vllm_s2d2.core.params import FamilyRules
 from vllm_s2d2.core.policies import PolicyState
 from vllm_s2d2.engine.buffer_utils import StagedRows
@@ -34,8 +35,15 @@ class BlockStates:
         self.rng_counter = torch.zeros(num_slots, **long)  # one value per draft step, as the reference's
         self.phase = torch.zeros(num_slots, **long)  # DRAFT / COMMIT / VERIFY
         self.post_steps = torch.zeros(num_slots, **long)  # LLaDA2.1 editing passes after the last mask
-        self.canvas = torch.full((num_slots, 2 * B), mask_token_id, **long)  # next step's input tokens
-        self.attn_spec = torch.zeros(num_slots, 4, dtype=torch.int32, device=device)  # next step's ranges
+        W = 2 * B
+        self.canvas = torch.full((num_slots, W), mask_token_id, **long)  # next step's input tokens
+        # Next step's attention among the canvas slots (keys below the canvas are all visible) and RoPE offsets
+        # (-B on the mask half of a 2L verify canvas, which sits at the first half's positions).  Tables start
+        # token-causal, which is also what the scratch slot keeps.
+        self.canvas_tables = torch.ones(W, W, dtype=torch.int8, device=device).tril().expand(
+            num_slots, W, W).contiguous()
+        self.pos_offset = torch.zeros(num_slots, W, **long)
+        self.verify_pattern = verifier_2l(0, B, device)  # [W, W] the 2L mask of every verify canvas
         self.policy = PolicyState.zeros(num_slots, device)  # routing policy state
         self.stats = torch.zeros(num_slots, len(STAT_NAMES), **long)  # per-request counters
         self.totals = torch.zeros(len(STAT_NAMES), **long)  # engine-wide counters
@@ -46,6 +54,7 @@ class BlockStates:
         self.step_idx[slots] = 0
         self.phase[slots] = DRAFT
         self.post_steps[slots] = 0
+        self.pos_offset[slots] = 0
         self.stats[slots] = 0
         self.policy.scatter_(slots, PolicyState.zeros(slots.numel(), slots.device))
 
@@ -87,7 +96,7 @@ _FACT_COLUMNS = ("prompt_len", "max_tokens", "cache_ver", "draft_ver", "max_post
 
 class RequestFacts:
     """What a request fixes on arrival: a device table (read by steps) and host arrays (read without touching
-    the device: batch selection, attention ranges, graph keys)."""
+    the device: batch selection, prefill attention, graph keys)."""
 
     def __init__(self, num_slots: int, max_stop_ids: int, device: torch.device):
         self.max_stop_ids = max_stop_ids
@@ -97,10 +106,12 @@ class RequestFacts:
         self.draft_ver = np.zeros(num_slots, dtype=bool)
         self.top_k_on = np.zeros(num_slots, dtype=bool)
         self.top_p_on = np.zeros(num_slots, dtype=bool)
+        self.verify_on = np.zeros(num_slots, dtype=bool)  # S2D2 verification enabled for the request
         self.prompt_len = np.zeros(num_slots, dtype=np.int64)
 
     def add(self, slot: int, *, prompt_len: int, max_tokens: int | None, cache_ver: bool, draft_ver: bool,
-            max_post_steps: int, editing: bool, stop_ids: Sequence[int], top_k_on: bool, top_p_on: bool) -> None:
+            max_post_steps: int, editing: bool, stop_ids: Sequence[int], top_k_on: bool, top_p_on: bool,
+            verify_on: bool) -> None:
         stops = list(dict.fromkeys(int(s) for s in stop_ids))[: self.max_stop_ids]  # a cut list only delays
         stops += [-1] * (self.max_stop_ids - len(stops))
         limit = NO_LIMIT if max_tokens is None else int(max_tokens)
@@ -111,6 +122,7 @@ class RequestFacts:
         self.draft_ver[slot] = draft_ver
         self.top_k_on[slot] = top_k_on
         self.top_p_on[slot] = top_p_on
+        self.verify_on[slot] = verify_on
         self.prompt_len[slot] = prompt_len
 
     def gather(self, slots: torch.Tensor) -> FactsView:

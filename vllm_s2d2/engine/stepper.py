@@ -92,10 +92,6 @@ class S2D2Stepper:
         return self.facts.prompt_len
 
     @property
-    def phase_host(self) -> np.ndarray:
-        return self.mirror.phase
-
-    @property
     def totals_host(self) -> torch.Tensor:
         """Engine-wide counters as of the last finished copy (read without waiting for the device)."""
         return self.mirror.totals
@@ -112,8 +108,8 @@ class S2D2Stepper:
         self.facts.add(slot, prompt_len=prompt_len, max_tokens=max_tokens, cache_ver=bool(config.cache_ver),
                        draft_ver=bool(config.draft_ver), max_post_steps=int(config.max_post_steps or 0),
                        editing=config.editing_threshold is not None, stop_ids=stop_ids,
-                       top_k_on=sampling.top_k > 0 and sampled, top_p_on=sampling.top_p < 1.0 and sampled)
-        self.mirror.phase[slot] = DRAFT
+                       top_k_on=sampling.top_k > 0 and sampled, top_p_on=sampling.top_p < 1.0 and sampled,
+                       verify_on=bool(config.verify))
         self._pending_reset[slot] = saved
 
     def remove_request(self, slot: int, save: bool = False) -> torch.Tensor | None:
@@ -193,8 +189,8 @@ class S2D2Stepper:
         ``logits [N, V]``: the canvas logits of the batch; request r's canvas rows are
         ``row0[r] .. row0[r] + q_len[r] - 1`` (query positions ``p[r] ..``).  ``slots``: their state rows.
         Writes the next canvas into ``draft_tokens[slot, :W]``; returns the emitted tokens."""
-        self.mirror.sync()
-        has_verify = bool((self.mirror.phase[slots_np] == VERIFY).any())
+        # Host facts only (no wait on the device): a batch with no request that may verify skips the verify math.
+        has_verify = bool(self.facts.verify_on[slots_np].any())
         use_top_k, use_top_p = bool(self.facts.top_k_on[slots_np].any()), bool(self.facts.top_p_on[slots_np].any())
         self._ensure_drafts(logits.shape[-1], logits.dtype)
         batch = StepBatch(logits, slots, p.to(torch.int64), q_len.to(torch.int64), row0.to(torch.int64), None)
@@ -213,11 +209,8 @@ class S2D2Stepper:
 
     # -- host side -------------------------------------------------------------------------------------
     def publish(self) -> None:
-        """Start the device-to-host copy of the next step's phases, ranges and counters (after every step)."""
+        """Start the device-to-host copy of the counters (after every step)."""
         self.mirror.publish()
-
-    def sync_host(self) -> None:
-        self.mirror.sync()
 
     def host_totals(self) -> dict[str, int]:
         """Engine-wide counters as of the last published step."""
@@ -226,11 +219,6 @@ class S2D2Stepper:
     def host_slot_stats(self, slot: int) -> dict[str, int]:
         """Counters of one slot as of the last published step."""
         return self.mirror.slot_stats(slot)
-
-    def host_attn_spec(self) -> np.ndarray:
-        """``[max_num_reqs + 1, 4]`` ranges for the coming step."""
-        self.mirror.sync()
-        return self.mirror.attn_spec.numpy()
 
     def profile_draft(self, num_reqs: int, vocab_size: int, dtype: torch.dtype) -> None:
         """Run one worst-case draft step so vLLM's memory profiler sees its peak (and the draft store)."""
