@@ -20,6 +20,7 @@ following the 0.26 source:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -90,6 +91,10 @@ class Emulator:
         self.running: list[EmuRequest] = []
         self.steps = 0
         self.verify_forwards = 0
+        # Optional context manager (e.g. tests/sync_guard.no_host_reads) around the plugin's work in decode-only
+        # steps: the model state's attention plan and positions, and the sampler call.
+        self.step_guard = None
+        self.guarded_steps = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def add(self, req: EmuRequest, saved: torch.Tensor | None = None) -> None:
@@ -175,13 +180,16 @@ class Emulator:
             cu_num_logits_np=cu)
         # Attention as the model state and the backend run it: canvas rows read their slot's table (keys below the
         # canvas all visible), other rows the stock kernel's mask; RoPE positions with the canvas offsets.
-        plan = plan_canvas_rows(self.stepper, batch)
-        if plan.prefill_rows.size:
-            write_prefill_tables(self.stepper, batch, plan.prefill_rows)
-        ranges = {} if plan.canvas_only else (prefill_ranges(self.stepper, batch) or {})
         runner_pos = torch.cat([torch.arange(c, c + n) for c, n in zip(computed.tolist(), nsched.tolist())])
-        positions = canvas_positions(runner_pos, batch.query_start_loc, R, torch.from_numpy(plan.row_slot),
-                                     self.stepper.blocks.pos_offset, torch.zeros_like(runner_pos))
+        decode_only = not batch.is_prefilling_np.any()
+        guard = self.step_guard if (self.step_guard is not None and decode_only) else contextlib.nullcontext
+        with guard():  # what the model state runs before the forward
+            plan = plan_canvas_rows(self.stepper, batch)
+            if plan.prefill_rows.size:
+                write_prefill_tables(self.stepper, batch, plan.prefill_rows)
+            ranges = {} if plan.canvas_only else (prefill_ranges(self.stepper, batch) or {})
+            positions = canvas_positions(runner_pos, batch.query_start_loc, R, torch.from_numpy(plan.row_slot),
+                                         self.stepper.blocks.pos_offset, torch.zeros_like(runner_pos))
         phases = self.stepper.blocks.phase.clone()
         logits_rows, token_rows = [], []
         for i, (r, n, spec) in enumerate(sched):
@@ -206,7 +214,9 @@ class Emulator:
         logits = torch.cat(logits_rows) if logits_rows else torch.zeros(0, self.model.vocab_size)
         all_rows = torch.cat(token_rows)  # what the model classes keep: every token row of the forward
         self.sampler.token_logits = lambda rows: all_rows[rows]
-        out = self.sampler(logits, batch)
+        with guard():
+            out = self.sampler(logits, batch)
+        self.guarded_steps += int(guard is self.step_guard)
         for i, (r, n, spec) in enumerate(sched):
             e = int(out.num_sampled[i])
             rej = int(out.num_rejected[i])

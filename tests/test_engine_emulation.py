@@ -64,9 +64,11 @@ def reference_output(tiny, s2d2: dict, prompt, sp):
     return out[0]
 
 
-def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None, preempt=None, static=False):
+def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None, preempt=None, static=False,
+            guard=None):
     model, _, hf, prompts = tiny
     emu = Emulator(model, hf, s2d2, token_budget=budget, max_model_len=max_model_len, static_shapes=static)
+    emu.step_guard = guard
     reqs = [EmuRequest(f"r{i}", list(p), sp) for i, (p, sp) in enumerate(zip(prompts, sps))]
     for r in reqs:
         emu.add(r)
@@ -267,3 +269,38 @@ def test_per_request_statistics_equal_the_reference(tiny):
             ref.prefill_forwards, ref.draft_forwards, ref.verify_forwards, ref.commit_forwards), (got, ref)
         total_verified += got["verify_steps"]
     assert total_verified > 0
+
+
+# -- no host reads in a decode step ------------------------------------------------------------------------
+from sync_guard import HostRead, no_host_reads  # noqa: E402
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-shapes"])
+def test_decode_steps_read_nothing_back_from_the_device(tiny, static):
+    """Every decode-only step (the model state's attention plan and positions, the sampler and the stepper) runs
+    under a guard that raises on any host read of tensor values, for mixed policies, sampled and greedy rows,
+    top-k / top-p, verification and truncated canvases; the outputs still equal the reference."""
+    policies = [{"verify_policy": "mask_span_length"}, {"verify": False}, {"verify_policy": "score_hysteresis"},
+                {"verify_policy": "contextual_bandit_ucb"}, {"acceptance": "greedy"}, {}]
+    sps = [sampling_params(max_tokens=m, seed=i, temperature=1.0 if i % 2 else 0.0, top_k=20 if i == 1 else 0,
+                           top_p=0.9 if i == 3 else 1.0, extra_args={"s2d2": pol})
+           for i, (m, pol) in enumerate(zip(MAX_TOKENS, policies))]
+    for budget in (4096, 9):
+        _, emu = check(tiny, {}, sps, budget=budget, static=static, guard=no_host_reads)
+        assert emu.guarded_steps > 0 and emu.verify_forwards > 0
+
+
+def test_the_guard_catches_a_host_read_inside_the_step(tiny, monkeypatch):
+    """The guard covers the step: a step that reads one device value (as the engine did until the phases of the
+    coming step stopped being mirrored to the host) fails."""
+    import vllm_s2d2.engine.stepper as stepper_mod
+
+    real = stepper_mod.decode_step
+
+    def reads_phase(ctx, batch, *flags):
+        bool((ctx.blocks.phase[batch.slots] == 2).any())  # what `phase_host` used to provide
+        return real(ctx, batch, *flags)
+
+    monkeypatch.setattr(stepper_mod, "decode_step", reads_phase)
+    with pytest.raises(HostRead):
+        emulate(tiny, {}, greedy(), guard=no_host_reads)

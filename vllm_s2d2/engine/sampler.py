@@ -1,8 +1,8 @@
 """``S2D2Sampler``: the MRV2 sampler of block-diffusion models (replaces vLLM's ``Sampler`` via
 ``ModelState.custom_sampler``, as vLLM's own ``diffusion_gemma.py:DiffusionSampler`` does; docs/architecture.md).
 
-Per call (one engine step), from the ``InputBatch`` and the stepper's host mirror of the phases (one wait per
-step, on a copy that vLLM's own wait for the previous step's outputs has already finished):
+Per call (one engine step), from the ``InputBatch`` and host facts of the requests; a decode-only step reads
+nothing back from the device and copies nothing to it (``tests/test_engine_emulation.py`` checks it):
 
 * requests whose prompt completes this step (``is_prefilling`` and the chunk reaches ``prefill_len``): open
   their first block and write the first canvas into ``req_states.draft_tokens`` (emit 0);
@@ -129,16 +129,21 @@ class S2D2Sampler:
 
         if decode.any():
             idx_np = np.nonzero(decode)[0]
-            idx = _to_dev(idx_np, dev)
-            slots = _to_dev(slots_np[idx_np], dev)
             qsl = input_batch.query_start_loc
-            q_len = (qsl[idx + 1] - qsl[idx]).to(torch.int64)
-            p = input_batch.seq_lens[idx].to(torch.int64) - q_len
-            row0 = input_batch.cu_num_logits[idx].to(torch.int64)
+            if idx_np.size == R:  # decode-only step: every input is already on the device
+                rows = slice(0, R)
+                slots = input_batch.idx_mapping[:R].to(torch.int64)
+                q_len = (qsl[1:R + 1] - qsl[:R]).to(torch.int64)
+            else:
+                rows = _to_dev(idx_np, dev)
+                slots = _to_dev(slots_np[idx_np], dev)
+                q_len = (qsl[rows + 1] - qsl[rows]).to(torch.int64)
+            p = input_batch.seq_lens[rows].to(torch.int64) - q_len
+            row0 = input_batch.cu_num_logits[rows].to(torch.int64)
             out = st.step(logits, slots, slots_np[idx_np], p, q_len, row0, draft_tokens)
-            sampled[idx] = out.tokens.to(torch.int32)
-            num_sampled[idx] = out.num_emitted
-            num_rejected[idx] = out.num_rejected
+            sampled[rows] = out.tokens.to(torch.int32)
+            num_sampled[rows] = out.num_emitted
+            num_rejected[rows] = out.num_rejected
 
         st.publish()
         return SamplerOutput(sampled, None, None, num_sampled, num_rejected)
