@@ -19,7 +19,7 @@ _PER_REQ = ("span_length", "k_hat", "score", "quota", "do_verify", "routed", "bu
 
 
 class DraftStore:
-    """Per-slot copies of what ``verify_step`` needs from the draft step (``max_num_reqs`` rows)."""
+    """Per-slot copies of what ``verify_step`` needs from the draft step (one row per slot, the last one scratch)."""
 
     def __init__(self, max_num_reqs: int, block_size: int, vocab_size: int, logits_dtype: torch.dtype,
                  device: torch.device):
@@ -40,10 +40,12 @@ class DraftStore:
 
     def save(self, slots: torch.Tensor, keep: torch.Tensor, draft: Draft, logits: torch.Tensor,
              counter: torch.Tensor, step: torch.Tensor) -> None:
-        """Store rows where ``keep`` (the verifying requests); other slots are left untouched."""
+        """Store rows where ``keep`` (the verifying requests); other slots are left untouched.  The rows that are
+        not kept are written to the last (scratch) row instead, so the shapes stay static and nothing is read."""
+        target = torch.where(keep, slots, torch.full_like(slots, self.logits.shape[0] - 1))
+
         def put(buf: torch.Tensor, value: torch.Tensor) -> None:
-            k = keep.view(-1, *([1] * (value.dim() - 1)))
-            buf[slots] = torch.where(k, value.to(buf.dtype), buf[slots])
+            buf.index_copy_(0, target, value.to(buf.dtype))
 
         put(self.logits, logits)
         for name in _PER_ROW:
