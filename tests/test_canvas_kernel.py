@@ -1,5 +1,6 @@
-"""Canvas attention (one kernel, per-request W x W table) against dense masks; the table against the range
-semantics of the stock backend and the 2L pattern (see ``model_executor/attention/canvas_kernel.py``)."""
+"""Canvas attention (one kernel, per-slot W x W tables through ``row_slot``) and the backend's row dispatch
+(:func:`~vllm_s2d2.model_executor.attention.backend.s2d2_attention`) against dense masks, under Triton's CPU
+interpreter; the table against the range semantics of the stock backend and the 2L pattern."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from vllm_s2d2.core.masks import verifier_qq_bias
+from vllm_s2d2.core.masks import canvas_visibility, verifier_qq_bias
 from vllm_s2d2.engine.attention import kernel_visibility
-from vllm_s2d2.model_executor.attention.canvas_kernel import canvas_visibility
 
 
 def test_table_equals_the_range_semantics_and_the_2l_pattern():
@@ -46,64 +46,121 @@ def test_table_equals_the_range_semantics_and_the_2l_pattern():
         assert torch.equal(vis[r, :qls[r], :qls[r]], dense[:, ps[r]:]), r
 
 
+# Each case: W, contexts (committed length p per row; negative = capture-time seq_lens < query length), query
+# lengths, row_slot, number of table slots, Hq, Hkv, D, page size, extra padding tokens after the last row.
 SCRIPT = textwrap.dedent(r'''
     import json, os, sys, torch
     from vllm_s2d2.model_executor.attention.canvas_kernel import canvas_attention
+    from vllm_s2d2.engine.attention_inputs import CanvasInputs
+    try:  # (vLLM importable: the backend's row dispatch too)
+        from vllm_s2d2.model_executor.attention.backend import s2d2_attention
+    except ImportError:
+        s2d2_attention = None
     sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
     from dense_attention import dense
 
-    worst = 0.0
+    class Meta:  # the fields of TritonAttentionMetadata the dispatch reads
+        pass
+
     DEV = sys.argv[2] if len(sys.argv) > 2 else "cpu"
-    for W, contexts, qlens, hq, hkv, d, page in json.loads(sys.argv[1]):
-        g = torch.Generator().manual_seed(W * 100 + len(contexts))
+    worst, problems = 0.0, []
+    for case_no, (W, contexts, qlens, row_slot, num_slots, hq, hkv, d, page, pad) in enumerate(
+            json.loads(sys.argv[1])):
+        g = torch.Generator().manual_seed(1000 + case_no)
         n = len(contexts)
-        pages = (max(contexts) + W + page - 1) // page
+        seqs = [c + ql for c, ql in zip(contexts, qlens)]
+        pages = (max(max(seqs), 1) + page - 1) // page
         num_blocks = n * pages + 1
-        kv = torch.randn(num_blocks, 2, hkv, page, d, generator=g)  # any strided layout
-        kc, vc = kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2)  # [blocks, page, hkv, d] views
+        kv = torch.randn(num_blocks, hkv, page, 2 * d, generator=g)  # vLLM's logical TRITON layout
+        kc, vc = kv.transpose(1, 2).split(d, dim=-1)  # [blocks, page, hkv, d] views
         bt = (torch.randperm(num_blocks - 1, generator=g)[: n * pages] + 1).view(n, pages).to(torch.int32)
         qsl = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
-        T = int(qsl[-1])
+        T = int(qsl[-1]) + pad
         q = torch.randn(max(T, 1), hq, d, generator=g)
-        vis = torch.rand(n, W, W, generator=g) < 0.5
-        vis |= torch.eye(W, dtype=torch.bool)
-        seq = torch.tensor([c + ql for c, ql in zip(contexts, qlens)], dtype=torch.int32)
-        out = torch.zeros_like(q)
-        if DEV == "cuda":
-            oc = out.cuda()
-            canvas_attention(q.cuda(), kc.cuda(), vc.cuda(), oc, vis.cuda(), bt.cuda(), seq.cuda(), qsl.cuda(),
-                             d ** -0.5, tile=16)
-            out = oc.cpu()
-        else:
-            canvas_attention(q, kc, vc, out, vis, bt, seq, qsl, d ** -0.5, tile=16)
-        for r in range(n):
+        tables = (torch.rand(num_slots, W, W, generator=g) < 0.5) | torch.eye(W, dtype=torch.bool)
+        tables = tables.to(torch.int8)
+        seq = torch.tensor(seqs, dtype=torch.int32)
+        rs = torch.tensor(row_slot, dtype=torch.int32)
+        scale = d ** -0.5
+
+        def want_row(r):
             ql, c = qlens[r], contexts[r]
-            if ql == 0:
-                continue
-            L = c + ql
+            L = seqs[r]
             pos = torch.arange(L)
             k = kc[bt[r, pos // page].long(), pos % page]
             v = vc[bt[r, pos // page].long(), pos % page]
-            visible = torch.ones(ql, L, dtype=torch.bool)
-            visible[:, c:] = vis[r, :ql, :ql]
-            want = dense(q[qsl[r]:qsl[r + 1]], k, v, visible, d ** -0.5)
-            worst = max(worst, (out[qsl[r]:qsl[r + 1]] - want).abs().max().item())
-    print("WORST=" + str(worst))
+            j = pos - c
+            tab = tables[row_slot[r]].bool()
+            visible = (j < 0)[None, :].expand(ql, L).clone()
+            inside = (j >= 0) & (j < W)
+            visible[:, inside] = tab[:ql][:, j[inside]]
+            out = dense(q[qsl[r]:qsl[r + 1]], k, v, visible, scale)
+            return torch.where(visible.any(1)[:, None, None], out, torch.zeros_like(out))
+
+        def dev(t):
+            return t.cuda() if DEV == "cuda" else t
+
+        # 1. the kernel alone; 2. the dispatch, canvas_only; 3. the dispatch, mixed (stock fills 7).
+        for mode in ("kernel", "canvas_only", "mixed") if s2d2_attention else ("kernel",):
+            out = dev(torch.full_like(q, -3.0))
+            calls = []
+
+            def stock():
+                calls.append(1)
+                return out.view(out.shape[0], -1).fill_(7.0)
+
+            if mode == "kernel":
+                canvas_attention(dev(q), dev(kc), dev(vc), out, dev(tables), dev(rs), dev(bt), dev(seq), dev(qsl),
+                                 scale, tile=16)
+            else:
+                md = Meta()
+                md.block_table, md.seq_lens, md.query_start_loc = dev(bt), dev(seq), dev(qsl)
+                md.s2d2_canvas = CanvasInputs(dev(tables), dev(rs), mode == "canvas_only")
+                flat = out.view(out.shape[0], -1)  # vLLM hands [T, H * D] or [T, H, D]
+                res = s2d2_attention(stock, dev(q), dev(kv), flat, md, d, scale)
+                assert res.data_ptr() == out.data_ptr()
+                if len(calls) != (mode == "mixed"):
+                    problems.append([case_no, mode, "stock calls", len(calls)])
+            out = out.cpu()
+            other = 7.0 if mode == "mixed" else -3.0
+            covered = torch.zeros(out.shape[0], dtype=torch.bool)
+            for r in range(n):
+                rows = slice(int(qsl[r]), int(qsl[r + 1]))
+                if row_slot[r] >= 0 and qlens[r] > 0:
+                    covered[rows] = True
+                    got = out[rows]
+                    if not torch.isfinite(got).all():
+                        problems.append([case_no, mode, r, "not finite"])
+                        continue
+                    worst = max(worst, (got - want_row(r)).abs().max().item())
+            if not (out[~covered] == other).all():
+                problems.append([case_no, mode, "rows outside the canvas rows changed"])
+    print("RESULT=" + json.dumps({"worst": worst, "problems": problems, "dispatch": s2d2_attention is not None}))
 ''')
 
 CASES = [
-    [8, [0, 5, 16, 33], [8, 8, 8, 8], 4, 2, 16, 16],  # B = 4, GQA 2, contexts around pages
-    [8, [3, 20, 7], [8, 5, 0], 2, 2, 32, 16],  # truncated canvas, a padding request
-    [2, [1, 17, 40], [2, 2, 2], 4, 1, 16, 16],  # AR mode (B = 1): W * G = 8 rows padded to 16
-    [32, [2, 30], [32, 32], 2, 1, 16, 16],  # B = 16
+    # W, contexts, qlens, row_slot, slots, hq, hkv, d, page, pad
+    [8, [0, 5, 16, 33], [8, 8, 8, 8], [3, 0, 2, 1], 5, 4, 2, 16, 16, 0],  # B = 4, GQA 2, slots permuted
+    [8, [3, 20, 7, 9], [8, 5, 0, 8], [1, 2, 0, 1], 3, 2, 2, 32, 16, 8],  # truncated canvas, a zero-length row,
+    #                                                                       slot 1 shared by two rows, padding
+    [8, [0, 11, 4, 0], [13, 8, 20, 8], [-1, 0, -1, 1], 2, 2, 1, 16, 16, 0],  # mixed: prefill rows (-1, > W)
+    [8, [-7, -7, -7], [8, 8, 8], [2, 2, 2], 3, 4, 2, 16, 16, 0],  # capture: seq_lens = 1, query length W
+    [2, [1, 17, 40], [2, 2, 2], [0, 1, -1], 2, 4, 1, 16, 16, 0],  # AR mode (B = 1): W * G = 8 rows padded to 16
+    [32, [2, 30], [32, 32], [1, 0], 2, 2, 1, 16, 16, 0],  # B = 16
 ]
 
 
-def test_kernel_equals_dense_masks_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORST=")]
+def run_script(device: str, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES), device], capture_output=True,
+                          text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT=")]
     assert line, proc.stderr[-4000:]
-    assert float(line[0][6:]) < 1e-4
+    return json.loads(line[0][len("RESULT="):])
+
+
+def test_kernel_and_dispatch_equal_dense_masks_under_the_interpreter():
+    pytest.importorskip("triton")
+    result = run_script("cpu", dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""))
+    assert result["problems"] == [] and result["dispatch"]
+    assert result["worst"] < 1e-4

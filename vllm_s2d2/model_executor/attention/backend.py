@@ -1,48 +1,83 @@
-"""The plugin's attention backend: vLLM's TRITON_ATTN plus the 2L verifier launch (registered as CUSTOM).
+"""The plugin's attention backend (registered as CUSTOM): vLLM's TRITON_ATTN plus the canvas kernel.
 
-Every mask a block-diffusion step needs except verification is "token-causal OR a per-request bidirectional
-range" (prefill, draft, commit), which the stock Triton backend computes from ``mm_req_doc_ranges``.  The
-2L verifier mask is not of that form, so this backend runs the stock launch for the whole batch and then,
-when the engine attached a :class:`~vllm_s2d2.engine.attention_inputs.VerifyGroup` to the metadata, one more launch of the same kernel over the
-verifying requests' rows only (gathered into a contiguous block) with the fixed ``[2B, 2B]`` qq-bias of
-:mod:`.verify_kernel`, and scatters those rows back.  The stock launch's result for those rows is discarded.
+The engine attaches :class:`~vllm_s2d2.engine.attention_inputs.CanvasInputs` (``s2d2_canvas``) to the metadata
+(docs/architecture.md, "Attention").  Per layer, :func:`s2d2_attention` dispatches the rows:
 
-The KV cache is written before ``forward`` (``forward_includes_kv_cache_update = False``), so the verify
-launch reads the canvas K/V written this step; all of it lies at or after the request's committed length
-and is overwritten by the next step (the cache only ever holds committed tokens).
+* no ``s2d2_canvas`` (vLLM's profile run): the stock Triton launch only;
+* ``canvas_only`` (uniform batches, the FULL CUDA graphs): the canvas kernel (:mod:`.canvas_kernel`) alone over
+  every row, in place into ``output``;
+* otherwise (mixed / prefill steps, eager or PIECEWISE): the stock launch for the whole batch (token-causal, with
+  ranges for block-causal prefill rows), then the canvas kernel, which overwrites the canvas rows
+  (``row_slot >= 0``).
 
-Cost: per layer and verifying request, one extra attention over 2B query rows (gather/scatter of
-``2B x heads x head_dim`` values).  Attention runs outside piecewise CUDA graphs, so the branch is free when
-no request verifies.
+The KV cache is written before ``forward`` (``forward_includes_kv_cache_update = False``), so the canvas rows
+read this step's canvas K/V.  The metadata builder declares ``UNIFORM_BATCH`` CUDA-graph support: FULL graphs are
+valid only for batches whose query lengths are all W (vLLM then resolves FULL_AND_PIECEWISE / FULL_DECODE_ONLY).
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, ClassVar
+
 import torch
 
-from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+from vllm.utils.torch_utils import is_quantized_kv_cache
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
+                                                    TritonAttentionMetadataBuilder)
 
-from vllm_s2d2.engine.attention_inputs import VerifyGroup
-from vllm_s2d2.model_executor.attention.verify_kernel import verify_attention
+from vllm_s2d2.model_executor.attention.canvas_kernel import canvas_attention
+
+
+def s2d2_attention(stock: Callable[[], torch.Tensor], query: torch.Tensor, kv_cache: torch.Tensor,
+                   output: torch.Tensor, attn_metadata: Any, head_size: int, scale: float) -> torch.Tensor:
+    """One layer's attention: ``stock()`` runs vLLM's Triton launch (writes ``output``); the canvas rows of
+    ``attn_metadata.s2d2_canvas`` go through the canvas kernel.  ``kv_cache [blocks, Hkv, page, 2 * D]``."""
+    canvas = getattr(attn_metadata, "s2d2_canvas", None)
+    if canvas is None:
+        return stock()
+    if not canvas.canvas_only:
+        output = stock()
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)  # NHD [blocks, page, Hkv, D]
+    q = query if query.dim() == 3 else query.view(query.shape[0], -1, head_size)
+    out = output if output.dim() == 3 else output.view(output.shape[0], -1, head_size)
+    canvas_attention(q, key_cache, value_cache, out, canvas.tables, canvas.row_slot, attn_metadata.block_table,
+                     attn_metadata.seq_lens, attn_metadata.query_start_loc, scale)
+    return output
 
 
 class S2D2AttentionImpl(TritonAttentionImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        d = self.head_size
+        unsupported = [name for name, bad in (
+            ("quantized KV cache", is_quantized_kv_cache(self.kv_cache_dtype) or self._is_per_token_head_quant),
+            ("sliding window", tuple(self.sliding_window) != (-1, -1)),
+            ("logits soft-cap", bool(self.logits_soft_cap)),
+            ("ALiBi", self.alibi_slopes is not None),
+            ("attention sinks", self.sinks is not None),
+            (f"head size {d} (needs a power of two >= 16)", d < 16 or d & (d - 1) != 0),
+        ) if bad]
+        if unsupported:
+            raise NotImplementedError(f"S2D2 canvas attention does not support: {', '.join(unsupported)}")
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                 output_block_scale)
-        group: VerifyGroup | None = getattr(attn_metadata, "s2d2_verify", None)
-        if group is None:
-            return output
-        if self._is_per_token_head_quant or output_scale is not None:
-            raise NotImplementedError("S2D2 verification supports unquantized KV caches only")
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        q = query.index_select(0, group.rows)
-        out = torch.empty_like(q)
-        verify_attention(q, key_cache, value_cache, out, group.cu_seqlens_q, group.seqused_k,
-                         group.block_table, group.max_seqlen_q, group.max_seqlen_k, self.scale, group.qq_bias)
-        output.view(output.shape[0], -1, self.head_size).index_copy_(0, group.rows, out.view(q.shape))
-        return output
+        if (output_scale is not None or output_block_scale is not None) and getattr(
+                attn_metadata, "s2d2_canvas", None) is not None:
+            raise NotImplementedError("S2D2 canvas attention does not support fused output quantization")
+
+        def stock():
+            return super(S2D2AttentionImpl, self).forward(layer, query, key, value, kv_cache, attn_metadata,
+                                                          output, output_scale, output_block_scale)
+
+        return s2d2_attention(stock, query, kv_cache, output, attn_metadata, self.head_size, self.scale)
+
+
+class S2D2AttentionMetadataBuilder(TritonAttentionMetadataBuilder):
+    # FULL CUDA graphs only for uniform batches (every query W tokens): the canvas path; read by vLLM through
+    # get_cudagraph_support when it resolves the CUDA-graph mode.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
 
 class S2D2AttentionBackend(TritonAttentionBackend):
@@ -53,3 +88,7 @@ class S2D2AttentionBackend(TritonAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[TritonAttentionImpl]:
         return S2D2AttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TritonAttentionMetadataBuilder]:
+        return S2D2AttentionMetadataBuilder
