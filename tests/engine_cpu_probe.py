@@ -43,6 +43,14 @@ def _err(fn):
     return None
 
 
+def _breakable(ckpt: str):
+    os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"
+    try:
+        return _err(lambda: _engine_config(ckpt, speculative_config={"method": "s2d2", "verify": False}))
+    finally:
+        del os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"]
+
+
 ARCHS = ("SDARForCausalLM", "SDARMoeForCausalLM", "Fast_dLLM_QwenForCausalLM", "LLaDA2MoeModelLM")
 
 
@@ -83,7 +91,65 @@ def main(ckpt: str, qwen3: str, fast: str | None = None, llada2: str | None = No
             "gen_defaults": cfg.model_config.get_diff_sampling_param(),
             "arch": cfg.model_config.architectures,
             "worker_ext": cfg.parallel_config.worker_extension_cls,
+            "sliding_window": cfg.cache_config.sliding_window,
         }
+
+    # CUDA-graph settings as VllmConfig resolves them (_set_cudagraph_sizes, before the CPU platform clears the
+    # capture sizes), and what Model Runner V2 resolves with the backend's CUDA-graph support.
+    from vllm.config import VllmConfig
+    from vllm.config.compilation import CUDAGraphMode
+
+    seen: list = []
+    original = VllmConfig._set_cudagraph_sizes
+
+    def snapshot(self):
+        original(self)
+        cc = self.compilation_config
+        seen.append({"mode": cc.cudagraph_mode.name, "sizes": list(cc.cudagraph_capture_sizes or []),
+                     "max": cc.max_cudagraph_capture_size})
+
+    VllmConfig._set_cudagraph_sizes = snapshot
+    import vllm.platforms as P
+
+    platform_cls = type(P._current_platform)
+    static_graphs = platform_cls.__dict__.get("support_static_graph_mode")
+    platform_cls.support_static_graph_mode = classmethod(lambda cls: True)  # (as on CUDA)
+
+    def graphs(**kw):
+        seen.clear()
+        cfg = _engine_config(ckpt, **kw)
+        res = dict(seen[-1]) if seen else {"mode": None}
+        res["batched_tokens"] = cfg.scheduler_config.max_num_batched_tokens
+        res["sliding_window"] = cfg.cache_config.sliding_window
+        if res["mode"] not in (None, "NONE"):
+            from vllm_s2d2.model_executor.attention.backend import S2D2AttentionBackend
+
+            support = S2D2AttentionBackend.get_builder_cls().get_cudagraph_support(cfg, None)
+            cc = cfg.compilation_config
+            cc.cudagraph_mode = CUDAGraphMode[res["mode"]]
+            res["support"] = support.name
+            res["runner_mode"] = cc.resolve_cudagraph_mode_and_sizes(
+                support, "CUSTOM", cfg.diffusion_config.canvas_length, use_v2_model_runner=True).name
+        return res
+
+    s2d2 = {"method": "s2d2", "verify": False, "block_size": 4}
+    out["graphs"] = {
+        "default": graphs(max_num_seqs=40, speculative_config=s2d2),
+        "big": graphs(max_num_seqs=300, speculative_config=s2d2),
+        "eager": graphs(max_num_seqs=40, enforce_eager=True, speculative_config=s2d2),
+        "piecewise": graphs(max_num_seqs=40, compilation_config={"cudagraph_mode": "PIECEWISE"},
+                            speculative_config=s2d2),
+        "decode_only": graphs(max_num_seqs=40, compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"},
+                              speculative_config=s2d2),
+        "user_sizes": graphs(max_num_seqs=40, compilation_config={"cudagraph_capture_sizes": [8, 24]},
+                             speculative_config=s2d2),
+        "none": graphs(max_num_seqs=40, compilation_config={"cudagraph_mode": "NONE"}, speculative_config=s2d2),
+    }
+    VllmConfig._set_cudagraph_sizes = original
+    if static_graphs is None:
+        del platform_cls.support_static_graph_mode
+    else:
+        platform_cls.support_static_graph_mode = static_graphs
 
     out["dict"] = summary(_engine_config(ckpt, speculative_config={"method": "s2d2", "verify": False,
                                                                      "block_size": 8, "denoising_steps": 4}))
@@ -125,6 +191,9 @@ def main(ckpt: str, qwen3: str, fast: str | None = None, llada2: str | None = No
                                                   speculative_config={"method": "s2d2", "verify": False})),
         "full_graphs": _err(lambda: _engine_config(ckpt, compilation_config={"cudagraph_mode": "FULL"},
                                                    speculative_config={"method": "s2d2", "verify": False})),
+        "breakable": _breakable(ckpt),
+        "sliding": _err(lambda: _engine_config(ckpt, hf_overrides={"use_sliding_window": True},
+                                               speculative_config={"method": "s2d2", "verify": False})),
         "async": _err(lambda: _engine_config(ckpt, async_scheduling=True,
                                              speculative_config={"method": "s2d2", "verify": False})),
     }

@@ -64,6 +64,7 @@ def test_other_families_build_diffusion_configs(probe):
     assert ll["is_diffusion"] and ll["arch"] == ["LLaDA2MoeModelLM"] and ll["canvas"] == 8
     assert ll["s2d2"]["editing_threshold"] == 0.5 and ll["s2d2"]["confidence_threshold"] == 0.7
     assert ll["chunked_prefill"] is False
+    assert ll["sliding_window"] is None  # LLaDA2's config default 4096 is unused (use_sliding_window false)
     assert probe["llada2_plain"]["s2d2"]["verify"] is False and probe["llada2_plain"]["canvas"] == 8
     assert "contextual_bandit_ucb" in probe["errors_llada2"]["ucb"]
 
@@ -72,7 +73,7 @@ def test_alias_dict_builds_a_diffusion_v2_config(probe):
     d = probe["dict"]
     assert d["is_diffusion"] and d["v2"] and not d["spec"] and not d["async"]
     assert d["canvas"] == d["num_spec"] == 16  # 2 x block_size 8
-    assert d["backend"] == "CUSTOM"  # the plugin's backend: stock Triton + the 2L verify launch
+    assert d["backend"] == "CUSTOM"  # the plugin's backend: stock Triton + the canvas kernel
     assert d["s2d2"]["block_size"] == 8 and d["s2d2"]["denoising_steps"] == 4 and d["s2d2"]["verify"] is False
     assert d["arch"] == ["SDARForCausalLM"]
     assert d["worker_ext"] == "vllm_s2d2.engine.worker_ext.S2D2WorkerExtension"  # request_stats' RPC
@@ -98,12 +99,37 @@ def test_hook_policies(probe):
     ("bad_value", "remasking='nope'"),
     ("non_diffusion", "Qwen3ForCausalLM"),
     ("flashinfer", "FLASHINFER"),
-    ("full_graphs", "PIECEWISE"),
+    ("full_graphs", "cudagraph_mode=FULL is not supported"),
+    ("breakable", "VLLM_USE_BREAKABLE_CUDAGRAPH=1 is not supported"),
+    ("sliding", "use_sliding_window=true"),
     ("async", "async scheduling"),
 ])
 def test_startup_errors(probe, case, needle):
     err = probe["errors"][case]
     assert err is not None and needle in err, err
+
+
+def test_cuda_graph_settings(probe):
+    """FULL_AND_PIECEWISE by default, capture sizes W x r up to max_num_seqs (W = 8 here), and Model Runner V2
+    keeps the mode with the backend's UNIFORM_BATCH support and decode query length W."""
+    g = probe["graphs"]
+    W = 8
+    small = [W * r for r in (1, 2, 4, 8, 16, 24, 32, 40)]
+    d = g["default"]  # max_num_seqs 40
+    assert (d["mode"], d["sizes"], d["max"]) == ("FULL_AND_PIECEWISE", small, 40 * W)
+    assert d["support"] == "UNIFORM_BATCH" and d["runner_mode"] == "FULL_AND_PIECEWISE"
+    b = g["big"]  # max_num_seqs 300: steps of 8 below 256, of 16 from 256, and 300
+    want = [W * r for r in [1, 2, 4] + list(range(8, 256, 8)) + [256, 272, 288, 300]]
+    assert (b["mode"], b["sizes"], b["max"]) == ("FULL_AND_PIECEWISE", want, 300 * W)
+    assert b["batched_tokens"] >= 300 * W and b["runner_mode"] == "FULL_AND_PIECEWISE"
+    assert (g["piecewise"]["mode"], g["piecewise"]["sizes"], g["piecewise"]["runner_mode"]) == (
+        "PIECEWISE", small, "PIECEWISE")
+    assert (g["decode_only"]["mode"], g["decode_only"]["sizes"], g["decode_only"]["runner_mode"]) == (
+        "FULL_DECODE_ONLY", small, "FULL_DECODE_ONLY")
+    assert (g["user_sizes"]["sizes"], g["user_sizes"]["max"]) == ([8, 24], 24)  # the user's sizes are kept
+    for case in ("eager", "none"):
+        assert (g[case]["mode"], g[case]["sizes"]) == ("NONE", []), case
+    assert all(v["sliding_window"] is None for v in g.values())
 
 
 def test_verify_true(probe):

@@ -8,10 +8,16 @@ is pickled to the engine core and the workers.  The hook:
   the checkpoint and stores the normalised dict back (errors are ``ValueError`` at start-up);
 * makes the model a vLLM diffusion model: ``hf_config.canvas_length = W = 2B`` (``is_diffusion``, which forces
   Model Runner V2), ``DiffusionConfig(canvas_length=W)``; a mismatching user ``diffusion_config`` is an error;
-* attention: the plugin's backend (CUSTOM = TRITON_ATTN + the 2L verify launch) (per-request bidirectional ranges, :mod:`.attention`); any other backend is
-  rejected with a clear message (FLASHINFER has no per-request masks; FA/FLEX are not wired);
-* CUDA graphs: PIECEWISE by default (the range tensor is rebuilt each step, so FULL graphs would replay a stale
-  mask); FULL modes are rejected;
+* attention: the plugin's backend (CUSTOM = TRITON_ATTN + the canvas kernel, :mod:`.attention`); any other
+  backend is rejected with a clear message (FLASHINFER has no per-request masks; FA/FLEX are not wired); no
+  sliding window (the canvas kernel has none): ``use_sliding_window: true`` is rejected, and a ``sliding_window``
+  value that the checkpoint does not use (LLaDA2's config default) is dropped;
+* CUDA graphs: FULL_AND_PIECEWISE by default (FULL graphs for uniform batches, every query W tokens: decode
+  steps; PIECEWISE for prefill / mixed steps); NONE, PIECEWISE and FULL_DECODE_ONLY are accepted, plain FULL
+  (FULL graphs for mixed batches) is rejected, as is ``VLLM_USE_BREAKABLE_CUDAGRAPH`` (its PIECEWISE capture
+  would build canvas-only attention metadata); ``enforce_eager`` wins.  Without user capture sizes, the sizes
+  are ``W * r`` for ``r`` = 1, 2, 4, 8, 16, .. (step 8, step 16 from 256), ``max_num_seqs``, so every decode batch
+  size gets a graph (vLLM's default caps graphs at 512 tokens, i.e. 512 / W requests);
 * synchronous scheduling (the next step's masks depend on this step's outcome);
 * ``max_num_batched_tokens >= max_num_seqs * W`` so a full decode batch is never truncated by the budget;
 * prefix caching and chunked prefill only with ``cache_ver`` (token-causal prompt KV); block-causal prompt KV
@@ -39,6 +45,14 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "min_p")
+_CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY")
+
+
+def capture_sizes(max_num_seqs: int, W: int) -> list[int]:
+    """CUDA-graph token counts ``W * r``: r = 1, 2, 4, then steps of 8 below 256, of 16 from 256, and
+    ``max_num_seqs`` (each a FULL graph of r canvases and a PIECEWISE graph of that many tokens)."""
+    rs = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, max_num_seqs + 1, 16)) + [max_num_seqs]
+    return sorted({W * r for r in rs if r <= max_num_seqs})
 
 
 class S2D2ConfigHook(VerifyAndUpdateConfig):
@@ -96,14 +110,17 @@ class S2D2ConfigHook(VerifyAndUpdateConfig):
                              "block-diffusion and 2L-verifier masks; leave the backend unset (the plugin's "
                              "Triton-based backend, registered as CUSTOM, is selected)")
 
-        # CUDA graphs: PIECEWISE (masks change every step).
-        cc = vllm_config.compilation_config
-        if cc.cudagraph_mode is None:
-            if not model_config.enforce_eager:
-                cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
-        elif cc.cudagraph_mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
-            raise ValueError(f"cudagraph_mode={cc.cudagraph_mode.name} is not supported by S2D2 (its attention "
-                             "ranges change every step); use PIECEWISE (default) or NONE")
+        # No sliding window (the canvas kernel attends to every committed key).
+        text_config = model_config.hf_text_config
+        if getattr(text_config, "use_sliding_window", False):
+            raise ValueError("S2D2's canvas attention has no sliding window; the checkpoint sets "
+                             "use_sliding_window=true")
+        if vllm_config.cache_config.sliding_window is not None or getattr(text_config, "sliding_window", None):
+            logger.info("S2D2: dropping sliding_window=%s (use_sliding_window is false)",
+                        getattr(text_config, "sliding_window", None))
+            vllm_config.cache_config.sliding_window = None
+            if hasattr(text_config, "sliding_window"):
+                text_config.sliding_window = None
 
         # Synchronous scheduling.
         sc = vllm_config.scheduler_config
@@ -118,6 +135,23 @@ class S2D2ConfigHook(VerifyAndUpdateConfig):
             logger.info("S2D2: max_num_batched_tokens %d -> %d (max_num_seqs %d x canvas %d)",
                         sc.max_num_batched_tokens, need, sc.max_num_seqs, W)
             sc.max_num_batched_tokens = need
+
+        # CUDA graphs: FULL for uniform (decode) batches, PIECEWISE for the rest; decode batches of any size.
+        cc = vllm_config.compilation_config
+        if cc.cudagraph_mode is None:
+            if not model_config.enforce_eager:
+                cc.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+        elif cc.cudagraph_mode.name not in _CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraph_mode={cc.cudagraph_mode.name} is not supported by S2D2 (FULL graphs hold "
+                             "only for uniform batches, every query W tokens); use FULL_AND_PIECEWISE (default), "
+                             "FULL_DECODE_ONLY, PIECEWISE or NONE")
+        graphs = not model_config.enforce_eager and cc.cudagraph_mode != CUDAGraphMode.NONE
+        if graphs and envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
+            raise ValueError("VLLM_USE_BREAKABLE_CUDAGRAPH=1 is not supported by S2D2 (its PIECEWISE capture would "
+                             "run canvas-only attention); unset it, or set enforce_eager=True")
+        if graphs and cc.cudagraph_capture_sizes is None and cc.max_cudagraph_capture_size is None:
+            cc.cudagraph_capture_sizes = capture_sizes(sc.max_num_seqs, W)
+            cc.max_cudagraph_capture_size = cc.cudagraph_capture_sizes[-1]
 
         # Prefix caching and chunked prefill only where prompt KV is token-causal.
         cache = vllm_config.cache_config
