@@ -165,8 +165,11 @@ def test_model_classes_keep_hidden_states_for_the_shifted_first_token():
 
     m = Model()
     out = m(input_ids=torch.tensor([5, 6, 7]), positions=torch.tensor([0, 1, 2]))
-    assert m.s2d2_hidden_states is out
-    rows = torch.tensor([2, 0])
+    assert torch.equal(m.s2d2_hidden_states, out)
+    buffer = m.s2d2_hidden_states.data_ptr()  # a persistent buffer (FULL CUDA graphs copy into it)
+    out = m(input_ids=torch.tensor([8, 9]), positions=torch.tensor([3, 4]))
+    assert torch.equal(m.s2d2_hidden_states, out) and m.s2d2_hidden_states.data_ptr() == buffer
+    rows = torch.tensor([1, 0])
     got = S2D2ModelState._token_logits(SimpleNamespace(model=m), rows)
     assert torch.equal(got, m.compute_logits(out[rows]))
     with pytest.raises(RuntimeError, match="BlockDiffusionModel"):
