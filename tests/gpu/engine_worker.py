@@ -4,8 +4,11 @@ Each engine runs in its own process (started by ``tests/gpu/test_engine_sdar.py`
 engine-core process are released between engines.  Usage: ``python engine_worker.py SPEC.json OUT.json``.
 
 Spec: ``{"model", "speculative_config", "enforce_eager", "dtype", "max_model_len", "max_num_seqs",
-"jobs": [{"name", "mode": "batch" | "single" | "abort", "prompts": [[ids]], "sampling": [{SamplingParams kw}],
-"abort_after_steps", "abort": [indices]}]}``.
+"count_cudagraph_modes", "jobs": [{"name", "mode": "batch" | "single" | "abort" | "staggered", "prompts": [[ids]],
+"sampling": [{SamplingParams kw}], "abort_after_steps", "abort": [indices], "arrive": [engine step per request]}]}``.
+``staggered`` adds request i before engine step ``arrive[i]`` (so prefills join decoding batches);
+``count_cudagraph_modes`` counts the CUDA-graph mode Model Runner V2 dispatches each step to (key: mode name,
+``_uniform`` when every query of the step has the same length) into ``result["cudagraph_dispatch"]``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,33 @@ def _out(o):
     return {"token_ids": list(c.token_ids), "finish_reason": c.finish_reason}
 
 
+def _count_dispatch(worker) -> bool:
+    """(Runs in the worker, through ``collective_rpc``.)  Count the runner's CUDA-graph dispatch decisions."""
+    runner = worker.model_runner
+    manager = runner.cudagraph_manager
+    counts: dict = {}
+    inner = manager.dispatch
+
+    def dispatch(num_reqs, num_tokens, uniform_token_count, *args, **kwargs):
+        desc = inner(num_reqs, num_tokens, uniform_token_count, *args, **kwargs)
+        key = desc.cg_mode.name + ("" if uniform_token_count is None else "_uniform")
+        counts[key] = counts.get(key, 0) + 1
+        return desc
+
+    manager.dispatch = dispatch
+    runner.s2d2_dispatch_counts = counts
+    return True
+
+
+def _read_dispatch(worker) -> dict:
+    return dict(worker.model_runner.s2d2_dispatch_counts)
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM
 
+    if spec.get("count_cudagraph_modes"):
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # (collective_rpc with a function)
     t0 = time.time()
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, speculative_config=spec.get("speculative_config"),
               enforce_eager=spec.get("enforce_eager", True), dtype=spec.get("dtype", "float32"),
@@ -42,6 +69,8 @@ def run(spec: dict) -> dict:
               **spec.get("llm_kwargs", {}))
     result: dict = {"startup_s": time.time() - t0,
                     "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}
+    if spec.get("count_cudagraph_modes"):
+        llm.collective_rpc(_count_dispatch)
     for job in spec["jobs"]:
         t = time.time()
         prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
@@ -72,10 +101,27 @@ def run(spec: dict) -> dict:
                 if steps == job["abort_after_steps"]:
                     engine.abort_request([ids[i] for i in job["abort"]])
             outs = [done.get(rid, {"token_ids": None, "finish_reason": "abort"}) for rid in ids]
+        elif job["mode"] == "staggered":
+            engine = llm.llm_engine
+            ids = [f"{job['name']}-{i}" for i in range(len(prompts))]
+            order = sorted(range(len(ids)), key=lambda i: job["arrive"][i])
+            done = {}
+            steps = 0
+            while order or engine.has_unfinished_requests():
+                while order and job["arrive"][order[0]] <= steps:
+                    i = order.pop(0)
+                    engine.add_request(ids[i], prompts[i], sps[i])
+                for o in engine.step():
+                    if o.finished:
+                        done[o.request_id] = _out(o)
+                steps += 1
+            outs = [done[rid] for rid in ids]
         else:
             raise ValueError(job["mode"])
         result[job["name"]] = outs
         result[job["name"] + "_s"] = time.time() - t
+    if spec.get("count_cudagraph_modes"):
+        result["cudagraph_dispatch"] = llm.collective_rpc(_read_dispatch)[0]
     return result
 
 

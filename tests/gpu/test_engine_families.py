@@ -3,8 +3,8 @@
 Tiny random checkpoints of the real formats (``vllm_s2d2.testing.build_tiny_checkpoint``: Qwen2 names with q/k/v
 bias for Fast-dLLM v2, Bailing-MoE names with fused QKV, q/k norms, sigmoid-routed experts + shared expert and a
 dense first layer for LLaDA2), small vocabulary, ``init_std`` 0.4 so that greedy decisions have clear margins.
-Each engine runs in its own process (``engine_worker.py``: fp32, ``TRITON_F32_DEFAULT=ieee``), with PIECEWISE
-CUDA graphs and the decode-step graphs on, and serves mixed batches (prompts shorter than a block, one block,
+Each engine runs in its own process (``engine_worker.py``: fp32, ``TRITON_F32_DEFAULT=ieee``), with CUDA graphs
+(FULL_AND_PIECEWISE) and the decode-step graphs on, and serves mixed batches (prompts shorter than a block, one block,
 several blocks; mixed ``max_tokens``; policies mixed per request through ``extra_args``).
 
 * Fast-dLLM v2 (block 8 = two sub-blocks of 4): threshold baseline, Config-A (hysteresis), always-verify and UCB
@@ -12,6 +12,8 @@ several blocks; mixed ``max_tokens``; policies mixed per request through ``extra
   equals plain causal greedy decoding of the model (computed here with the dense reference model).
 * LLaDA2 (block 4): LLaDA2.0 threshold and S2D2, LLaDA2.1 editing (``editing_threshold``, ``max_post_steps``)
   with and without verification, seeded sampling; per-request statistics equal the reference's.
+* FULL graphs against eager for both families (``test_engine_sdar.graphs_vs_eager``): same tokens, equal to the
+  reference, every uniform step a FULL graph.
 * ``vllm serve CKPT --speculative-config s2d2`` for both families: greedy completions with per-request options equal
   the reference, streaming gives the same tokens, the ``vllm:s2d2_*`` counters move.
 """
@@ -35,7 +37,8 @@ torch = require_cuda("vllm")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from engine_helpers import causal_greedy  # noqa: E402
-from test_engine_sdar import LENS, _sp, compare, reference_output, run_engine  # noqa: E402
+from test_engine_sdar import (  # noqa: E402
+    LENS, _sp, compare, graph_jobs, graphs_vs_eager, reference_output, run_engine)
 
 from vllm_s2d2.configs import load_family_info  # noqa: E402
 from vllm_s2d2.reference.models import ReferenceModel  # noqa: E402
@@ -112,7 +115,7 @@ def test_fast_dllm_v2_engine_equals_reference(fam_ckpts, fam_models, tmp_path):
               "sampling": [_sp(m, seed=m) for m in (5, 17, 9)]}
     res = run_engine({"model": fam_ckpts[fam], "speculative_config": s2d2, "enforce_eager": False,
                       "jobs": [greedy, sampled, single]}, tmp_path, timeout=400)
-    assert "PIECEWISE" in res["cudagraph_mode"]
+    assert "FULL_AND_PIECEWISE" in res["cudagraph_mode"]
     for job in (greedy, sampled, single):
         compare(fam_models, fam, s2d2, job, res[job["name"]])
     _check_stats(fam_models, fam, s2d2, greedy, res["greedy"])
@@ -144,10 +147,18 @@ def test_llada2_engine_equals_reference(fam_ckpts, fam_models, tmp_path):
     sampled = _mixed_job("sampled", 52, LLADA_POLICIES, n=12, temperature=1.0)
     res = run_engine({"model": fam_ckpts[fam], "speculative_config": s2d2, "enforce_eager": False,
                       "jobs": [greedy, sampled]}, tmp_path, timeout=400)
-    assert "PIECEWISE" in res["cudagraph_mode"]
+    assert "FULL_AND_PIECEWISE" in res["cudagraph_mode"]
     for job in (greedy, sampled):
         compare(fam_models, fam, s2d2, job, res[job["name"]])
     _check_stats(fam_models, fam, s2d2, greedy, res["greedy"])
+
+
+@pytest.mark.parametrize("fam", list(BLOCK))
+def test_family_full_graphs_equal_eager(fam, fam_ckpts, fam_models, tmp_path, request):
+    policies = {"fast_dllm_v2": FAST_POLICIES, "llada2": LLADA_POLICIES}[fam]
+    jobs = graph_jobs(_prompts, 2 * BLOCK[fam], policies, 71, 400)
+    graphs_vs_eager(fam_ckpts[fam], {"method": "s2d2"}, jobs, tmp_path, f"full_graphs_{fam}", request.node.nodeid,
+                    refs=fam_models, variant=fam)
 
 
 # -- vllm serve ---------------------------------------------------------------------------------------------

@@ -8,10 +8,15 @@ tensor names, V = 512, a confident head so greedy decisions have clear margins) 
 relative error in the attention scores flipped 2 of 40 near-tied static-remasking confidence rankings in a first
 H100 run (the outputs diverged from that token on); with IEEE fp32 dots every run matched exactly.
 
-Covered: greedy; SDAR default (dynamic remasking 0.85, cache_ver + draft_ver) with **PIECEWISE CUDA graphs**,
+Covered: greedy; SDAR default (dynamic remasking 0.85, cache_ver + draft_ver) with CUDA graphs (the default
+FULL_AND_PIECEWISE: decode steps replay one FULL graph each),
 static remasking (per-request ``extra_args``), AR mode (block 1), block-causal caching; batch 1 and 40 concurrent
 prompts of mixed lengths (< 1 block, exactly 1 block, several blocks) and mixed ``max_tokens``; stop tokens;
 seeded sampling (temperature 1, top-k, top-p); an aborted request does not disturb the others; SDAR-MoE.
+FULL graphs against eager (:func:`graphs_vs_eager`, also used by ``test_engine_families.py``): the same jobs --
+decode-only batches, seeded sampling, staggered arrivals (prefills join decoding batches: mixed, PIECEWISE steps),
+W-token prompts arriving together (uniform prefill steps: FULL graphs with prefill tables) -- give the same tokens
+under FULL_AND_PIECEWISE and ``enforce_eager=True``, equal to the reference, and every uniform step got a FULL graph.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 
 import pytest
 
+from gpu_records import write_record
 from gpu_skip import require_cuda
 
 pytestmark = pytest.mark.gpu
@@ -138,7 +144,7 @@ def compare(ref_models, variant, s2d2, job, outs) -> None:
 
 
 def test_sdar_default_cuda_graphs(ckpts, ref_models, tmp_path):
-    """SDAR default (dynamic 0.85, cache_ver, draft_ver) with PIECEWISE CUDA graphs; static per request;
+    """SDAR default (dynamic 0.85, cache_ver, draft_ver) with CUDA graphs; static per request;
     batch 1; 40 concurrent mixed prompts; stop tokens; seeded sampling; abort."""
     s2d2 = {"method": "s2d2", "verify": False}
     single = {"name": "single", "mode": "single", "prompts": _prompts(4, 11),
@@ -151,7 +157,7 @@ def test_sdar_default_cuda_graphs(ckpts, ref_models, tmp_path):
     spec = {"model": ckpts["sdar"], "speculative_config": s2d2, "enforce_eager": False,
             "jobs": [single, batch, sampled, abort]}
     res = run_engine(spec, tmp_path)
-    assert "PIECEWISE" in res["cudagraph_mode"], res["cudagraph_mode"]
+    assert "FULL_AND_PIECEWISE" in res["cudagraph_mode"], res["cudagraph_mode"]
     for job in (single, batch, sampled, abort):
         compare(ref_models, "sdar", s2d2, job, res[job["name"]])
     assert [o["finish_reason"] for o in res["abort"]].count("abort") == 2
@@ -172,3 +178,76 @@ def test_sdar_eager_variants(ckpts, ref_models, tmp_path, variant, s2d2):
     res = run_engine(spec, tmp_path)
     for job in (single, batch):
         compare(ref_models, variant, s2d2, job, res[job["name"]])
+
+
+# -- FULL CUDA graphs against eager ---------------------------------------------------------------------------
+def graph_jobs(prompts, W: int, policies: list[dict], seed: int, vocab: int) -> list[dict]:
+    """Decode-only batch (all prompts at once), seeded sampling, staggered arrivals (one request every 2 engine
+    steps: prefills join decoding batches), and prompts of exactly W tokens (uniform prefill steps); policies
+    cycled per request, every request seeded (stochastic acceptance)."""
+    def pol(i):
+        return {"s2d2": policies[i % len(policies)]}
+
+    decode = {"name": "decode", "mode": "batch", "prompts": prompts(16, seed),
+              "sampling": [_sp(1 + (7 * i) % 24, seed=seed * 100 + i, extra=pol(i)) for i in range(16)]}
+    sampled = {"name": "sampled", "mode": "batch", "prompts": prompts(8, seed + 1),
+               "sampling": [_sp(12, temperature=1.0, top_k=20, seed=seed * 100 + 30 + i, extra=pol(i))
+                            for i in range(8)]}
+    staggered = {"name": "staggered", "mode": "staggered", "prompts": prompts(12, seed + 2),
+                 "arrive": [2 * i for i in range(12)],
+                 "sampling": [_sp(8 + (5 * i) % 16, temperature=1.0 if i % 2 else 0.0, top_k=20 if i % 2 else 0,
+                                  seed=seed * 100 + 50 + i, extra=pol(i)) for i in range(12)]}
+    g = torch.Generator().manual_seed(seed + 3)
+    uniform = {"name": "uniform_prefill", "mode": "batch",
+               "prompts": [torch.randint(0, vocab, (W,), generator=g).tolist() for _ in range(6)],
+               "sampling": [_sp(6 + 3 * i, seed=seed * 100 + 70 + i, extra=pol(i)) for i in range(6)]}
+    return [decode, sampled, staggered, uniform]
+
+
+def graphs_vs_eager(model: str, s2d2: dict, jobs: list[dict], tmp_path, record: str, test: str,
+                    refs=None, variant: str | None = None) -> dict:
+    """Run ``jobs`` on the default engine (FULL_AND_PIECEWISE) and with ``enforce_eager=True``: the same tokens
+    per request; every uniform step (all queries W long) of the graph engine replayed a FULL graph, and mixed
+    steps ran PIECEWISE.  With ``refs``, the graph engine's tokens also equal the reference decoder's."""
+    res = {}
+    for eager in (False, True):
+        d = tmp_path / ("eager" if eager else "graphs")
+        d.mkdir()
+        res[eager] = run_engine({"model": model, "speculative_config": s2d2, "enforce_eager": eager, "jobs": jobs,
+                                 "count_cudagraph_modes": True}, d, timeout=400)
+    g, e = res[False], res[True]
+    write_record(record, test, {"s2d2": s2d2, "graphs": {k: v for k, v in g.items() if not isinstance(v, list)},
+                                "eager": {k: v for k, v in e.items() if not isinstance(v, list)}})
+    assert "FULL_AND_PIECEWISE" in g["cudagraph_mode"] and "NONE" in e["cudagraph_mode"], (g["cudagraph_mode"],
+                                                                                          e["cudagraph_mode"])
+    bad = []
+    for job in jobs:
+        for i, (a, b) in enumerate(zip(g[job["name"]], e[job["name"]])):
+            if a["token_ids"] != b["token_ids"]:
+                bad.append(f"{job['name']} #{i} {job['sampling'][i]}\n  graphs {a['token_ids']}\n"
+                           f"  eager  {b['token_ids']}")
+    assert not bad, f"{len(bad)} requests differ between FULL graphs and eager:\n" + "\n".join(bad[:5])
+    counts = g["cudagraph_dispatch"]
+    assert counts.get("FULL_uniform", 0) > 0 and counts.get("PIECEWISE", 0) > 0, counts
+    assert not counts.get("NONE_uniform") and not counts.get("PIECEWISE_uniform"), counts  # all uniform: FULL
+    assert all(k.startswith("NONE") for k in e["cudagraph_dispatch"]), e["cudagraph_dispatch"]
+    if refs is not None:
+        for job in jobs:
+            compare(refs, variant, s2d2, job, g[job["name"]])
+    return g
+
+
+SDAR_POLICIES = [{}, {"verify": False}, {"verify_policy": "mask_span_length", "min_span_length": 2},
+                 {"verify": False, "remasking": "low_confidence_static"}]
+
+
+@pytest.mark.parametrize("variant,s2d2", [
+    ("sdar", {"method": "s2d2"}),
+    ("sdar", {"method": "s2d2", "verify": False, "cache_ver": False, "draft_ver": False}),
+    ("sdar_moe", {"method": "s2d2"}),
+], ids=["s2d2", "blockcausal", "moe"])
+def test_full_graphs_equal_eager(ckpts, ref_models, tmp_path, request, variant, s2d2):
+    policies = SDAR_POLICIES if s2d2.get("verify", True) else [{}, {"remasking": "low_confidence_static"}]
+    jobs = graph_jobs(_prompts, 2 * B, policies, 61, 500)
+    graphs_vs_eager(ckpts[variant], s2d2, jobs, tmp_path, f"full_graphs_{request.node.callspec.id}",
+                    request.node.nodeid, refs=ref_models, variant=variant)
