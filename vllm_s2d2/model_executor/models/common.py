@@ -2,13 +2,14 @@
 
 * :meth:`get_model_state_cls` hands vLLM's Model Runner V2 the plugin's
   :class:`~vllm_s2d2.engine.model_state.S2D2ModelState` (block-diffusion decoding, masks, sampler).
-* ``forward`` copies its output hidden states into a persistent ``[max_num_batched_tokens, hidden]`` buffer and
-  points ``s2d2_hidden_states`` at the step's rows: vLLM computes logits only for the rows it samples, and a
-  prefill chunk in a batch that carries canvases gets none, while a shift-aligned model (Fast-dLLM v2) needs the
-  last prompt token's logit to open its first block (:meth:`S2D2ModelState._token_logits`).  The copy is part of
-  a FULL CUDA graph (replay runs no Python, so the attribute keeps the capture-time view of the same buffer; the
-  rows are the step's).  The buffer is allocated in the first forward, vLLM's profile run with
-  ``max_num_batched_tokens`` rows, before any graph capture.
+* ``forward`` copies its output hidden states into the first rows of a persistent
+  ``[max_num_batched_tokens, hidden]`` buffer, ``s2d2_hidden_states``: vLLM computes logits only for the rows it
+  samples, and a prefill chunk in a batch that carries canvases gets none, while a shift-aligned model
+  (Fast-dLLM v2) needs the last prompt token's logit to open its first block
+  (:meth:`S2D2ModelState._token_logits`).  The copy is part of a FULL CUDA graph, and the attribute is the whole
+  buffer (replay runs no Python, so a view sized at capture would be stale), so the step's rows are there after a
+  replay too.  The buffer is allocated in the first forward, vLLM's profile run with ``max_num_batched_tokens``
+  rows, before any graph capture.
 
 The layers stay vLLM's ``DECODER`` attention (KV-writing, per-request masks from the model state): an HF
 ``is_causal: false`` would turn them into ``ENCODER_ONLY`` (no KV), which the config hook rejects.
@@ -49,8 +50,8 @@ class BlockDiffusionModel:
 
 
 def keep_rows(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Copy ``hidden`` into the model's persistent buffer (allocated on first use, never inside a graph capture)
-    and return the view of its rows."""
+    """Copy ``hidden`` into the first rows of the model's persistent buffer (allocated on first use, never inside a
+    graph capture) and return the whole buffer."""
     buf = model._s2d2_hidden_buffer
     n = hidden.shape[0]
     if (buf is None or buf.shape[0] < n or buf.shape[1:] != hidden.shape[1:] or buf.dtype != hidden.dtype
@@ -61,6 +62,5 @@ def keep_rows(model, hidden: torch.Tensor) -> torch.Tensor:
         rows = max(n, getattr(model, "_s2d2_max_tokens", 0))
         buf = model._s2d2_hidden_buffer = torch.empty((rows, *hidden.shape[1:]), dtype=hidden.dtype,
                                                       device=hidden.device)
-    out = buf[:n]
-    out.copy_(hidden)
-    return out
+    buf[:n].copy_(hidden)
+    return buf
