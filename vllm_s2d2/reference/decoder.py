@@ -10,13 +10,14 @@ around it (region, ``draft_ver`` prefix, editing passes, early finish, query lay
   token-causal with ``cache_ver``), which is exactly what a KV cache of committed tokens holds; query rows
   use the draft / 2L-verify / causal rows of :mod:`vllm_s2d2.core.masks`.  Forwards are counted one per pass
   a cached engine runs (prefill, draft, verify, commit); the engine fuses each commit into the next block's
-  first draft (``engine.stats.reference_forwards`` maps its counters onto this accounting).
+  first draft (:func:`vllm_s2d2.reference.accounting.reference_forwards` maps its counters onto this accounting).
 * Blocks are aligned to absolute position 0 (``docs/lifecycle.md``).  The **whole prompt is prefilled**, as
   vLLM schedules it, so the first decode block is the partial block after the prompt and the prompt tail is
   read from the cache.  This equals the SDAR reference for its paper configuration (``cache_ver`` +
   ``draft_ver``: the tail's KV is token-causal either way); without them, and for Fast-dLLM v2 / LLaDA2,
-  it differs from the reference code only in the first block of a prompt whose length is not a multiple
-  of B (there the reference lets the tail attend to the block's masks; ``docs/deviations.md``).
+  it differs from the reference code when the prompt's length is not a multiple of B: there the reference
+  lets the prompt tail attend to the block's masks, so the tail's cached KV differs and conditions every later
+  block -- the first differing token can come many blocks later (``docs/deviations.md``).
 
 Family specifics (``docs/families.md``): SDAR verifies with the 2L mask and tops up to the step quota;
 Fast-dLLM v2 is shift-aligned, decodes sub-blocks of its 32-token blocks, verifies with a causal forward
