@@ -127,3 +127,18 @@ def test_causal_rows():
     expected = rows("111 100", "111 110", "111 111")
     assert causal_rows(3, 3).tolist() == expected.tolist()
     assert causal_rows(0, 2).tolist() == causal(2).tolist()
+
+
+def test_qq_bias_layout():
+    from vllm_s2d2.core.masks import verifier_qq_bias
+
+    b = verifier_qq_bias(3)
+    visible = (b == 0).int().tolist()
+    # first half token-causal, no mask-half keys; mask half: strictly earlier first-half keys + itself
+    assert visible == [[1, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0],
+                       [1, 1, 1, 0, 0, 0],
+                       [0, 0, 0, 1, 0, 0],
+                       [1, 0, 0, 0, 1, 0],
+                       [1, 1, 0, 0, 0, 1]]
+    assert torch.isinf(b[b != 0]).all() and (b[b != 0] < 0).all()

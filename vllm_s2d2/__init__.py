@@ -11,7 +11,8 @@ With vLLM importable, ``register()`` also (``docs/architecture.md``, vLLM integr
    with ``ModelRegistry`` as lazy
    ``"module:Class"`` strings (nothing imported until vLLM resolves the architecture);
 3. adds the config hook (:class:`vllm_s2d2.engine.config_hooks.S2D2ConfigHook`) to ``MODELS_CONFIG_MAP``;
-4. registers the attention backend (TRITON_ATTN + the 2L verify launch) as ``AttentionBackendEnum.CUSTOM``;
+4. registers the attention backend (TRITON_ATTN for prefill + the canvas kernel for decode rows) as
+   ``AttentionBackendEnum.CUSTOM``;
 5. installs the ``speculative_config="s2d2"`` alias, the sampling-parameter shim and the CLI shim for
    ``--speculative-config s2d2`` (:mod:`vllm_s2d2.patches`; the CLI shim is also installed before argument
    parsing by the ``vllm.platform_plugins`` entry point ``s2d2_cli``), and the poll that puts the S2D2

@@ -91,7 +91,7 @@ def verifier_2l(cache_len: int, block_len: int, device=None) -> torch.Tensor:
 def verifier_qq_bias(block_size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """:func:`verifier_2l` with an empty cache as a ``[2B, 2B]`` additive bias (0 = visible, -inf = hidden):
     the one pattern of every verify canvas in the engine, whatever part of the block is already cached (the
-    canvas layout is in :mod:`vllm_s2d2.model_executor.attention.verify_kernel`)."""
+    canvas layout is drawn in docs/lifecycle.md)."""
     visible = verifier_2l(0, block_size, device)
     bias = torch.zeros(2 * block_size, 2 * block_size, dtype=dtype, device=device)
     return bias.masked_fill_(~visible, float("-inf"))
