@@ -22,6 +22,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from vllm_s2d2.log import ArgumentParser, UsageError, float_arg, int_arg, logs_off_stdout, usage_error
+
 DEMO_MODEL_ENV = "VLLM_S2D2_DEMO_MODEL"
 DEMO_MODEL_NAME = "sdar-stdlib-10m"
 
@@ -161,58 +163,134 @@ def _print_columns(headers: list[str], bodies: list[list[str]], width: int) -> N
     print(sep)
 
 
-def demo(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="vllm-s2d2 demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_demo_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="vllm-s2d2 demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=f"checkpoint dir (default: ${DEMO_MODEL_ENV} or assets/"
                                                  f"{DEMO_MODEL_NAME} of the source checkout)")
-    ap.add_argument("--num-prompts", type=int, default=3)
-    ap.add_argument("--first-prompt", type=int, default=0, help="index of the first held-out prompt")
-    ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--num-prompts", type=int_arg(1), default=3, help="how many held-out prompts (>= 1)")
+    ap.add_argument("--first-prompt", type=int_arg(0), default=0, help="index of the first held-out prompt (>= 0)")
+    ap.add_argument("--max-tokens", type=int_arg(1), default=40, help="new tokens per prompt (>= 1)")
     ap.add_argument("--columns", default=DEFAULT_COLUMNS, help=f"comma-separated, from {list(DEMO_CONFIGS)}")
     ap.add_argument("--backend", choices=["auto", "reference", "vllm"], default="auto")
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--width", type=int, default=None, help="terminal width (default: detected)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for the reference decoder")
-    args = ap.parse_args(argv)
+    ap.add_argument("--temperature", type=float_arg(0, note="0 = greedy"), default=0.0, help="0 = greedy")
+    ap.add_argument("--seed", type=int_arg(-2**63, 2**63 - 1), default=0)
+    ap.add_argument("--width", type=int_arg(1), default=None, help="terminal width (default: detected)")
+    ap.add_argument("--threads", type=int_arg(0, note="0 = torch's default"), default=None,
+                    help="torch CPU threads for the reference decoder (0 = torch's default)")
+    return ap
 
-    model_path = Path(args.model) if args.model else default_model_path()
-    if model_path is None or not (model_path / "config.json").is_file():
-        print(f"error: no demo checkpoint found (looked at {model_path or 'assets/' + DEMO_MODEL_NAME}); pass "
-              f"--model DIR or set ${DEMO_MODEL_ENV} (the checkpoint ships in the source repository under "
-              f"assets/{DEMO_MODEL_NAME})", file=sys.stderr)
-        return 2
-    cols = [c.strip() for c in args.columns.split(",") if c.strip()]
+
+def _demo_columns(text: str) -> list[str]:
+    cols = [c.strip() for c in text.split(",") if c.strip()]
     bad = [c for c in cols if c not in DEMO_CONFIGS]
     if bad or not cols:
-        print(f"error: unknown column(s) {bad}; choose from {list(DEMO_CONFIGS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"argument --columns: unknown column(s) {bad or [text]}; choose from {list(DEMO_CONFIGS)}")
+    twice = sorted({c for c in cols if cols.count(c) > 1})
+    if twice:
+        raise UsageError(f"argument --columns: {twice} listed twice; each column once, from {list(DEMO_CONFIGS)}")
+    return cols
 
-    import torch
+
+def _demo_checkpoint(args, cols: list[str]):
+    """Family info, tokenizer and the chosen held-out prompts of the demo checkpoint; every defect a
+    :class:`UsageError` naming the argument."""
+    model_path = Path(args.model) if args.model else default_model_path()
+    if model_path is None or not (model_path / "config.json").is_file():
+        raise UsageError(f"argument --model: no demo checkpoint found (looked at "
+                         f"{str(model_path or 'assets/' + DEMO_MODEL_NAME)!r}: no config.json); pass --model DIR or "
+                         f"set ${DEMO_MODEL_ENV} (the checkpoint ships in the source repository under "
+                         f"assets/{DEMO_MODEL_NAME})")
+    prompt_file = model_path / "heldout_prompts.jsonl"
+    if not prompt_file.is_file():
+        raise UsageError(f"argument --model: {str(prompt_file)!r} is missing (the demo decodes the checkpoint's "
+                         f"held-out prompts)")
+    rows, n = [], 0
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in _PROMPT_KEYS):
+                    raise ValueError(f"expected a JSON object with string fields {list(_PROMPT_KEYS)}")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise UsageError(f"argument --model: {str(prompt_file)!r} is not a UTF-8 text file") from None
+    except ValueError as e:  # JSON errors included
+        raise UsageError(f"argument --model: {str(prompt_file)!r} line {n}: {e}") from None
+    if not rows:
+        raise UsageError(f"argument --model: {str(prompt_file)!r} holds no prompts")
+    if args.first_prompt >= len(rows):
+        raise UsageError(f"argument --first-prompt: {args.first_prompt} is past the last of the "
+                         f"{len(rows)} held-out prompts; use 0..{len(rows) - 1}")
+    if args.first_prompt + args.num_prompts > len(rows):
+        raise UsageError(f"argument --num-prompts: {args.num_prompts} prompts from --first-prompt "
+                         f"{args.first_prompt} run past the {len(rows)} held-out prompts; use --num-prompts <= "
+                         f"{len(rows) - args.first_prompt}")
+    from vllm_s2d2.configs import load_family_info, register_hf_configs  # transformers' config classes (+ torch)
+    from vllm_s2d2.s2d2_config import S2D2Config
+
+    try:
+        info = load_family_info(model_path)
+        with open(model_path / "config.json", encoding="utf-8") as f:
+            limit = json.load(f).get("max_position_embeddings")
+    except (ValueError, OSError) as e:
+        where = "" if str(model_path) in str(e) else f"{str(model_path)!r}: "
+        raise UsageError(f"argument --model: {where}{e}") from None
+    for c in cols:
+        try:
+            S2D2Config.from_dict(DEMO_CONFIGS[c][1]).resolve(info.family, info.block_size)
+        except ValueError as e:
+            raise UsageError(f"argument --columns: column {c!r} does not apply to {str(model_path)!r} "
+                             f"({info.family}): {e}") from None
+    rows = rows[args.first_prompt:args.first_prompt + args.num_prompts]
+    if not any((model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise UsageError(f"argument --model: {str(model_path)!r} has no tokenizer (tokenizer.json); the demo "
+                         f"decodes text prompts")
     from transformers import AutoTokenizer
 
-    from vllm_s2d2 import register
-    from vllm_s2d2.configs import load_family_info
+    register_hf_configs()  # the checkpoint's config class for AutoTokenizer's config lookup
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_path))
+    except Exception as e:  # noqa: BLE001 - any loader failure: the tokenizer files are unusable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"argument --model: the tokenizer of {str(model_path)!r} does not load ({first})") from None
+    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    for i, p in enumerate(prompts):
+        if not p or info.mask_token_id in p:
+            raise UsageError(f"argument --first-prompt: held-out prompt {args.first_prompt + i} "
+                             f"{'has no tokens' if not p else 'contains the mask token id %d' % info.mask_token_id}")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        longest = max(len(p) for p in prompts)
+        if longest + args.max_tokens > limit:
+            raise UsageError(f"argument --max-tokens: {args.max_tokens} new tokens after a {longest}-token prompt "
+                             f"exceed the checkpoint's max_position_embeddings={limit}; use --max-tokens <= "
+                             f"{max(1, limit - longest)}")
+    return model_path, info, tok, rows, prompts
+
+
+_PROMPT_KEYS = ("prompt", "target", "module", "function")
+
+
+def demo(argv: list[str] | None = None) -> int:
+    logs_off_stdout()
+    args = build_demo_parser().parse_args(argv)
+    try:
+        cols = _demo_columns(args.columns)
+        model_path, info, tok, rows, prompts = _demo_checkpoint(args, cols)
+    except UsageError as e:
+        return usage_error("vllm-s2d2 demo", e)
+    engine_ok, why_not = _engine_available()
+    if args.backend == "vllm" and not engine_ok:
+        return usage_error("vllm-s2d2 demo", f"argument --backend: vllm: {why_not} (the engine needs vLLM and a "
+                                             f"CUDA GPU; --backend reference runs on the CPU)")
+
+    import torch
+
     from vllm_s2d2.reference.models import ReferenceModel
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    register()
-    info = load_family_info(model_path)
-    tok = AutoTokenizer.from_pretrained(str(model_path))
-    prompt_file = model_path / "heldout_prompts.jsonl"
-    if not prompt_file.is_file():
-        print(f"error: {prompt_file} is missing", file=sys.stderr)
-        return 2
-    with open(prompt_file, encoding="utf-8") as f:
-        rows = [json.loads(x) for x in f if x.strip()][args.first_prompt:args.first_prompt + args.num_prompts]
-    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-
-    engine_ok, why_not = _engine_available()
-    if args.backend == "vllm" and not engine_ok:
-        print(f"error: --backend vllm: {why_not}", file=sys.stderr)
-        return 2
     use_engine = engine_ok and args.backend != "reference"
     n_params = None
     ref = None
@@ -285,17 +363,27 @@ def demo(argv: list[str] | None = None) -> int:
     return 0
 
 
+USAGE = ("usage: vllm-s2d2 COMMAND [options]   (vllm-s2d2 COMMAND --help)\n\n"
+         "  demo   decode held-out code prompts with the trained demo checkpoint: AR mode, threshold baseline and "
+         "S2D2 side by side\n\n"
+         "  vllm-s2d2 --version   the plugin's version")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: vllm-s2d2 demo [options]   (vllm-s2d2 demo --help)\n\n"
-              "  demo   decode held-out code prompts with the trained demo checkpoint: AR mode, threshold "
-              "baseline and S2D2 side by side")
-        return 0 if argv else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv and argv[0] == "--version":
+        from vllm_s2d2 import __version__
+
+        print(f"vllm-s2d2 {__version__}")
+        return 0
+    if not argv:
+        return usage_error("vllm-s2d2", "no command given; available: demo (see vllm-s2d2 --help)")
     if argv[0] == "demo":
         return demo(argv[1:])
-    print(f"vllm-s2d2: unknown command {argv[0]!r} (available: demo)", file=sys.stderr)
-    return 2
+    return usage_error("vllm-s2d2", f"unknown command {argv[0]!r}; available: demo (see vllm-s2d2 --help)")
 
 
 if __name__ == "__main__":

@@ -338,8 +338,17 @@ def family_info(hf_config: Any, generation_config: Mapping[str, Any] | Any | Non
 
 
 def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A checkpoint's JSON file as a dict; a file that is not a JSON object is a ``ValueError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is not a UTF-8 text file (a JSON object is expected)") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _config_json(path: str | os.PathLike) -> tuple[Path, dict]:

@@ -81,10 +81,14 @@ class S2D2Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "S2D2Config":
         """Build from a user mapping; ``preset`` is applied first, explicit keys override it."""
+        if d is not None and not isinstance(d, Mapping):
+            hint = f"; for a preset pass {{'preset': {d!r}}}" if isinstance(d, str) else ""
+            raise TypeError(f"S2D2Config.from_dict expects a mapping of S2D2 options (e.g. {{'preset': 'sdar-a', "
+                            f"'verify': False}}), got {type(d).__name__} {d!r}{hint}")
         d = dict(d or {})
         d.pop("method", None)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=repr)
         if unknown:
             raise ValueError(
                 f"unknown S2D2 option(s) {unknown}; valid options: {sorted(known)}")
@@ -199,6 +203,11 @@ class S2D2Config:
         fam = BY_NAME.get(family)
         if fam is None:
             raise ValueError(f"unknown model family {family!r}; valid: {list(FAMILIES)}")
+        if isinstance(checkpoint_block_size, bool) or not isinstance(checkpoint_block_size, int) \
+                or checkpoint_block_size < 1:
+            raise ValueError(f"checkpoint_block_size={checkpoint_block_size!r} (the checkpoint's trained block size, "
+                             f"{fam.block_size_key} in its config.json) must be an integer >= 1")
+        self.validate()  # fields assigned after construction (e.g. block_size = 0) are named, not met downstream
         d = self.to_dict()
         for k, v in FAMILY_DEFAULTS[family].items():
             if d.get(k) is None:
