@@ -57,6 +57,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_records as rec  # noqa: E402
 
+from vllm_s2d2.log import ArgumentParser, int_arg, int_list_arg  # noqa: E402 - stdlib only
+
 SDAR_1P7B = {
     "architectures": ["SDARForCausalLM"], "model_type": "sdar", "vocab_size": 151936, "hidden_size": 2048,
     "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -183,22 +185,54 @@ def groups_of(modes_arg: str | None, family: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # one-line errors (exit 2) naming the argument, the value and what is allowed (vllm_s2d2/log.py)
+    ap = ArgumentParser(prog="benchmarks/offline_throughput.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/offline_throughput.json")
-    ap.add_argument("--batches", default="1,16,64,256")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batches", default="1,16,64,256", type=int_list_arg(1, as_text=True),
+                    help="comma-separated batch sizes (>= 1)")
+    ap.add_argument("--prompt-len", type=int_arg(1), default=128)
+    ap.add_argument("--new-tokens", type=int_arg(1), default=256)
     ap.add_argument("--family", default="sdar-1.7b", choices=sorted(FAMILIES),
                     help="model shapes; the non-SDAR families have modes a (vLLM AR), t, s, v")
     ap.add_argument("--modes", default=None, help="comma-separated engine groups (the modes of a group share one "
                     "engine); the baseline a is always run first; default a,b,cd (SDAR) or a,tsv (others)")
-    ap.add_argument("--timeout", type=int, default=420, help="per-engine timeout (s)")
+    ap.add_argument("--timeout", type=int_arg(1), default=420, help="per-engine timeout (s)")
     ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256,512,1024,2048",
+                    type=int_list_arg(1, as_text=True),
                     help="CUDA-graph capture sizes (tokens) for every mode: the decode shapes of all batches")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an existing record")
     ap.add_argument("--merge", action="store_true", help=argparse.SUPPRESS)  # removed: see main()
     ap.add_argument("--_worker", nargs=3, metavar=("MODEL", "GROUP", "CALL_ID"), help=argparse.SUPPRESS)
     return ap
+
+
+def require_gpu(prog: str) -> None:
+    """One line and exit code 2, before any engine starts, where this host cannot run vLLM engines."""
+    import importlib.util
+
+    why = None
+    if importlib.util.find_spec("vllm") is None:
+        why = "vLLM is not installed (pip install -e \".[vllm,test]\")"
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "no CUDA GPU is visible (the engines run on a GPU host)"
+    if why:
+        print(f"{prog}: error: {why}; --replot RECORD.json works anywhere", file=sys.stderr)
+        sys.exit(2)
+
+
+def read_record(ap: argparse.ArgumentParser, path: str) -> dict:
+    """The JSON record ``--replot`` names, or a one-line argument error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        ap.error(f"argument --replot: cannot read a JSON record from {path!r} ({e})")
+    if not isinstance(record, dict):
+        ap.error(f"argument --replot: {path!r} holds no JSON object (a record written by this benchmark)")
+    return record
 
 
 # -- worker (one engine, one process) -----------------------------------------------------------------------
@@ -346,8 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--merge was removed: ratios against vLLM AR are computed only within one call.  Each call runs "
                  "the baseline (mode a) itself; write each call to its own --out")
     if args.replot:
-        with open(args.replot) as f:
-            record = json.load(f)
+        record = read_record(ap, args.replot)
         print("wrote" if plot(record, os.path.splitext(args.replot)[0] + ".png") else "no plot", flush=True)
         return
     batches = rec.parse_int_list(args.batches)
@@ -360,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         groups = groups_of(args.modes, args.family)
     except ValueError as e:
-        ap.error(str(e))
+        ap.error(f"argument --modes: {e}")
+    require_gpu(ap.prog)
     record = new_record(args, groups, rec.run_metadata())
     call_id = record["call"]["call_id"]
     paths = write_checkpoints(tempfile.mkdtemp(prefix="s2d2_bench_"), args.family)

@@ -41,7 +41,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_records as rec  # noqa: E402
-from offline_throughput import FAMILIES, modes_of, write_checkpoints  # noqa: E402
+from offline_throughput import FAMILIES, modes_of, read_record, require_gpu, write_checkpoints  # noqa: E402
+
+from vllm_s2d2.log import ArgumentParser, int_arg, int_list_arg  # noqa: E402 - stdlib only
 
 TIMED: dict[str, float] = collections.defaultdict(float)
 COUNTS: dict[str, int] = collections.defaultdict(int)
@@ -50,19 +52,22 @@ RUNNER_PHASES = ("prepare_inputs", "prepare_attn", "sample", "execute_model", "s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # one-line errors (exit 2) naming the argument, the value and what is allowed (vllm_s2d2/log.py)
+    ap = ArgumentParser(prog="benchmarks/profile_step.py", description=__doc__.split("\n")[0])
     ap.add_argument("--modes", default="a,c,s", help="comma-separated modes (one engine each); a always runs")
     ap.add_argument("--family", default="sdar-1.7b", choices=sorted(FAMILIES))
-    ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--skip-steps", type=int, default=4, help="steps before the profiled window (prefill ...)")
-    ap.add_argument("--profile-steps", type=int, default=32, help="engine steps inside the profiled window")
+    ap.add_argument("--batches", default="1,64", type=int_list_arg(1, as_text=True),
+                    help="comma-separated batch sizes (>= 1)")
+    ap.add_argument("--prompt-len", type=int_arg(1), default=128)
+    ap.add_argument("--new-tokens", type=int_arg(1), default=64)
+    ap.add_argument("--skip-steps", type=int_arg(0), default=4, help="steps before the profiled window (prefill ...)")
+    ap.add_argument("--profile-steps", type=int_arg(1), default=32, help="engine steps inside the profiled window")
     ap.add_argument("--attribution", action=argparse.BooleanOptionalAction, default=True,
                     help="the synchronised per-phase timers (plugin modes)")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs) for every mode")
-    ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256,512,1024,2048")
-    ap.add_argument("--timeout", type=int, default=420, help="per-engine timeout (s)")
+    ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256,512,1024,2048",
+                    type=int_list_arg(1, as_text=True))
+    ap.add_argument("--timeout", type=int_arg(1), default=420, help="per-engine timeout (s)")
     ap.add_argument("--out", default="profile_step.json")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an existing record")
     ap.add_argument("--_worker", nargs=3, metavar=("MODEL", "MODE", "CALL_ID"), help=argparse.SUPPRESS)
@@ -260,8 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.replot:
-        with open(args.replot) as f:
-            record = json.load(f)
+        record = read_record(ap, args.replot)
         print("wrote" if plot(record, os.path.splitext(args.replot)[0] + ".png") else "no plot", flush=True)
         return
     if args._worker:
@@ -270,9 +274,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         modes = modes_list(args.modes, args.family)
-        batches = rec.parse_int_list(args.batches)
     except ValueError as e:
-        ap.error(str(e))
+        ap.error(f"argument --modes: {e}")
+    batches = rec.parse_int_list(args.batches)
+    require_gpu(ap.prog)
     table = modes_of(args.family)
     record = {"benchmark": "profile_step", "schema": 2, "call": rec.run_metadata(),
               "model": f"random weights, {FAMILIES[args.family]['model']} (bf16, load_format=dummy)",

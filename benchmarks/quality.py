@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_records  # noqa: E402
 
+from vllm_s2d2.log import ArgumentParser, float_arg, int_arg, logs_off_stdout  # noqa: E402 - stdlib only
+
 DEFAULT_MODEL = REPO / "assets" / "sdar-stdlib-10m"
 
 # name -> (kind, S2D2Config dict).  Kinds: ar, static, dynamic, s2d2.  S2D2 configurations use the paper's SDAR
@@ -412,39 +414,82 @@ def write_record(path: Path, record: dict) -> None:
 
 
 # -- main ---------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    # one-line errors (exit 2) naming the argument, the value and what is allowed (vllm_s2d2/log.py)
+    ap = ArgumentParser(prog="benchmarks/quality.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["reference", "vllm"], default="reference")
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--prompts", default=None, help="JSONL of {prompt, target} (default: MODEL/heldout_prompts.jsonl)")
-    ap.add_argument("--num-prompts", type=int, default=8, help="first N prompts (0 = all)")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--num-prompts", type=int_arg(0, note="0 = all"), default=8, help="first N prompts (0 = all)")
+    ap.add_argument("--max-tokens", type=int_arg(1), default=32)
     ap.add_argument("--configs", default="all",
                     help=f"a set ({', '.join(CONFIG_SETS)}) or comma-separated names ({', '.join(CONFIGS)})")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy drafts (the paper's code evals)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=1, help="reference backend: processes")
-    ap.add_argument("--threads", type=int, default=None, help="reference backend: torch threads per process")
+    ap.add_argument("--temperature", type=float_arg(0, note="0 = greedy"), default=0.0,
+                    help="0 = greedy drafts (the paper's code evals)")
+    ap.add_argument("--seed", type=int_arg(-2**62, 2**62), default=0)
+    ap.add_argument("--workers", type=int_arg(1), default=1, help="reference backend: processes")
+    ap.add_argument("--threads", type=int_arg(1), default=None, help="reference backend: torch threads per process")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tag", default=None, help="file name suffix (default: the UTC date)")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG (and print the table) of a record")
+    return ap
+
+
+def _check_inputs(ap: argparse.ArgumentParser, args) -> list[dict]:
+    """The checkpoint and the prompts, checked before anything is decoded; returns the prompts."""
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        ap.error(f"argument --model: {args.model!r} is no checkpoint directory (no config.json)")
+    path = Path(args.prompts) if args.prompts else model / "heldout_prompts.jsonl"
+    arg = "--prompts" if args.prompts else "--model"
+    try:
+        prompts = load_prompts(path, None)
+    except (OSError, ValueError) as e:  # missing file, JSON or UTF-8 errors
+        ap.error(f"argument {arg}: cannot read prompts from {str(path)!r} ({e})")
+    bad = [i for i, p in enumerate(prompts)
+           if not isinstance(p, dict) or not isinstance(p.get("prompt"), str) or not isinstance(p.get("target"), str)]
+    if bad or not prompts:
+        ap.error(f"argument {arg}: {str(path)!r} must hold JSON objects with string fields prompt and target, one "
+                 f"a line" + (f" (line {bad[0] + 1} does not)" if bad else " (it holds none)"))
+    if args.num_prompts > len(prompts):
+        ap.error(f"argument --num-prompts: {args.num_prompts} is more than the {len(prompts)} prompts of "
+                 f"{str(path)!r}; use 0 (all) .. {len(prompts)}")
+    return prompts[:args.num_prompts or None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logs_off_stdout()  # stdout carries the table
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.replot:
-        rec = json.loads(Path(args.replot).read_text())
-        title = (f"{rec['model']}: {rec['num_prompts']} held-out stdlib prompts, {rec['max_tokens']} new tokens, "
-                 f"T={rec['sampling']['temperature']}; backend {rec['backend']}")
-        plot_frontier(rec["summary"], Path(args.replot).with_suffix(".png"), title)
-        print(markdown_table(rec["summary"]))
+        try:
+            rec = json.loads(Path(args.replot).read_text())
+            title = (f"{rec['model']}: {rec['num_prompts']} held-out stdlib prompts, {rec['max_tokens']} new "
+                     f"tokens, T={rec['sampling']['temperature']}; backend {rec['backend']}")
+            summary = rec["summary"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"argument --replot: {args.replot!r} is not a record of this harness ({type(e).__name__}: {e})")
+        plot_frontier(summary, Path(args.replot).with_suffix(".png"), title)
+        print(markdown_table(summary))
         return 0
 
     names = CONFIG_SETS.get(args.configs) or [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        ap.error(f"unknown configurations {unknown}; valid: {list(CONFIGS)}")
+    if unknown or not names:
+        ap.error(f"argument --configs: unknown configurations {unknown or [args.configs]}; valid: a set "
+                 f"{list(CONFIG_SETS)} or names from {list(CONFIGS)}")
     model = Path(args.model)
-    prompts = load_prompts(Path(args.prompts) if args.prompts else model / "heldout_prompts.jsonl",
-                           args.num_prompts or None)
+    prompts = _check_inputs(ap, args)
+    if args.backend == "vllm":  # before vLLM is imported (its start-up logs) or anything is decoded
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+            raise NotImplementedError("--backend vllm needs vLLM and a CUDA GPU (the engine does not run on CPU); "
+                                      "--backend reference runs on the CPU")
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     t0 = time.time()
     skipped: dict = {}
@@ -495,4 +540,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except NotImplementedError as e:  # --backend vllm on a host without vLLM / a CUDA GPU: one line, no traceback
+        print(f"benchmarks/quality.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

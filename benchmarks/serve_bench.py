@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -34,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_records  # noqa: E402
+
+from vllm_s2d2.log import ArgumentParser, int_arg, int_list_arg  # noqa: E402 - stdlib only
 
 MODES = {
     "ar": '{"method": "s2d2", "verify": false, "block_size": 1}',
@@ -144,24 +147,61 @@ def plot(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(REPO / "assets" / "sdar-stdlib-10m"))
-    ap.add_argument("--modes", default="ar,threshold,s2d2")
-    ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--port", type=int, default=8021)
-    ap.add_argument("--server-args", default="--max-model-len 1024 --gpu-memory-utilization 0.3 --max-num-seqs 64")
+def build_parser() -> argparse.ArgumentParser:
+    # one-line errors (exit 2) naming the argument, the value and what is allowed (vllm_s2d2/log.py)
+    ap = ArgumentParser(prog="benchmarks/serve_bench.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(REPO / "assets" / "sdar-stdlib-10m"),
+                    help="local checkpoint directory (config.json)")
+    ap.add_argument("--modes", default="ar,threshold,s2d2", help=f"comma-separated, from {list(MODES)}")
+    ap.add_argument("--concurrency", default="1,16,64", type=int_list_arg(1),
+                    help="comma-separated concurrency levels (>= 1)")
+    ap.add_argument("--requests", type=int_arg(1), default=64, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int_arg(1), default=64)
+    ap.add_argument("--port", type=int_arg(1, 65535), default=8021)
+    ap.add_argument("--server-args", default="--max-model-len 1024 --gpu-memory-utilization 0.3 --max-num-seqs 64",
+                    help="extra vllm serve arguments, one string (write --server-args='--flag value ...')")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_bench.json"))
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        ap.error(f"argument --modes: must be comma-separated modes from {list(MODES)}, each once; got {args.modes!r}")
+    if not (Path(args.model) / "config.json").is_file():
+        ap.error(f"argument --model: {args.model!r} is no local checkpoint directory (no config.json)")
+    try:
+        server_args = shlex.split(args.server_args)
+    except ValueError as e:
+        ap.error(f"argument --server-args: {e} in {args.server_args!r}")
+    import importlib.util
+
+    missing = [m for m in ("vllm", "openai") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{ap.prog}: error: {' and '.join(missing)} not installed (pip install -e \".[vllm,test]\" openai); "
+              f"the benchmark starts vLLM servers on a CUDA GPU and drives them with the openai client",
+              file=sys.stderr)
+        sys.exit(2)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"{ap.prog}: error: no CUDA GPU is visible; vLLM serves the plugin's models on a CUDA GPU only",
+              file=sys.stderr)
+        sys.exit(2)
     # servers run in their own process group: a SIGTERM (e.g. from `timeout`) must still stop them (finally:)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import openai
 
     prompts_file = Path(args.model) / "heldout_prompts.jsonl"
     if prompts_file.exists():
-        prompts = [json.loads(ln)["prompt"] for ln in prompts_file.read_text().splitlines() if ln.strip()]
+        try:
+            prompts = [json.loads(ln)["prompt"] for ln in prompts_file.read_text().splitlines() if ln.strip()]
+        except (ValueError, KeyError, TypeError) as e:
+            ap.error(f"argument --model: {str(prompts_file)!r} must hold JSON objects with a prompt field, one a "
+                     f"line ({type(e).__name__}: {e})")
     else:
         prompts = [f"def function_{i}(x):\n" for i in range(args.requests)]
     prompts = (prompts * (args.requests // max(1, len(prompts)) + 1))[:args.requests]
@@ -171,16 +211,16 @@ def main() -> None:
               "model": args.model, "max_tokens": args.max_tokens,
               "requests_per_level": args.requests, "server_args": args.server_args, "modes": {}, "results": {},
               "errors": {}}
-    for mode in args.modes.split(","):
+    for mode in modes:
         record["modes"][mode] = MODES[mode]
         proc = None
         try:
             proc = start_server(args.model, MODES[mode], args.port, out.with_name(f"{out.stem}_{mode}.log"),
-                                args.server_args.split())
+                                server_args)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0)
             run_load(client, prompts[:4], 4, 8)  # warm-up
             record["results"][mode] = []
-            for c in (int(x) for x in args.concurrency.split(",")):
+            for c in args.concurrency:
                 time.sleep(1.5)  # the counters trail by one stats interval (1 s)
                 before = s2d2_counters(args.port)
                 r = run_load(client, prompts, c, args.max_tokens)
@@ -200,4 +240,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

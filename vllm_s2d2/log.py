@@ -136,15 +136,17 @@ def float_arg(lo: float | None = None, hi: float | None = None, lo_open: bool = 
     return number
 
 
-def int_list_arg(lo: int | None = 1, hi: int | None = None, what: str = "integers") -> Callable[[str], list[int]]:
-    """argparse ``type=`` for comma-separated integers within ``[lo, hi]`` (at least one; order kept)."""
+def int_list_arg(lo: int | None = 1, hi: int | None = None, what: str = "integers",
+                 as_text: bool = False) -> Callable[[str], list[int] | str]:
+    """argparse ``type=`` for comma-separated integers within ``[lo, hi]`` (at least one; order kept);
+    ``as_text``: checked, but kept as the text (for tools that pass it on to a subprocess)."""
     want = " ".join(x for x in (f"comma-separated {what}", _bounds(lo, hi)) if x)
 
-    def int_list(text: str) -> list[int]:
+    def int_list(text: str) -> list[int] | str:
         parts = [p.strip() for p in text.split(",")]
         vals = [parse_int(p) for p in parts if p]
         if not vals or any(v is None or (lo is not None and v < lo) or (hi is not None and v > hi) for v in vals):
             raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
-        return vals  # type: ignore[return-value]
+        return text if as_text else vals  # type: ignore[return-value]
 
     return int_list
