@@ -13,12 +13,15 @@ With vLLM importable, ``register()`` also (``docs/architecture.md``, vLLM integr
 3. adds the config hook (:class:`vllm_s2d2.engine.config_hooks.S2D2ConfigHook`) to ``MODELS_CONFIG_MAP``;
 4. registers the attention backend (TRITON_ATTN for prefill + the canvas kernel for decode rows) as
    ``AttentionBackendEnum.CUSTOM``;
-5. installs the ``speculative_config="s2d2"`` alias, the sampling-parameter shim and the CLI shim for
+5. on a machine where vLLM finds no device platform (no CUDA GPU), makes loading a block-diffusion model
+   (``LLM(...)``, ``vllm serve``) fail with a message saying a CUDA GPU is required
+   (:mod:`vllm_s2d2.engine.config_hooks`, "no CUDA GPU");
+6. installs the ``speculative_config="s2d2"`` alias, the sampling-parameter shim and the CLI shim for
    ``--speculative-config s2d2`` (:mod:`vllm_s2d2.patches`; the CLI shim is also installed before argument
    parsing by the ``vllm.platform_plugins`` entry point ``s2d2_cli``), and the poll that puts the S2D2
    counters on ``/metrics`` (:mod:`vllm_s2d2.patches.stats_metrics`).
 
-Steps 2-5 need vLLM 0.26.0 exactly; with another version they raise a clear error (vLLM logs a failing plugin
+Steps 2-6 need vLLM 0.26.0 exactly; with another version they raise a clear error (vLLM logs a failing plugin
 and carries on without it).
 """
 
@@ -72,7 +75,7 @@ def register() -> None:
         from vllm.model_executor.models.config import MODELS_CONFIG_MAP
         from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
-        from vllm_s2d2.engine.config_hooks import S2D2ConfigHook
+        from vllm_s2d2.engine.config_hooks import S2D2ConfigHook, install_device_check, require_gpu_for_serve
         from vllm_s2d2.patches import cli_alias, sampling_validation, spec_alias, stats_metrics
 
         for model_type, cls in CONFIG_CLASSES.items():
@@ -83,6 +86,8 @@ def register() -> None:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
         register_backend(AttentionBackendEnum.CUSTOM, ATTENTION_BACKEND)
+        require_gpu_for_serve()  # `vllm serve` builds a DeviceConfig right after this, before any engine args
+        install_device_check()  # before the alias shim, which then runs first (a bad s2d2 request is named first)
         spec_alias.install()
         sampling_validation.install()
         cli_alias.install()

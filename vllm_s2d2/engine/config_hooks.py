@@ -55,6 +55,109 @@ def capture_sizes(max_num_seqs: int, W: int) -> list[int]:
     return sorted({W * r for r in rs if r <= max_num_seqs})
 
 
+# -- no CUDA GPU -----------------------------------------------------------------------------------------------
+# vLLM's CUDA wheel on a machine without a visible CUDA GPU resolves no platform, and building a ``DeviceConfig``
+# stops with "Failed to infer device type" / "Device string must not be empty", which never says a GPU is
+# missing.  That happens before any model config or this hook: in ``EngineArgs.create_engine_config`` (its
+# first line; ``LLM(...)``) and, for ``vllm serve``, already while the CLI parser is built (a ``DeviceConfig``
+# default), right after vLLM loads the general plugins.  So the plugin checks at both points, and only for a
+# block-diffusion model: :func:`install_device_check` wraps ``create_engine_config`` (under the ``s2d2`` alias
+# shim, so a bad alias request is named first) and ``register()`` runs :func:`require_gpu_for_serve`.  vLLM's CPU
+# platform (no CUDA, but a device type) is left alone: the CPU tests build engine configs there
+# (tests/engine_cpu_probe.py).
+_DEVICE_MARK = "_s2d2_device_checked"
+
+
+def _block_diffusion_architecture(model: str, revision: str | None = None, ours: bool = False) -> str | None:
+    """The plugin architecture of checkpoint ``model`` (``ours``: the s2d2 alias asked for it), or None."""
+    from vllm_s2d2.engine.settings import ENGINE_ARCHS
+
+    try:
+        from vllm.transformers_utils.repo_utils import get_hf_file_to_dict
+
+        cfg = get_hf_file_to_dict("config.json", str(model), revision)
+    except Exception:  # noqa: BLE001 - unreadable here: vLLM reports it later
+        cfg = None
+    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    archs = [archs] if isinstance(archs, str) else list(archs or [])
+    found = [a for a in archs if a in ENGINE_ARCHS]
+    if found:
+        return found[0]
+    return "S2D2 requested" if ours else None
+
+
+def _no_gpu_error(model: str, arch: str) -> RuntimeError:
+    return RuntimeError(
+        f"vllm-s2d2: {model!r} is a block-diffusion model ({arch}); the plugin's engine needs a CUDA GPU and vLLM "
+        f"found none on this machine (no CUDA device visible, so no platform: vLLM would stop with 'Failed to "
+        f"infer device type'). Run it on a host with an NVIDIA GPU, or decode on the CPU with the reference "
+        f"decoder: python -m vllm_s2d2.reference --model PATH --prompt TEXT")
+
+
+def _no_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return not current_platform.device_type
+
+
+def require_gpu_platform(engine_args) -> None:
+    """Raise :func:`_no_gpu_error` where vLLM found no device platform and ``engine_args`` load a block-diffusion
+    model (its config.json, or the ``s2d2`` alias's settings in ``additional_config``)."""
+    if not _no_platform():
+        return
+    additional = getattr(engine_args, "additional_config", None)
+    ours = isinstance(additional, dict) and ADDITIONAL_CONFIG_KEY in additional
+    arch = _block_diffusion_architecture(engine_args.model, getattr(engine_args, "revision", None), ours)
+    if arch is not None:
+        raise _no_gpu_error(engine_args.model, arch)
+
+
+def require_gpu_for_serve(argv: list[str] | None = None) -> None:
+    """``vllm serve MODEL ...`` (``argv``: ``sys.argv``) of a block-diffusion model where vLLM found no device
+    platform: raise :func:`_no_gpu_error` (run by ``register()``, before vLLM builds the serve parser)."""
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 3 or argv[1] != "serve":
+        return
+    model = argv[2] if not argv[2].startswith("-") else None
+    ours = False
+    for i, tok in enumerate(argv[2:], 2):
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if tok == "--model":
+            model = nxt
+        elif tok.startswith("--model="):
+            model = tok.split("=", 1)[1]
+        elif tok == "--speculative-config":
+            ours = ours or "s2d2" in nxt
+        elif tok.startswith("--speculative-config="):
+            ours = ours or "s2d2" in tok
+    if not model or not _no_platform():
+        return
+    arch = _block_diffusion_architecture(model, None, ours)
+    if arch is not None:
+        raise _no_gpu_error(model, arch)
+
+
+def install_device_check() -> None:
+    """Wrap ``EngineArgs.create_engine_config`` with :func:`require_gpu_platform` (idempotent)."""
+    import functools
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, _DEVICE_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        require_gpu_platform(self)
+        return original(self, *args, **kwargs)
+
+    setattr(create_engine_config, _DEVICE_MARK, True)
+    EngineArgs.create_engine_config = create_engine_config
+
+
 class S2D2ConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config: "ModelConfig") -> None:
