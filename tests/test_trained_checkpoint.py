@@ -268,3 +268,36 @@ def test_demo_engine_columns_use_the_reference_accounting(capsys, monkeypatch):
         assert f"forwards {r['forwards']}" in out and f"tok/fwd {r['tokens_per_forward']:.2f}" in out
     s2d2 = runs[json.dumps(cli.DEMO_CONFIGS["s2d2"][1], sort_keys=True)][0]
     assert s2d2["verify_steps"] > 0 and f"verify rate {s2d2['verify_rate']:.2f}" in out
+
+
+def test_reference_cli_prints_text_ids_on_request_and_dash_rates(capsys):
+    """``python -m vllm_s2d2.reference`` on a checkpoint with a tokenizer prints text, also for ``--prompt-ids``;
+    ``--print-ids`` adds the ids; a rate with no denominator (acceptance when nothing was proposed) prints "-"."""
+    from vllm_s2d2.reference.__main__ import main
+
+    ar = json.dumps({"block_size": 1, "denoising_steps": 1, "verify": False})
+    assert main(["--model", str(CKPT), "--prompt-ids", "1,2,3", "--max-tokens", "6", "--s2d2-config", ar]) == 0
+    out = capsys.readouterr().out
+    assert "acceptance -" in out and "acceptance 0.00" not in out and "ids: [" not in out
+    body = out.splitlines()[1]  # the decoded text, not a list of ids
+    assert not body.startswith("[") and not body.startswith("---")
+    assert main(["--model", str(CKPT), "--prompt", "def f(x):", "--max-tokens", "6", "--print-ids"]) == 0
+    out = capsys.readouterr().out
+    assert "ids: [" in out and "acceptance " in out
+
+
+def test_reference_cli_json_output_is_clean():
+    """``--json``: stdout holds JSON lines only (vLLM's log lines, if anything imports vLLM, go to stderr), so it
+    pipes into a JSON reader; rates without a denominator are null."""
+    import subprocess
+
+    ar = json.dumps({"block_size": 1, "denoising_steps": 1, "verify": False})
+    proc = subprocess.run([sys.executable, "-m", "vllm_s2d2.reference", "--model", str(CKPT), "--prompt", "def f(x):",
+                           "--prompt", "import os", "--max-tokens", "4", "--s2d2-config", ar, "--json"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == [0, 1]
+    for r in rows:
+        assert isinstance(r["text"], str) and len(r["token_ids"]) == 4
+        assert r["stats"]["proposed_tokens"] == 0 and r["stats"]["acceptance_rate"] is None
