@@ -92,7 +92,7 @@ def plan_canvas_rows(stepper, input_batch) -> CanvasPlan:
     slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
     scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
     prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
-    active = st.active[slots]
+    active = st.facts.active[slots]
     canvas_only = bool(R > 0 and (scheduled == st.W).all())
     if canvas_only:
         row_slot = np.where(active, slots, st.scratch)
@@ -110,8 +110,8 @@ def write_prefill_tables(stepper, input_batch, rows: np.ndarray) -> None:
     start = np.asarray(input_batch.num_computed_tokens_np, dtype=np.int64)[rows]
     device = st.blocks.canvas_tables.device
     as_dev = lambda x, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(x)).to(device, dt)  # noqa: E731
-    table = prefill_visibility(as_dev(start), as_dev(st.prompt_len[slots]), st.B, st.W,
-                               as_dev(st.cache_ver[slots], torch.bool))
+    table = prefill_visibility(as_dev(start), as_dev(st.facts.prompt_len[slots]), st.B, st.W,
+                               as_dev(st.facts.cache_ver[slots], torch.bool))
     index = as_dev(slots)
     st.blocks.canvas_tables[index] = table.to(torch.int8)
     st.blocks.pos_offset[index] = 0
@@ -144,8 +144,8 @@ def prefill_ranges(stepper, input_batch) -> Ranges | None:
     scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
     prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
     ranges: Ranges = {}
-    for i in np.nonzero(st.active[slots] & prefilling & ~st.cache_ver[slots])[0].tolist():
-        rs = prefill_block_ranges(int(computed[i]), int(computed[i] + scheduled[i]), int(st.prompt_len[slots[i]]),
+    for i in np.nonzero(st.facts.active[slots] & prefilling & ~st.facts.cache_ver[slots])[0].tolist():
+        rs = prefill_block_ranges(int(computed[i]), int(computed[i] + scheduled[i]), int(st.facts.prompt_len[slots[i]]),
                                   st.B)
         if rs:
             ranges[i] = rs

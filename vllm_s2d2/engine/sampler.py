@@ -97,9 +97,9 @@ class S2D2Sampler:
         num_rejected = torch.zeros(R, dtype=torch.int32, device=dev)
 
         slots_np = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
-        active = st.active[slots_np]
+        active = st.facts.active[slots_np]
         if not active.any():
-            if not self._profiled and not st.active.any():
+            if not self._profiled and not st.facts.active.any():
                 # vLLM's profile run: let the memory profiler see the draft step's peak once.
                 self._profiled = True
                 st.profile_draft(st.max_num_reqs, self.vocab_size, logits.dtype)

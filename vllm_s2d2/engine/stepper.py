@@ -80,18 +80,6 @@ class S2D2Stepper:
         return not self.layout.shifted
 
     @property
-    def active(self) -> np.ndarray:
-        return self.facts.active
-
-    @property
-    def cache_ver(self) -> np.ndarray:
-        return self.facts.cache_ver
-
-    @property
-    def prompt_len(self) -> np.ndarray:
-        return self.facts.prompt_len
-
-    @property
     def totals_host(self) -> torch.Tensor:
         """Engine-wide counters as of the last finished copy (read without waiting for the device)."""
         return self.mirror.totals
