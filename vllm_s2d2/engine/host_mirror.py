@@ -1,4 +1,5 @@
-"""The host's copy of the S2D2 counters (per slot and engine-wide), for statistics only: no step reads it.
+"""The host's copy of the S2D2 counters (per slot and engine-wide, and the engine-wide per-position span counts),
+for statistics only: no step reads it.
 
 :meth:`HostMirror.publish` starts the device-to-host copies at the end of every sampler call; :meth:`sync`
 waits for them when the host reads counters (a request leaving, a metrics poll).
@@ -19,6 +20,9 @@ class HostMirror:
         n = blocks.stats.shape[0]
         self.stats = torch.zeros(n, len(STAT_NAMES), dtype=torch.int64, pin_memory=pinned)
         self.totals = torch.zeros(len(STAT_NAMES), dtype=torch.int64, pin_memory=pinned)
+        B = blocks.accepted_per_pos.shape[0]
+        self.proposed_per_pos = torch.zeros(B, dtype=torch.int64, pin_memory=pinned)
+        self.accepted_per_pos = torch.zeros(B, dtype=torch.int64, pin_memory=pinned)
         self._event = torch.cuda.Event() if device.type == "cuda" else None
         self._pending = False
 
@@ -28,6 +32,8 @@ class HostMirror:
         non_blocking = self._event is not None
         self.totals.copy_(b.totals, non_blocking=non_blocking)
         self.stats.copy_(b.stats, non_blocking=non_blocking)
+        self.proposed_per_pos.copy_(b.proposed_per_pos, non_blocking=non_blocking)
+        self.accepted_per_pos.copy_(b.accepted_per_pos, non_blocking=non_blocking)
         if self._event is not None:
             self._event.record()
         self._pending = True
@@ -43,6 +49,11 @@ class HostMirror:
     def totals_dict(self) -> dict[str, int]:
         self.sync()
         return dict(zip(STAT_NAMES, self.totals.tolist()))
+
+    def per_position(self) -> dict[str, list[int]]:
+        """Engine-wide per span position: ``{"proposed_per_pos": [...], "accepted_per_pos": [...]}`` (B each)."""
+        self.sync()
+        return {"proposed_per_pos": self.proposed_per_pos.tolist(), "accepted_per_pos": self.accepted_per_pos.tolist()}
 
     def slot_stats(self, slot: int) -> dict[str, int]:
         self.sync()

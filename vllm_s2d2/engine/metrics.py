@@ -17,12 +17,30 @@ these Prometheus counters (``_total`` is appended by the client library):
 ``vllm:s2d2_committed_blocks``      blocks written to the KV cache
 =================================  ======================================================================
 
+The same poll fills vLLM's own speculative-decoding counters, which vLLM itself leaves unregistered for
+diffusion models (it exports ``vllm:diffusion_*`` for them instead), so spec-decode dashboards, ``vllm bench
+serve``'s acceptance report and vLLM's ``SpecDecoding metrics`` log line show S2D2's verification:
+
+=================================================  ====================================================
+``vllm:spec_decode_num_drafts``                     = ``verify_steps`` (one "draft" = one verified span)
+``vllm:spec_decode_num_draft_tokens``               = ``proposed_tokens`` (span tokens verified)
+``vllm:spec_decode_num_accepted_tokens``            = ``accepted_tokens`` (accepted span prefix)
+``vllm:spec_decode_num_accepted_tokens_per_pos``    label ``position`` = i: verifications whose accepted
+                                                    prefix covered span position i (0 .. B - 1)
+=================================================  ====================================================
+
+vLLM's derived numbers then read: acceptance rate = accepted / draft tokens (S2D2's acceptance), per-position
+acceptance = per_pos / drafts, and "mean acceptance length" = 1 + accepted / drafts, vLLM's convention of one
+bonus token per draft; an S2D2 verification commits min(a + 1, |span|) span tokens (docs/algorithm.md), so
+that convention counts one token too many whenever the whole span was accepted.
+
 Labels as vLLM's own: ``model_name`` (served model name) and ``engine`` (engine index).  Verify rate =
 ``rate(verify_steps) / rate(draft_steps)``, acceptance = ``rate(accepted_tokens) / rate(proposed_tokens)``.
 The values trail the engine by at most one stats interval.  The same poll writes one INFO line after vLLM's
 own periodic line, with the interval's counts (``S2D2 stats (last interval): draft steps ..., verify rate ...,
-acceptance ...``; nothing when the interval had no step).  With ``--disable-log-stats`` (the default of
-``LLM``) vLLM collects no metrics and neither does this; ``vllm_s2d2.request_stats(llm)`` always works.
+acceptance ...``; nothing when the interval had no step), and, when the interval verified, vLLM's own
+``SpecDecoding metrics: ...`` line (vLLM's ``SpecDecodingLogging``).  With ``--disable-log-stats`` (the default
+of ``LLM``) vLLM collects no metrics and neither does this; ``vllm_s2d2.request_stats(llm)`` always works.
 """
 
 from __future__ import annotations
@@ -40,36 +58,92 @@ DOCS = {
     "accepted_tokens": "S2D2: draft tokens accepted by verification.",
     "committed_blocks": "S2D2: blocks committed to the KV cache.",
 }
+# vLLM's speculative-decoding counters (names, help texts and labels as ``vllm/v1/spec_decode/metrics.py``
+# SpecDecodingProm registers them for a non-diffusion engine), filled from these S2D2 totals.
+SPEC_DECODE = {
+    "vllm:spec_decode_num_drafts": ("verify_steps", "Number of spec decoding drafts."),
+    "vllm:spec_decode_num_draft_tokens": ("proposed_tokens", "Number of draft tokens."),
+    "vllm:spec_decode_num_accepted_tokens": ("accepted_tokens", "Number of accepted tokens."),
+}
+SPEC_DECODE_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+SPEC_DECODE_PER_POS_DOC = "Accepted tokens per draft position."
 _COUNTERS: dict[str, Any] = {}  # one prometheus Counter per name and process (the registry refuses duplicates)
 
 
-def _counter(name: str) -> Any:
-    if name not in _COUNTERS:
-        import prometheus_client
+def _metric(name: str, doc: str, labels: tuple[str, ...]) -> Any:
+    """The process's Counter ``name``, registered in the default registry.  vLLM's ``PrometheusStatLogger``
+    unregisters every ``vllm:`` collector when an engine starts (``unregister_vllm_metrics``); a counter made for
+    an earlier engine of this process is registered again (its values kept)."""
+    import prometheus_client
 
-        _COUNTERS[name] = prometheus_client.Counter(METRIC_PREFIX + name, DOCS[name], labelnames=list(LABELS))
-    return _COUNTERS[name]
+    c = _COUNTERS.get(name)
+    if c is None:
+        c = _COUNTERS[name] = prometheus_client.Counter(name, doc, labelnames=list(labels))
+    else:
+        _reregister(c)
+    return c
+
+
+def _reregister(collector: Any) -> None:
+    import prometheus_client
+
+    registry = prometheus_client.REGISTRY
+    if collector not in getattr(registry, "_collector_to_names", {collector: None}):
+        registry.register(collector)
+
+
+def _counter(name: str) -> Any:
+    return _metric(METRIC_PREFIX + name, DOCS[name], LABELS)
+
+
+def _delta(now: int, last: int) -> int:
+    """Increment of a monotone total; a total below the last seen (an engine that restarted) counts from 0."""
+    return now - last if now >= last else now
 
 
 class S2D2Counters:
     """The Prometheus children of one engine; :meth:`observe` turns engine totals into increments."""
 
     def __init__(self, model_name: str, engine: int | str = 0):
-        self.children = {n: _counter(n).labels(str(model_name), str(engine)) for n in STAT_NAMES}
+        self.labels = (str(model_name), str(engine))
+        self.children = {n: _counter(n).labels(*self.labels) for n in STAT_NAMES}
         self.last = dict.fromkeys(STAT_NAMES, 0)
+        self.spec = {stat: _metric(name, doc, LABELS).labels(*self.labels)
+                     for name, (stat, doc) in SPEC_DECODE.items()}
+        self.per_pos: list[Any] = []  # children of SPEC_DECODE_PER_POS, one per span position (made on first use)
+        self.last_pos = [0]
+        self.spec_logging: Any = None  # vLLM's SpecDecodingLogging for the interval line (patches/stats_metrics)
 
-    def observe(self, totals: dict[str, int] | None) -> dict[str, int]:
-        """Add ``totals - last seen`` to each counter; returns the increments.  Totals below the last seen
-        (an engine that restarted) count from zero again."""
+    def observe(self, totals: dict[str, Any] | None) -> dict[str, Any]:
+        """Add ``totals - last seen`` to each counter; returns the increments (``STAT_NAMES``, plus
+        ``accepted_per_pos`` / ``proposed_per_pos`` lists where the totals carry them).  Totals below the last
+        seen (an engine that restarted) count from zero again."""
         if not totals:
             return {}
-        inc = {}
+        for c in _COUNTERS.values():  # after vLLM's unregister_vllm_metrics (another engine started)
+            _reregister(c)
+        inc: dict[str, Any] = {}
         for n in STAT_NAMES:
             now = int(totals.get(n, 0))
-            inc[n] = now - self.last[n] if now >= self.last[n] else now
+            inc[n] = _delta(now, self.last[n])
             if inc[n]:
                 self.children[n].inc(inc[n])
             self.last[n] = now
+        for stat, child in self.spec.items():
+            if inc[stat]:
+                child.inc(inc[stat])
+        accepted = totals.get("accepted_per_pos")
+        if accepted is not None:
+            if len(self.per_pos) < len(accepted):
+                base = _metric(SPEC_DECODE_PER_POS, SPEC_DECODE_PER_POS_DOC, LABELS + ("position",))
+                self.per_pos += [base.labels(*self.labels, str(i)) for i in range(len(self.per_pos), len(accepted))]
+            last = self.last_pos + [0] * (len(accepted) - len(self.last_pos))
+            now_pos = [int(v) for v in accepted]
+            inc["accepted_per_pos"] = [_delta(n, l) for n, l in zip(now_pos, last)]
+            for child, d in zip(self.per_pos, inc["accepted_per_pos"]):
+                if d:
+                    child.inc(d)
+            self.last_pos = now_pos
         return inc
 
 

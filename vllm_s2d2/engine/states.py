@@ -47,6 +47,10 @@ class BlockStates:
         self.policy = PolicyState.zeros(num_slots, device)  # routing policy state
         self.stats = torch.zeros(num_slots, len(STAT_NAMES), **long)  # per-request counters
         self.totals = torch.zeros(len(STAT_NAMES), **long)  # engine-wide counters
+        # Engine-wide, per span position i (vLLM's per-position spec-decode acceptance): verifications whose span
+        # reached position i / whose accepted prefix covered it.  Sums equal totals' proposed / accepted tokens.
+        self.proposed_per_pos = torch.zeros(B, **long)
+        self.accepted_per_pos = torch.zeros(B, **long)
 
     def reset(self, slots: torch.Tensor) -> None:
         """A new request in ``slots``: counters, phase and policy state start afresh."""

@@ -6,14 +6,19 @@ What is counted (per request slot on the device, :class:`~vllm_s2d2.engine.stepp
 * ``verify_steps``     2L verification forwards;
 * ``proposed_tokens``  draft tokens offered to verification (the span length, summed over verifications);
 * ``accepted_tokens``  of those, accepted by the min(1, q/p) test (or greedy acceptance);
-* ``committed_blocks`` blocks written to the KV cache.
+* ``committed_blocks`` blocks written to the KV cache;
+
+and engine-wide only, per span position i (``BlockStates.proposed_per_pos`` / ``accepted_per_pos``, B long):
+verifications whose span reached i / whose accepted prefix covered i, for vLLM's per-position acceptance.
 
 Routes out of the engine (vLLM 0.26 has no per-request extension field on ``RequestOutput``):
 
 * engine totals: the ``vllm:s2d2_*`` Prometheus counters and, right after vLLM's periodic stats line, one
   ``S2D2 stats (last interval): ...`` INFO line (both in the frontend, when vLLM collects stats:
-  :mod:`vllm_s2d2.engine.metrics`); vLLM's own diffusion counters (``vllm:diffusion_num_denoising_steps`` ...)
-  count engine steps and commits;
+  :mod:`vllm_s2d2.engine.metrics`), vLLM's own spec-decode counters and log line from the same totals
+  (``vllm:spec_decode_num_drafts`` = verify steps, ``..._num_draft_tokens`` = proposed, ``..._num_accepted_tokens``
+  = accepted, ``..._num_accepted_tokens_per_pos``); vLLM's own diffusion counters
+  (``vllm:diffusion_num_denoising_steps`` ...) count engine steps and commits;
 * per request: when vLLM removes a finished (or aborted / preempted) request from the worker, the model state
   keeps its counters (bounded, most recent 4096); :func:`request_stats` fetches and clears them through
   ``LLM.collective_rpc("s2d2_pop_request_stats")``, a method of the plugin's worker extension

@@ -162,6 +162,12 @@ def decode_step(ctx: StepContext, batch: StepBatch, has_verify: bool, use_top_k:
         counted = counted * batch.valid[:, None].long()
     blocks.stats[slots] += counted
     blocks.totals += counted.sum(dim=0)
+    # Per span position (vLLM's spec-decode per-position acceptance): the span of a verification covers columns
+    # 0 .. span_length - 1 of the span, its accepted prefix 0 .. num_accepted - 1.
+    verified = verify_ok if batch.valid is None else verify_ok & batch.valid
+    span = ctx.drafts.reqs["span_length"][slots]
+    blocks.proposed_per_pos += (verified[:, None] & (cols < span[:, None])).long().sum(dim=0)
+    blocks.accepted_per_pos += (verified[:, None] & (cols < num_accepted[:, None])).long().sum(dim=0)
     write_next(ctx, slots, start + num_emitted)
     return out_tokens, num_emitted.to(torch.int32), (query_len - num_emitted).to(torch.int32)
 

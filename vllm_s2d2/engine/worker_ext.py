@@ -16,13 +16,20 @@ class S2D2WorkerExtension:
         pop = getattr(state, "pop_request_stats", None)
         return {} if pop is None else pop(request_ids)
 
-    def s2d2_engine_totals(self) -> dict[str, int] | None:
+    def s2d2_engine_totals(self, per_position: bool = False) -> dict[str, Any] | None:
         """Engine-wide S2D2 counters as of the last finished step (the host copy the stepper keeps; no GPU
-        wait), for the ``vllm:s2d2_*`` Prometheus counters (:mod:`vllm_s2d2.engine.metrics`)."""
+        wait), for the ``vllm:s2d2_*`` and ``vllm:spec_decode_*`` Prometheus counters
+        (:mod:`vllm_s2d2.engine.metrics`).  With ``per_position`` also ``proposed_per_pos`` /
+        ``accepted_per_pos`` (one count per span position, block size B long) where the stepper keeps them."""
         state: Any = getattr(self.model_runner, "model_state", None)  # type: ignore[attr-defined]
         stepper = getattr(state, "stepper", None)
         if stepper is None:
             return None
         from vllm_s2d2.engine.stats import STAT_NAMES
 
-        return dict(zip(STAT_NAMES, stepper.totals_host.tolist()))
+        out: dict[str, Any] = dict(zip(STAT_NAMES, stepper.totals_host.tolist()))
+        mirror = getattr(stepper, "mirror", None)
+        if per_position and getattr(mirror, "accepted_per_pos", None) is not None:
+            out["proposed_per_pos"] = mirror.proposed_per_pos.tolist()  # (same no-wait read as the totals)
+            out["accepted_per_pos"] = mirror.accepted_per_pos.tolist()
+        return out

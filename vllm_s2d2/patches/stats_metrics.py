@@ -4,10 +4,11 @@ metrics` says why a poll: vLLM 0.26's ``SchedulerStats`` has no room for plugin 
 Wraps ``AsyncLLM.do_log_stats`` (``v1/engine/async_llm.py``; ``vllm serve`` calls it every
 ``VLLM_LOG_STATS_INTERVAL`` s) and ``LLMEngine.do_log_stats`` (``v1/engine/llm_engine.py``).  After vLLM's own
 loggers ran, an engine that runs this plugin (its ``worker_extension_cls`` is the plugin's) and collects stats
-(``logger_manager`` set) asks its worker for the S2D2 totals, updates the counters and logs the interval's
-counts under vLLM's line.  With several API servers only the first (client index 0) does, so that each
-increment is counted once.  A failing poll logs one warning
-and never breaks vLLM's logging loop.
+(``logger_manager`` set) asks its worker for the S2D2 totals, updates the counters (``vllm:s2d2_*`` and vLLM's
+own ``vllm:spec_decode_*``, :mod:`vllm_s2d2.engine.metrics`) and logs the interval's counts under vLLM's line
+(the ``S2D2 stats`` line, then vLLM's ``SpecDecoding metrics`` line when the interval verified).  With several
+API servers only the first (client index 0) does, so that each increment is counted once.  A failing poll logs
+one warning and never breaks vLLM's logging loop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from vllm_s2d2.patches import require_vllm_version, wrap_once
 
 _MARK = "_s2d2_metrics_wrapped"
 RPC_METHOD = "s2d2_engine_totals"
+RPC_ARGS = (True,)  # per_position: the per-span-position counts for vllm:spec_decode_*_per_pos
 RPC_TIMEOUT_S = 5.0
 
 
@@ -58,6 +60,29 @@ def _observe(counters: Any, parts: Any) -> None:
         from vllm_s2d2.log import get_logger
 
         get_logger(__name__).info(format_stats(inc, "S2D2 stats (last interval)"))
+    spec_decoding_line(counters, inc)
+
+
+def spec_decoding_line(counters: Any, inc: dict[str, Any], log_fn: Any = None) -> None:
+    """vLLM's own ``SpecDecoding metrics: ...`` line for an interval's S2D2 increments (nothing without a
+    verification), written by vLLM's ``SpecDecodingLogging`` with its non-diffusion framing: drafts = verify
+    steps, drafted = proposed span tokens, accepted = accepted span tokens, per-position acceptance over the
+    span.  (vLLM's own logger writes ``DiffusionDecoding metrics`` for the plugin's models.)"""
+    if not inc.get("verify_steps"):
+        return
+    from vllm.v1.spec_decode.metrics import SpecDecodingLogging, SpecDecodingStats
+
+    if counters.spec_logging is None:
+        counters.spec_logging = SpecDecodingLogging(is_diffusion=False)
+    per_pos = [int(v) for v in inc.get("accepted_per_pos") or []]
+    counters.spec_logging.observe(SpecDecodingStats(
+        num_spec_tokens=len(per_pos), num_drafts=int(inc["verify_steps"]),
+        num_draft_tokens=int(inc["proposed_tokens"]), num_accepted_tokens=int(inc["accepted_tokens"]),
+        num_accepted_tokens_per_pos=per_pos))
+    if log_fn is None:
+        counters.spec_logging.log()
+    else:
+        counters.spec_logging.log(log_fn=log_fn)
 
 
 def install() -> None:
@@ -72,7 +97,8 @@ def install() -> None:
             counters = _counters_for(self)
             if counters is not None:
                 try:
-                    _observe(counters, await self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S))
+                    _observe(counters, await self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S,
+                                                                  args=RPC_ARGS))
                 except Exception as e:  # noqa: BLE001 - never break vLLM's stats loop
                     _poll_failed(self, e)
             return out
@@ -84,7 +110,7 @@ def install() -> None:
             counters = _counters_for(self)
             if counters is not None:
                 try:
-                    _observe(counters, self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S))
+                    _observe(counters, self.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S, args=RPC_ARGS))
                 except Exception as e:  # noqa: BLE001
                     _poll_failed(self, e)
             return out
