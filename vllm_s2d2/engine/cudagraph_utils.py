@@ -3,8 +3,9 @@ any top-k, any top-p).
 
 The step's inputs are copied into static buffers (each request's W canvas-logits rows into ``logits``; padding
 rows point at the scratch slot with an empty query and are not counted) and the graph of that shape is
-replayed: the same kernels and numbers as the eager step without the per-op launch cost.  On a CPU device the
-same static-buffer path runs without a graph, so the CPU tests cover it.
+replayed: the same kernels and numbers as the eager step without the per-op launch cost.  Every graph is captured
+at start-up (:meth:`StepGraphs.capture_all`, from vLLM's memory-profiling run).  On a CPU device the same
+static-buffer path runs without a graph, so the CPU tests cover it.
 """
 
 from __future__ import annotations
@@ -42,14 +43,33 @@ class StepGraphs:
             size *= 2
         return min(size, self.max_num_reqs)
 
+    def keys(self) -> list[GraphKey]:
+        """Every graph a step can need: each padded batch size, with and without verification, top-k, top-p."""
+        sizes = sorted({self.bucket(n) for n in range(1, self.max_num_reqs + 1)})
+        return [(size, v, k, p) for size in sizes for v in (False, True) for k in (False, True)
+                for p in (False, True)]
+
+    def capture_all(self, step_fn: StepFn, vocab_size: int, dtype: torch.dtype) -> int:
+        """Capture every graph of :meth:`keys` now (at start-up, from vLLM's profile run), so none is captured
+        while serving.  Returns the number captured (0 off CUDA)."""
+        self._allocate(vocab_size, dtype)
+        if self.device.type != "cuda":
+            return 0
+        todo = [key for key in self.keys() if key not in self._graphs]
+        for key in todo:
+            self._capture(step_fn, key)
+        return len(todo)
+
+    def _allocate(self, vocab_size: int, dtype: torch.dtype) -> None:
+        if self.logits is None:
+            self.logits = torch.zeros(self.max_num_reqs * self.W, vocab_size, dtype=dtype, device=self.device)
+
     def run(self, step_fn: StepFn, batch: StepBatch, has_verify: bool, use_top_k: bool, use_top_p: bool):
         R, W = batch.slots.numel(), self.W
-        if self.logits is None:
-            self.logits = torch.zeros(self.max_num_reqs * W, batch.logits.shape[-1], dtype=batch.logits.dtype,
-                                      device=self.device)
+        self._allocate(batch.logits.shape[-1], batch.logits.dtype)
         key = (self.bucket(R), has_verify, use_top_k, use_top_p)
         if self.device.type == "cuda" and key not in self._graphs:
-            self._capture(step_fn, key)  # before the inputs are written: its warm-up runs on padding rows
+            self._capture(step_fn, key)  # (normally done at start-up) before the inputs are written
         cols = torch.arange(W, device=self.device)[None, :]
         rows = batch.logits_row0[:, None] + torch.minimum(cols, (batch.query_len - 1).clamp_min(0)[:, None])
         torch.index_select(batch.logits, 0, rows.reshape(-1), out=self.logits[:R * W])

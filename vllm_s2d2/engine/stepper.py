@@ -209,6 +209,10 @@ class S2D2Stepper:
         return self.mirror.slot_stats(slot)
 
     def profile_draft(self, num_reqs: int, vocab_size: int, dtype: torch.dtype) -> None:
-        """Run one worst-case draft step so vLLM's memory profiler sees its peak (and the draft store)."""
+        """Run one worst-case draft step so vLLM's memory profiler sees its peak (and the draft store), and
+        capture the step's CUDA graphs (start-up, not while serving)."""
         self._ensure_drafts(vocab_size, dtype)
         profile_draft(self.layout, self.params, num_reqs, vocab_size, dtype, self.device)
+        if self.graphs is not None:
+            ctx = self.context
+            self.graphs.capture_all(lambda b, *flags: decode_step(ctx, b, *flags), vocab_size, dtype)
