@@ -5,9 +5,11 @@ vLLM 0.26's ``SamplingParams._validate_diffusion`` (``sampling_params.py:884-903
 schedule.  The S2D2 engine honours temperature (0 = greedy), top-k, top-p and per-request seeds, so for the
 plugin's architectures this shim replaces that check with the plugin's own, which rejects -- with a clear
 ``ValueError`` in the frontend, before the request reaches the engine -- what the engine cannot honour:
-``n > 1``, ``logprobs`` / ``prompt_logprobs`` (and so beam search), ``min_p``, repetition / presence / frequency penalties,
-``min_tokens``, ``logit_bias``, ``bad_words``, ``allowed_token_ids`` and structured outputs, and validates
-per-request S2D2 options in ``extra_args["s2d2"]``.  Every other model keeps vLLM's check unchanged.
+``n > 1``, ``logprobs`` / ``prompt_logprobs`` (and so beam search and log-likelihood evaluations, e.g.
+lm-eval's loglikelihood tasks, which ask for ``prompt_logprobs``: an error naming the reason, never a wrong
+score), ``min_p``, repetition / presence / frequency penalties, ``min_tokens``, ``logit_bias``, ``bad_words``,
+``allowed_token_ids`` and structured outputs, and validates per-request S2D2 options in ``extra_args["s2d2"]``.
+Every other model keeps vLLM's check unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 from vllm_s2d2.patches import require_vllm_version, wrap_once
 
 _MARK = "_s2d2_validation_wrapped"
+NO_LOGLIKELIHOOD = ("a block-diffusion model gives no left-to-right log-likelihood of a given text, so "
+                    "log-likelihood scoring -- lm-eval's loglikelihood, multiple-choice and perplexity tasks -- "
+                    "cannot be served; evaluate with generate-until tasks")
 _EPS = 1e-5
 
 
@@ -26,9 +31,10 @@ def validate_s2d2_sampling(sp: Any, model_config: Any) -> None:
     if getattr(sp, "n", 1) != 1:
         bad.append(f"n={sp.n} (one sequence per request; send several requests instead)")
     if sp.logprobs is not None:  # vLLM's beam search (use_beam_search / LLM.beam_search) asks for logprobs too
-        bad.append("logprobs (beam search needs them, so it is not supported either)")
-    if sp.prompt_logprobs is not None:
-        bad.append("prompt_logprobs")
+        bad.append("logprobs (the engine computes no per-token log-probabilities; beam search needs them, so it "
+                   "is not supported either)")
+    if sp.prompt_logprobs is not None:  # lm-eval's loglikelihood requests (vllm and local-completions models)
+        bad.append(f"prompt_logprobs ({NO_LOGLIKELIHOOD})")
     if sp.min_p > _EPS:
         bad.append("min_p")
     if abs(sp.repetition_penalty - 1.0) > _EPS or abs(sp.presence_penalty) > _EPS or abs(
