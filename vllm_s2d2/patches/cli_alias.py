@@ -1,4 +1,6 @@
-"""``vllm serve MODEL --speculative-config s2d2``, typed as is.
+"""``vllm serve MODEL --speculative-config s2d2``, typed as is (also ``vllm bench throughput`` / ``vllm bench
+latency``, whose parsers are ``FlexibleArgumentParser``\ s with vLLM's engine arguments too;
+``tests/test_vllm_bench.py``).
 
 vLLM 0.26 parses ``--speculative-config`` with ``json.loads`` (``engine/arg_utils.py``), so the bare word ``s2d2``
 is an argparse error ("Value s2d2 cannot be converted") before any plugin code could see it: general plugins load
