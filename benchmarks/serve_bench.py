@@ -6,11 +6,16 @@ For each mode one server is started on the same checkpoint (default: the trained
 * ``ar``         AR mode: ``--speculative-config '{"method": "s2d2", "verify": false, "block_size": 1}'``
 * ``threshold``  the threshold baseline: ``'{"method": "s2d2", "verify": false}'`` (dynamic, tau 0.85)
 * ``s2d2``       S2D2 Config-A: ``--speculative-config s2d2``
+* ``vllm-ar``    the baseline: vLLM's own AR decode of the same weights -- ``vllm serve`` of the checkpoint as its
+                 plain AR architecture (SDAR -> ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM``, Fast-dLLM v2 ->
+                 ``Qwen2ForCausalLM``: a temporary directory with the config rewritten and the other files linked,
+                 :func:`serve_target`), no speculative config, ``--generation-config vllm`` as the plugin
 
 and driven at each concurrency (default 1, 16, 64) with streaming completions of the held-out prompts.  Per run:
 requests/s, output tokens/s, TTFT (time to the first streamed token) and TPOT (time per output token after the
 first) as mean and p50/p90, and the run's S2D2 counters from ``/metrics`` (``vllm:s2d2_*``: verify rate,
-acceptance).  All modes run in one call; the JSON record starts with the call's id, commit, device and vLLM /
+acceptance; none for ``vllm-ar``), and ``vs_vllm_ar``: each mode's output tokens/s over the baseline's at the
+same concurrency (same call only, ``bench_records.ratios_vs_baseline``).  All modes run in one call; the JSON record starts with the call's id, commit, device and vLLM /
 torch / transformers versions (``bench_records.run_metadata``; ``$COMMIT`` on the GPU host, which has no
 ``.git``) and a PNG is written next to it (if matplotlib is installed).
 
@@ -23,10 +28,12 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -43,10 +50,49 @@ MODES = {
     "threshold": '{"method": "s2d2", "verify": false}',
     "s2d2": "s2d2",
 }
+# The baseline: the same weights on vLLM's own AR path (serve_target); not a speculative config.
+BASELINE = "vllm-ar"
+BASELINE_ARGS = ["--generation-config", "vllm"]  # no checkpoint sampling defaults (the plugin drops them too)
 
 
-def start_server(model: str, spec: str, port: int, log_path: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--speculative-config", spec,
+def serve_target(mode: str, model: str, workdir: Path) -> tuple[str, str | None, list[str]]:
+    """``(model directory, speculative config or None, extra vllm serve arguments)`` of one mode.  ``vllm-ar``:
+    ``workdir/<checkpoint>-ar``, the checkpoint as its plain AR architecture (config.json rewritten by
+    ``vllm_s2d2.testing.checkpoints``, every other file a symlink to the original: nothing copied)."""
+    if mode != BASELINE:
+        return model, MODES[mode], []
+    from vllm_s2d2.testing.checkpoints import _rewrite_plain
+
+    src = Path(model).resolve()
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    plain = _rewrite_plain(cfg)  # ValueError for a family without an AR twin (LLaDA2)
+    out = Path(workdir) / f"{src.name}-ar"
+    out.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.is_file() and p.name != "config.json":
+            link = out / p.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(p)
+    (out / "config.json").write_text(json.dumps(plain, indent=2), encoding="utf-8")
+    return str(out), None, list(BASELINE_ARGS)
+
+
+def vs_baseline(results: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
+    """``{mode: {concurrency: {"output_tokens_per_s_ratio": ...}}}`` against ``vllm-ar`` at the same concurrency
+    (rows of one call only; empty without a baseline run)."""
+    rows = [{"mode": mode, "batch": r["concurrency"], "call_id": r.get("call_id"),
+             "output_tokens_per_s": r["output_tokens_per_s"]} for mode, runs in results.items() for r in runs]
+    if not any(r["mode"] == BASELINE for r in rows):
+        return {}
+    ratios = bench_records.ratios_vs_baseline(rows, baseline=BASELINE)
+    return {m: {c: {"output_tokens_per_s_ratio": v["output_tokens_per_s_ratio"]} for c, v in per.items()}
+            for m, per in ratios.items()}
+
+
+def start_server(model: str, spec: str | None, port: int, log_path: Path, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+           *(["--speculative-config", spec] if spec is not None else []),
            "--port", str(port), "--served-model-name", "bench", *extra]
     log = open(log_path, "w")
     env = dict(os.environ, VLLM_LOG_STATS_INTERVAL="1")  # vllm:s2d2_* counters current within ~1 s
@@ -152,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="benchmarks/serve_bench.py", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "assets" / "sdar-stdlib-10m"),
                     help="local checkpoint directory (config.json)")
-    ap.add_argument("--modes", default="ar,threshold,s2d2", help=f"comma-separated, from {list(MODES)}")
+    ap.add_argument("--modes", default=f"ar,threshold,s2d2,{BASELINE}",
+                    help=f"comma-separated, from {list(MODES)} and {BASELINE!r} (vLLM AR baseline)")
     ap.add_argument("--concurrency", default="1,16,64", type=int_list_arg(1),
                     help="comma-separated concurrency levels (>= 1)")
     ap.add_argument("--requests", type=int_arg(1), default=64, help="requests per concurrency level")
@@ -168,9 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES and m != BASELINE]
     if bad or not modes or len(set(modes)) != len(modes):
-        ap.error(f"argument --modes: must be comma-separated modes from {list(MODES)}, each once; got {args.modes!r}")
+        ap.error(f"argument --modes: must be comma-separated modes from {list(MODES)}, each once; got {args.modes!r} "
+                 f"(and {BASELINE!r}, the vLLM AR baseline)")
     if not (Path(args.model) / "config.json").is_file():
         ap.error(f"argument --model: {args.model!r} is no local checkpoint directory (no config.json)")
     try:
@@ -211,12 +259,14 @@ def main(argv: list[str] | None = None) -> None:
               "model": args.model, "max_tokens": args.max_tokens,
               "requests_per_level": args.requests, "server_args": args.server_args, "modes": {}, "results": {},
               "errors": {}}
+    workdir = Path(tempfile.mkdtemp(prefix="serve_bench_"))  # the vllm-ar view of the checkpoint
     for mode in modes:
-        record["modes"][mode] = MODES[mode]
         proc = None
         try:
-            proc = start_server(args.model, MODES[mode], args.port, out.with_name(f"{out.stem}_{mode}.log"),
-                                server_args)
+            model, spec, mode_args = serve_target(mode, args.model, workdir)
+            record["modes"][mode] = spec if spec is not None else f"{model} (vLLM AR, {' '.join(mode_args)})"
+            proc = start_server(model, spec, args.port, out.with_name(f"{out.stem}_{mode}.log"),
+                                server_args + mode_args)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0)
             run_load(client, prompts[:4], 4, 8)  # warm-up
             record["results"][mode] = []
@@ -234,7 +284,9 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             if proc is not None:
                 stop_server(proc)
+        record["vs_vllm_ar"] = vs_baseline(record["results"])
         out.write_text(json.dumps(record, indent=1))
+    shutil.rmtree(workdir, ignore_errors=True)
     plot(record, out.with_suffix(".png"))
     print(f"wrote {out}")
 
