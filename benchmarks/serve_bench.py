@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{ap.prog}: error: no CUDA GPU is visible; vLLM serves the plugin's models on a CUDA GPU only",
               file=sys.stderr)
         sys.exit(2)
+    if BASELINE in modes:  # a family without a plain AR twin (LLaDA2): say so now, not as a recorded error later
+        from vllm_s2d2.testing.checkpoints import _rewrite_plain
+
+        try:
+            _rewrite_plain(json.loads((Path(args.model) / "config.json").read_text(encoding="utf-8")))
+        except ValueError as e:
+            ap.error(f"argument --modes: {BASELINE} does not apply to {args.model!r} ({e}); leave it out")
     # servers run in their own process group: a SIGTERM (e.g. from `timeout`) must still stop them (finally:)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import openai
