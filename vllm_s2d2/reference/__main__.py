@@ -80,8 +80,8 @@ def _tokenizer(model: str, needed_by: str | None):
     path = Path(model)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         if needed_by:
-            raise UsageError(f"argument {needed_by}: {model!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                             f"pass token ids with --prompt-ids")
+            raise UsageError(f"argument {needed_by}: {model!r} has no tokenizer (none of "
+                             f"{', '.join(TOKENIZER_FILES)}); pass token ids with --prompt-ids")
         return None
     from transformers import AutoTokenizer
 
