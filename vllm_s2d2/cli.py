@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,7 +124,10 @@ def _vllm_decode(model_path: Path, prompts, cfg_dict: dict, max_tokens: int, tem
     proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("DEMO_JSON=")]
     if not line:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "engine failed")
+        # the exception's last line (vLLM's log lines share stderr: logs_off_stdout)
+        err = proc.stderr.strip().splitlines()
+        exc = [ln for ln in err if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+        raise RuntimeError((exc or err or ["engine failed"])[-1])
     return json.loads(line[-1][len("DEMO_JSON="):])
 
 
