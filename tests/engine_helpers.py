@@ -14,7 +14,9 @@ loops forever; the engine suppresses the mask logit, see ``S2D2Stepper``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 
 import torch
@@ -111,3 +113,20 @@ def causal_greedy(model, mask_id: int, prompt: list[int], n: int) -> list[int]:
         logits = model.logits(torch.tensor(ids), torch.arange(L), vis)[-1:]
         ids.append(int(exclude_token(logits, mask_id).argmax()))
     return ids[len(prompt):]
+
+
+@contextlib.contextmanager
+def vllm_log_records():
+    """The records vLLM's ``vllm`` logger emits at INFO inside the block (a list, filled as they come)."""
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = seen.append
+    vllm_logger = logging.getLogger("vllm")
+    level = vllm_logger.level
+    vllm_logger.addHandler(handler)
+    vllm_logger.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        vllm_logger.removeHandler(handler)
+        vllm_logger.setLevel(level)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 import uuid
@@ -26,7 +25,7 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_emulator import Emulator, EmuRequest, sampling_params  # noqa: E402
-from engine_helpers import build_tiny_checkpoint  # noqa: E402
+from engine_helpers import build_tiny_checkpoint, vllm_log_records  # noqa: E402
 from sync_guard import no_host_reads  # noqa: E402
 
 from vllm_s2d2.engine.stats import STAT_NAMES  # noqa: E402
@@ -238,20 +237,10 @@ def test_vllms_spec_decoding_log_line(engines):
     e.set(_totals(4, 10, 6), [4, 2, 0, 0], [4, 3, 2, 1])
     engines.do_log_stats(e)
     e.set(_totals(8, 20, 12, d=40), [8, 4, 0, 0], [8, 6, 4, 2])
-    seen: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = seen.append
-    vllm_logger = logging.getLogger("vllm")
-    level = vllm_logger.level
-    vllm_logger.addHandler(handler)
-    vllm_logger.setLevel(logging.INFO)
-    try:
+    with vllm_log_records() as seen:
         engines.do_log_stats(e)
         e.set(_totals(8, 20, 12, d=45), [8, 4, 0, 0], [8, 6, 4, 2])  # drafts but no verification
         engines.do_log_stats(e)
-    finally:
-        vllm_logger.removeHandler(handler)
-        vllm_logger.setLevel(level)
     msgs = [r.getMessage() for r in seen]
     spec = [m for m in msgs if m.startswith("SpecDecoding metrics")]
     assert len(spec) == 1, msgs

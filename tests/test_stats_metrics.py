@@ -4,6 +4,8 @@ and adds the change of the engine totals (``vllm_s2d2.patches.stats_metrics``, `
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 from types import SimpleNamespace
 
@@ -12,6 +14,8 @@ import pytest
 pytest.importorskip("vllm")
 prometheus_client = pytest.importorskip("prometheus_client")
 
+sys.path.insert(0, os.path.dirname(__file__))
+from engine_helpers import vllm_log_records  # noqa: E402
 from vllm_s2d2.engine.stats import STAT_NAMES  # noqa: E402
 from vllm_s2d2.engine.worker_ext import QUALNAME, S2D2WorkerExtension  # noqa: E402
 
@@ -93,26 +97,14 @@ def test_sync_engine_counts_the_change_of_the_totals(engines):
 def test_the_interval_line_follows_vllms_line(engines):
     """The line goes through vLLM's own ``vllm`` logger (vLLM configures only that hierarchy: a logger named
     ``vllm_s2d2...`` would drop INFO lines in a real server)."""
-    import logging
-
     _, LLMEngine = engines
     e = FakeEngine()
     e.totals = _totals(draft_steps=10, verify_steps=5, proposed_tokens=8, accepted_tokens=6, committed_blocks=2)
     LLMEngine.do_log_stats(e)
     e.totals = _totals(draft_steps=14, verify_steps=6, proposed_tokens=12, accepted_tokens=7, committed_blocks=3)
-    seen: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = seen.append
-    vllm_logger = logging.getLogger("vllm")
-    level = vllm_logger.level
-    vllm_logger.addHandler(handler)
-    vllm_logger.setLevel(logging.INFO)
-    try:
+    with vllm_log_records() as seen:
         LLMEngine.do_log_stats(e)
         LLMEngine.do_log_stats(e)  # an idle interval logs nothing
-    finally:
-        vllm_logger.removeHandler(handler)
-        vllm_logger.setLevel(level)
     lines = [r.getMessage() for r in seen if "S2D2 stats" in r.getMessage()]
     assert lines == ["S2D2 stats (last interval): draft steps 4, verify steps 1 (verify rate 0.25), span tokens "
                      "proposed 4, accepted 1 (acceptance 0.25), blocks committed 1"], lines
