@@ -235,6 +235,12 @@ def read_record(ap: argparse.ArgumentParser, path: str) -> dict:
     return record
 
 
+def replot(ap: argparse.ArgumentParser, path: str, plot_fn) -> None:
+    """``--replot``: redraw the PNG beside the record ``path`` with ``plot_fn(record, png_path)``."""
+    record = read_record(ap, path)
+    print("wrote" if plot_fn(record, os.path.splitext(path)[0] + ".png") else "no plot", flush=True)
+
+
 # -- worker (one engine, one process) -----------------------------------------------------------------------
 def run_worker(model: str, modes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
                capture_sizes: list[int], family: str, call_id: str) -> dict:
@@ -380,9 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--merge was removed: ratios against vLLM AR are computed only within one call.  Each call runs "
                  "the baseline (mode a) itself; write each call to its own --out")
     if args.replot:
-        record = read_record(ap, args.replot)
-        print("wrote" if plot(record, os.path.splitext(args.replot)[0] + ".png") else "no plot", flush=True)
-        return
+        return replot(ap, args.replot, plot)
     batches = rec.parse_int_list(args.batches)
     capture = rec.parse_int_list(args.capture_sizes)
     if args._worker:

@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_records as rec  # noqa: E402
-from offline_throughput import FAMILIES, modes_of, read_record, require_gpu, write_checkpoints  # noqa: E402
+from offline_throughput import FAMILIES, modes_of, replot, require_gpu, write_checkpoints  # noqa: E402
 
 from vllm_s2d2.log import ArgumentParser, int_arg, int_list_arg  # noqa: E402 - stdlib only
 
@@ -265,9 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.replot:
-        record = read_record(ap, args.replot)
-        print("wrote" if plot(record, os.path.splitext(args.replot)[0] + ".png") else "no plot", flush=True)
-        return
+        return replot(ap, args.replot, plot)
     if args._worker:
         model, mode, call_id = args._worker
         rec.emit_result(run_worker(model, mode, args, call_id))
