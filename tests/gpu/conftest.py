@@ -19,8 +19,17 @@ _START = time.time()  # this file loads when tests/gpu is collected
 
 def pytest_runtest_logreport(report):
     if report.when == "call" or report.outcome != "passed":  # failures / skips in setup or teardown count too
-        _REPORTS.append({"test": report.nodeid, "when": report.when, "outcome": report.outcome,
-                         "seconds": round(report.duration, 2)})
+        entry = {"test": report.nodeid, "when": report.when, "outcome": report.outcome,
+                 "seconds": round(report.duration, 2)}
+        if report.outcome == "failed":  # the reason, kept even if the device call is cut off later
+            entry["message"] = report.longreprtext[-3000:]
+        _REPORTS.append(entry)
+        if report.outcome == "failed" and "message" in entry:
+            from gpu_records import log_dir, write_record
+
+            if log_dir():
+                write_record("gpu-session-partial", "pytest session so far (tests/gpu)",
+                             session_payload(_REPORTS, 1, [], time.time() - _START))
 
 
 def session_payload(reports: list[dict], exitstatus: int, args: list[str], seconds: float) -> dict:

@@ -41,9 +41,15 @@ def _count_dispatch(worker) -> bool:
     counts: dict = {}
     inner = manager.dispatch
 
+    def full_counts() -> set:
+        """Query lengths that FULL graphs were captured for (W): a batch of one request is "uniform" for vLLM
+        whatever its length, so only batches of these query lengths count as uniform here."""
+        return {d.uniform_token_count for descs in manager._candidates.values() for d in descs
+                if d.cg_mode.name == "FULL" and d.uniform_token_count is not None}
+
     def dispatch(num_reqs, num_tokens, uniform_token_count, *args, **kwargs):
         desc = inner(num_reqs, num_tokens, uniform_token_count, *args, **kwargs)
-        key = desc.cg_mode.name + ("" if uniform_token_count is None else "_uniform")
+        key = desc.cg_mode.name + ("_uniform" if uniform_token_count in full_counts() else "")
         counts[key] = counts.get(key, 0) + 1
         return desc
 
