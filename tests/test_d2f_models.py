@@ -1,0 +1,33 @@
+"""The D2F model classes' weight names: LLaDA's OLMo names map onto vLLM's Llama names (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_s2d2.model_executor.models.d2f import llada_to_llama_name  # noqa: E402
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("model.transformer.wte.weight", "model.embed_tokens.weight"),
+    ("model.transformer.ln_f.weight", "model.norm.weight"),
+    ("model.transformer.ff_out.weight", "lm_head.weight"),
+    ("model.transformer.blocks.0.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+    ("model.transformer.blocks.3.k_proj.weight", "model.layers.3.self_attn.k_proj.weight"),
+    ("model.transformer.blocks.3.v_proj.weight", "model.layers.3.self_attn.v_proj.weight"),
+    ("model.transformer.blocks.11.attn_out.weight", "model.layers.11.self_attn.o_proj.weight"),
+    ("model.transformer.blocks.2.ff_proj.weight", "model.layers.2.mlp.gate_proj.weight"),
+    ("model.transformer.blocks.2.up_proj.weight", "model.layers.2.mlp.up_proj.weight"),
+    ("model.transformer.blocks.2.ff_out.weight", "model.layers.2.mlp.down_proj.weight"),
+    ("model.transformer.blocks.5.attn_norm.weight", "model.layers.5.input_layernorm.weight"),
+    ("model.transformer.blocks.5.ff_norm.weight", "model.layers.5.post_attention_layernorm.weight"),
+    ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+])
+def test_llada_names_map_to_llama(name, expected):
+    assert llada_to_llama_name(name) == expected
+
+
+def test_unknown_llada_block_tensor_is_an_error():
+    with pytest.raises(ValueError, match="unknown LLaDA block tensor"):
+        llada_to_llama_name("model.transformer.blocks.0.att_proj.weight")
