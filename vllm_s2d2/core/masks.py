@@ -40,6 +40,47 @@ def committed_kv(n: int, block_size: int, token_causal: bool, prompt_len: int = 
     return m & ((idx[None, :] < prompt_len) | (idx[:, None] >= prompt_len))
 
 
+def committed_kv_from_prompt(n: int, block_size: int, prompt_len: int, token_causal: bool,
+                             device=None) -> torch.Tensor:
+    """D2F committed KV ``[n, n]``: blocks counted from the prompt end ``P`` (``docs/plans/d2f.md`` §1).
+
+    Prompt rows (< P) see the whole prompt (one bidirectional segment) and nothing generated; a generated row
+    q sees the whole prompt and generated keys k with ``(k - P) // B <= (q - P) // B`` (block-causal), or
+    ``k <= q`` with ``token_causal`` (``cache_ver``).  B = 2, P = 3, n = 7 (P = prompt, G = generated)::
+
+        P0  111 0000           G3  111 1100
+        P1  111 0000           G4  111 1100
+        P2  111 0000           G5  111 1111
+                               G6  111 1111
+    """
+    idx = torch.arange(n, device=device)
+    q, k = idx[:, None], idx[None, :]
+    q_gen, k_gen = q >= prompt_len, k >= prompt_len
+    gen_visible = (k <= q) if token_causal else (
+        (k - prompt_len).clamp_min(0) // block_size <= (q - prompt_len).clamp_min(0) // block_size)
+    return torch.where(q_gen, ~k_gen | gen_visible, ~k_gen)
+
+
+def window_rows(cache_len: int, num_blocks: int, block_size: int, causal_len: int = 0,
+                device=None) -> torch.Tensor:
+    """D2F draft rows over a window of ``A = num_blocks`` blocks of ``B`` after ``C`` keys ``[A*B, C + A*B]``.
+
+    Every row sees the whole cache; window keys block-causally (blocks aligned to the window start).  The first
+    ``causal_len`` rows (to-cache blocks whose KV this forward writes with ``cache_ver``) are token-causal over
+    the window instead.  A = 2, B = 2, C = 1 (causal_len = 2 on the right)::
+
+        q0  1 1100        q0  1 1000
+        q1  1 1100        q1  1 1100
+        q2  1 1111        q2  1 1111
+        q3  1 1111        q3  1 1111
+    """
+    n = num_blocks * block_size
+    rows = torch.ones(n, cache_len + n, dtype=torch.bool, device=device)
+    idx = torch.arange(n, device=device)
+    rows[:, cache_len:] = torch.where(idx[:, None] < causal_len, causal(n, device), block_causal(n, block_size, device))
+    return rows
+
+
 def draft_rows(cache_len: int, block_len: int, causal_prefix: torch.Tensor | int = 0,
                device=None) -> torch.Tensor:
     """Rows of a draft forward over one block ``[L, C + L]``: the whole cache, the block bidirectionally.
@@ -66,7 +107,7 @@ def causal_rows(cache_len: int, block_len: int, device=None) -> torch.Tensor:
     return rows
 
 
-def verifier_2l(cache_len: int, block_len: int, device=None) -> torch.Tensor:
+def verifier_2l(cache_len: int, block_len: int, device=None, tbs: int = 1) -> torch.Tensor:
     """The 2L verifier mask ``[2L, C + 2L]`` (``docs/algorithm.md``; reference ``SDAR/generate_ssd_policy.py:107-127``).
 
     Input ``[first half = draft-filled block | mask half = L x MASK]``, both at the block's positions
@@ -78,14 +119,38 @@ def verifier_2l(cache_len: int, block_len: int, device=None) -> torch.Tensor:
         q1  11 1100 0000        m1  11 1000 0100
         q2  11 1110 0000        m2  11 1100 0010
         q3  11 1111 0000        m3  11 1110 0001
+
+    ``tbs`` (D2F target block size; target blocks aligned to the first input column): first-half rows are
+    tbs-block-causal; mask-half row i sees the first-half keys of target blocks strictly before i's and the
+    mask-half keys of its own target block.  ``tbs = 1`` is the mask above.  L = 4, C = 1, tbs = 2::
+
+        q0  1 1100 0000         m0  1 0000 1100
+        q1  1 1100 0000         m1  1 0000 1100
+        q2  1 1111 0000         m2  1 1100 0011
+        q3  1 1111 0000         m3  1 1100 0011
     """
     L, C = block_len, cache_len
     m = torch.zeros(2 * L, C + 2 * L, dtype=torch.bool, device=device)
     m[:, :C] = True
-    m[:L, C:C + L] = causal(L, device)
-    m[L:, C:C + L] = torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
-    m[L:, C + L:] = torch.eye(L, dtype=torch.bool, device=device)
+    target = torch.arange(L, device=device) // tbs
+    m[:L, C:C + L] = target[None, :] <= target[:, None]
+    m[L:, C:C + L] = target[None, :] < target[:, None]
+    m[L:, C + L:] = target[None, :] == target[:, None]
     return m
+
+
+def target_causal_rows(cache_len: int, block_len: int, tbs: int, device=None) -> torch.Tensor:
+    """Rows of the shifted (Dream) D2F verifier ``[L, C + L]``: the whole cache, tbs-block-causal over the input
+    (target blocks aligned to its first column; ``tbs = 1`` is :func:`causal_rows`).  L = 4, C = 1, tbs = 2::
+
+        q0  1 1100
+        q1  1 1100
+        q2  1 1111
+        q3  1 1111
+    """
+    rows = torch.ones(block_len, cache_len + block_len, dtype=torch.bool, device=device)
+    rows[:, cache_len:] = block_causal(block_len, tbs, device)
+    return rows
 
 
 def verifier_qq_bias(block_size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
