@@ -227,6 +227,20 @@ def test_shift_window_cases():
     assert torch.equal(s.window.blocks_opened, w.blocks_opened) and torch.equal(s.window.stopped, w.stopped)
 
 
+def test_window_final_prefix():
+    w = win([["1234", "5M7M", ""],     # run 0..4 (stops at the first mask), stop id 7 is after it
+             ["1274", "5678", "12MM"],  # run 0..9, first stop at 2
+             ["1234", "", ""],          # run ends at the EMPTY slot
+             ["MMMM", "", ""],
+             ["1234", "1234", "1234"]],
+            [[C, A_, E], [C, A_, A_], [A_, E, E], [A_, E, E], [C, C, A_]])
+    pre = pl.window_final_prefix(w, M, lt([[7, -1]] * 5))
+    assert pre.length.tolist() == [5, 10, 4, 0, 12]
+    assert pre.stop.tolist() == [False, True, False, False, False]
+    assert pre.first_stop.tolist() == [12, 2, 12, 12, 12]
+    assert pl.window_final_prefix(w, M, torch.zeros(5, 0, dtype=torch.long)).stop.tolist() == [False] * 5
+
+
 def test_decoded_count():
     w = win([["12MM", "MMMM", ""]], [[A_, A_, E]])
     assert pl.decoded_count(w, M).tolist() == [[2, 0, 0]]
@@ -339,9 +353,10 @@ def test_random_walk_matches_slow_loop_and_batched_equals_per_row(verify_span):
     params = (add_thr, dec_thr, skip, max_blocks)
     w = pl.new_window(R, A, B, M)
     slow = [SlowWindow(A, B) for _ in range(R)]
-    max_active = [0] * R
+    max_active, waits = [0] * R, 0
     for _ in range(steps):
-        p0 = torch.rand(R, A, B, generator=g).round(decimals=1)  # ties and threshold equalities happen
+        # ties and threshold equalities happen; later slots are more confident, so they may finish first
+        p0 = (torch.rand(R, A, B, generator=g) ** ft([1.0, 0.3, 0.3])[None, :, None]).round(decimals=1)
         x0 = torch.randint(0, 10 if rnd.random() < 0.3 else 7, (R, A, B), generator=g)
         opened_now = pl.add_block(w, add_thr, max_blocks, M)
         with_masks = ((opened_now.status == A_) & (opened_now.tokens == M).any(-1)).sum(1)
@@ -378,8 +393,11 @@ def test_random_walk_matches_slow_loop_and_batched_equals_per_row(verify_span):
         to_cache = w.status == C
         assert torch.equal(to_cache, torch.cumprod(to_cache.long(), 1).bool())
         assert bool((w.blocks_opened <= max_blocks).all())
+        waits += int(((w.status == A_) & ~(w.tokens == M).any(-1)).sum())  # finished, behind an unfinished block
     # block_add_threshold 1.0: at most one block with masks at a time; lower thresholds pipeline
     assert max_active[0] == 1 and max(max_active[1:]) >= 2
+    assert bool(w.stopped.any()) and bool((w.blocks_opened == max_blocks).any())
+    assert waits > 0 or verify_span
 
 
 # ---------------------------------------------------------------------------------------------- acceptance knobs
@@ -507,7 +525,8 @@ def _everything(tokens, status, full, opened, stopped, p0, x0, add_thr, dec_thr,
     v = accept_span(draft, p, q, span, ua, ur, greedy=greedy, ratio_tempering=gamma, allow_resample=allow,
                     ratio_threshold=ratio_thr, keep_rejected_draft=False, min_draft_confidence=mdc,
                     resample_min_q=rmq, partial_accept_run=run)
-    return (*w2, shifted.num_dropped, *span_w, base, fb, pl.decoded_count(w2, M), *v)
+    return (*w2, shifted.num_dropped, *span_w, base, fb, pl.decoded_count(w2, M),
+            *pl.window_final_prefix(w2, M, stops), *v)
 
 
 def _everything_args():

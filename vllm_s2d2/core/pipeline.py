@@ -175,3 +175,23 @@ def shift_window(window: Window, mask_id: int) -> Shifted:
     status = torch.where(valid, window.status.gather(1, src), torch.full_like(window.status, EMPTY))
     full = valid & window.full.gather(1, src)
     return Shifted(Window(tokens, status, full, window.blocks_opened, window.stopped), num_dropped)
+
+
+class WindowPrefix(NamedTuple):
+    length: torch.Tensor  # [R] leading filled positions of the occupied slots (flat [R, A*B] view)
+    stop: torch.Tensor  # [R] bool, a stop id inside that run
+    first_stop: torch.Tensor  # [R] flat index of the first stop id inside it (A*B if none)
+
+
+def window_final_prefix(window: Window, mask_id: int, stop_ids: torch.Tensor) -> WindowPrefix:
+    """The leading run of filled tokens over the occupied slots (TO_CACHE then ACTIVE), from the window start up
+    to the first mask or EMPTY slot, and the first stop id in it (``stop_ids [R, K]``, padded with -1)."""
+    R, A, B = window.tokens.shape
+    flat = window.tokens.reshape(R, A * B)
+    blocking = (flat == mask_id) | (window.status == EMPTY)[:, :, None].expand(R, A, B).reshape(R, A * B)
+    none = torch.full((R,), A * B, dtype=torch.long, device=flat.device)
+    length = torch.where(blocking.any(1), blocking.int().argmax(1), none)
+    inside = torch.arange(A * B, device=flat.device)[None, :] < length[:, None]
+    is_stop = (flat[:, :, None] == stop_ids[:, None, :]).any(-1) & inside
+    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), none)
+    return WindowPrefix(length, is_stop.any(1), first_stop)
