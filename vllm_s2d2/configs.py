@@ -1,9 +1,9 @@
-"""Checkpoint configs of the block-diffusion families (SDAR, Fast-dLLM v2, LLaDA2.x).
+"""Checkpoint configs of the block-diffusion families (SDAR, Fast-dLLM v2, LLaDA2.x, D2F Dream / LLaDA).
 
 Two parts:
 
 * HF config classes for the ``model_type`` values of the released checkpoints (``sdar``, ``sdar_moe``,
-  ``Fast_dLLM_Qwen``, ``llada2_moe``; plus dFactory's ``llada2_moe_veomni`` spelling).  None is a transformers
+  ``Fast_dLLM_Qwen``, ``llada2_moe``, ``Dream``, ``llada``; plus dFactory's ``llada2_moe_veomni`` spelling).  None is a transformers
   built-in and the upstream remote code is pinned to transformers 4.x, so the plugin ships its own.
   :func:`register_hf_configs` registers them with ``AutoConfig`` so a real ``config.json`` loads without
   ``trust_remote_code``.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from transformers import AutoConfig, PreTrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 from vllm_s2d2.families import BY_ARCHITECTURE, BY_NAME
 
@@ -48,6 +48,9 @@ __all__ = [
     "FastDLLMQwenConfig",
     "LLaDA2MoeConfig",
     "LLaDA2MoeVeomniConfig",
+    "DreamConfig",
+    "LLaDAConfig",
+    "LLADA_KEY_MAP",
     "FamilyInfo",
     "register_hf_configs",
     "family_info",
@@ -190,9 +193,70 @@ class LLaDA2MoeVeomniConfig(LLaDA2MoeConfig):
     model_type = "llada2_moe_veomni"
 
 
+class DreamConfig(Qwen2Config):
+    """Dream (``Dream-org/Dream-v0-Base-7B``; D2F once its LoRA is merged): a Qwen2 config, ``model_type "Dream"``.
+
+    Dream's own ``configuration_dream.py`` is Qwen2's field list; ``mask_token_id`` and the D2F marker ``d2f``
+    pass through (:func:`family_info` reads them).
+    """
+
+    model_type = "Dream"
+
+
+# LLaDA (OLMo-style) config.json key -> the HF Llama name vLLM's Llama and transformers read.
+LLADA_KEY_MAP: dict[str, str] = {
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "mlp_hidden_size": "intermediate_size",
+    "embedding_size": "vocab_size",  # the embedding / head rows (>= the tokenizer's vocab_size)
+    "max_sequence_length": "max_position_embeddings",
+    "weight_tying": "tie_word_embeddings",
+    "activation_type": "hidden_act",
+}
+
+
+class LLaDAConfig(LlamaConfig):
+    """LLaDA-8B (``GSAI-ML/LLaDA-8B-Instruct``; D2F once its LoRA is merged): OLMo-style keys on a Llama config.
+
+    The OLMo keys of :data:`LLADA_KEY_MAP` (when present) set the Llama fields, so vLLM's ``LlamaForCausalLM``
+    reads the right shapes; ``rope_theta`` / ``rms_norm_eps`` keep their names.  ``include_bias`` sets both
+    ``attention_bias`` and ``mlp_bias`` (LLaDA-8B: false).  The other OLMo keys pass through.
+    """
+
+    model_type = "llada"
+
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    mlp_hidden_size: int | None = None
+    embedding_size: int | None = None
+    max_sequence_length: int | None = None
+    weight_tying: bool | None = None
+    activation_type: str | None = None
+    include_bias: bool | None = None
+    rms_norm_eps: float = 1e-5
+    # no Llama eos / bos defaults (2 / 1): without an eos, family_info falls back to the family's stop ids.
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    default_theta = 500000.0
+
+    def __post_init__(self, **kwargs):
+        for olmo_key, llama_key in LLADA_KEY_MAP.items():
+            value = getattr(self, olmo_key)
+            if value is not None:
+                setattr(self, llama_key, value)
+        if self.include_bias is not None:
+            self.attention_bias = self.mlp_bias = bool(self.include_bias)
+        super().__post_init__(**kwargs)
+
+
 CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {
     cls.model_type: cls
-    for cls in (SDARConfig, SDARMoeConfig, FastDLLMQwenConfig, LLaDA2MoeConfig, LLaDA2MoeVeomniConfig)
+    for cls in (SDARConfig, SDARMoeConfig, FastDLLMQwenConfig, LLaDA2MoeConfig, LLaDA2MoeVeomniConfig, DreamConfig,
+                LLaDAConfig)
 }
 
 _REGISTERED = False
@@ -220,20 +284,24 @@ ARCH_TO_FAMILY: dict[str, str] = {arch: fam.name for arch, (fam, _) in BY_ARCHIT
 class FamilyInfo:
     """What the engine needs from a block-diffusion checkpoint."""
 
-    family: str  # "sdar" | "fast_dllm_v2" | "llada2"
+    family: str  # "sdar" | "fast_dllm_v2" | "llada2" | "d2f_dream" | "d2f_llada"
     architecture: str
     block_size: int
     mask_token_id: int
     stop_token_ids: tuple[int, ...]
-    shifted: bool  # True: logit i predicts token i+1 (Fast-dLLM v2); False: position-aligned
+    shifted: bool  # True: logit i predicts token i+1 (Fast-dLLM v2, Dream); False: position-aligned
     vocab_size: int
-
+    block_origin: str = "absolute"  # "prompt": blocks are counted from the prompt end (D2F)
+    pipelined: bool = False  # several active blocks decode at once (D2F)
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+    """``cfg[key]`` of a dict or config object; a dotted key (``d2f.block_size``) reads nested mappings."""
+    head, _, rest = key.partition(".")
+    value = cfg.get(head, default) if isinstance(cfg, Mapping) else getattr(cfg, head, default)
+    if not rest:
+        return value
+    return _get(value, rest, default) if isinstance(value, Mapping) else default
 
 
 def _is_int(v: Any) -> bool:
@@ -277,8 +345,10 @@ def family_info(hf_config: Any, generation_config: Mapping[str, Any] | Any | Non
     arch = _architecture(hf_config)
     family = ARCH_TO_FAMILY[arch]
     fam = BY_NAME[family]
+    _check_marker(hf_config, fam, arch)
 
-    vocab_size = _get(hf_config, "vocab_size")
+    # LLaDA's rows (embedding and head) are `embedding_size` (>= its tokenizer's `vocab_size`): the logits width.
+    vocab_size = _get(hf_config, "embedding_size") or _get(hf_config, "vocab_size")
     if not _is_int(vocab_size) or vocab_size <= 0:
         raise ValueError(f"`vocab_size` must be a positive int, got {vocab_size!r}")
 
@@ -334,7 +404,26 @@ def family_info(hf_config: Any, generation_config: Mapping[str, Any] | Any | Non
         stop_token_ids=tuple(stops),
         shifted=fam.shifted,
         vocab_size=vocab_size,
+        block_origin=fam.block_origin,
+        pipelined=fam.pipelined,
     )
+
+
+def _check_marker(hf_config: Any, fam: Any, arch: str) -> None:
+    """A family with a ``marker_key`` (D2F) needs it in config.json: the bare base models share the architecture."""
+    if fam.marker_key is None:
+        return
+    marker = _get(hf_config, fam.marker_key)
+    if marker is None:
+        raise ValueError(
+            f"`architectures` {arch!r} without the `{fam.marker_key}` key in config.json: plain Dream / LLaDA "
+            f"checkpoints are full-attention models, and {fam.title} decodes block-causally, which needs the D2F "
+            f"LoRA merged in (without it the output is garbage). Merge the D2F LoRA first: `vllm-s2d2 merge-d2f-lora BASE_DIR ADAPTER_DIR OUT_DIR "
+            f"--block-size 32` writes the merged weights and the marker `\"{fam.marker_key}\": "
+            f"{{\"block_size\": 32}}`")
+    if not isinstance(marker, Mapping):
+        raise ValueError(f"`{fam.marker_key}` in config.json must be an object like {{\"block_size\": 32}}, "
+                         f"got {marker!r}")
 
 
 def _read_json(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The block-diffusion families (SDAR, Fast-dLLM v2, LLaDA2.x): one table of everything that differs between them.
+"""The block-diffusion families (SDAR, Fast-dLLM v2, LLaDA2.x, D2F): one table of everything that differs between them.
 
 Pure data, standard library only, so every layer may read it: ``configs`` (checkpoint defaults), ``s2d2_config``
 (S2D2 defaults, presets, allowed knobs), ``core.params`` (decoding rules), ``reference.models`` (which backbone a
@@ -52,6 +52,16 @@ class Family:
     defaults: Mapping[str, Any]  # S2D2Config fields left None are filled from here
     presets: Mapping[str, Mapping[str, Any]]  # the paper's named configurations for the family
 
+    # -- D2F pipelining (columns added with the fourth family; the defaults are the first three's values)
+    pipelined: bool = False  # several blocks decode at once (a window of active blocks, D2F knobs apply)
+    block_origin: str = "absolute"  # blocks counted from position 0, or from the prompt end ("prompt")
+    marker_key: str | None = None  # config.json key a checkpoint must carry (else it is not this family)
+
+    @property
+    def verifier(self) -> str:
+        """``"causal"`` (one causal forward, shifted logits) or ``"2l"`` (the 2L forward, aligned logits)."""
+        return "causal" if self.shifted else "2l"
+
 
 def _ro(d: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(d))
@@ -61,6 +71,47 @@ _ALL_ESTIMATORS = ("soft_entropy_negexp", "hard_margin_threshold", "soft_renyi_2
                    "hard_entropy_threshold", "soft_clipped_linear_margin")
 _ALL_POLICIES = ("mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb")
 _MODELS = "vllm_s2d2.model_executor.models"
+
+# D2F (Discrete Diffusion Forcing: Dream-7B / LLaDA-8B + a D2F LoRA; docs/plans/d2f.md).  Defaults = the
+# S2D2 reference CLI (`D2F/example_d2f.py`): B 32, add 0.5, decoded 0.8, skip 0.9 (= confidence_threshold),
+# always verify (min span 1), one verify block.  No paper configuration routes D2F otherwise: the score /
+# hysteresis knobs, used only when another policy is chosen, are Fast-dLLM v2's Config-A values.
+_D2F_DEFAULTS = _ro(dict(
+    remasking="low_confidence_dynamic", confidence_threshold=0.9, cache_ver=True, draft_ver=False,
+    verify_policy="mask_span_length", min_span_length=1, score_type="difference_dynamic", score_penalty_coef=1.0,
+    score_threshold=0.0, hysteresis_on=1.0, hysteresis_off=-5.0,
+    block_add_threshold=0.5, decoded_token_threshold=0.8, max_active_blocks=4, min_tokens_per_step=1,
+    verify_block_size=1, partial_accept_run=0))
+_D2F_LLADA_PRESET = dict(block_size=32, block_add_threshold=0.5, decoded_token_threshold=0.8,
+                         confidence_threshold=0.9, verify_policy="mask_span_length", min_span_length=1,
+                         verify_block_size=1, allow_resample=True)
+_D2F_PRESETS = {
+    "llada": _ro(_D2F_LLADA_PRESET),
+    # D2F/README.md stability advice for Dream: no resampling, drafts accepted only above confidence 0.5.
+    "dream": _ro(dict(_D2F_LLADA_PRESET, allow_resample=False, accept_min_draft_confidence=0.5)),
+}
+
+def _d2f_family(base: str, title: str, arch: Architecture, *, backbone: str, mask: int, stops: tuple[int, ...],
+                shifted: bool) -> Family:
+    """One D2F family (``d2f_<base>``): the base model + a merged D2F LoRA, marked by ``d2f`` in config.json."""
+    return Family(
+        name=f"d2f_{base}",
+        title=f"D2F {title}",
+        architectures=(arch,),
+        backbones=_ro({arch.model_type: backbone}),
+        # no block size in the base configs: `merge-d2f-lora` writes it into the marker (`d2f.block_size`).
+        block_size_key="d2f.block_size", default_block_size=32, default_mask_token_id=mask,
+        default_stop_token_ids=stops, shifted=shifted,
+        # D2F's threshold rule per block; after a verify every fully activated block is topped up to
+        # `min_tokens_per_step`; a rejected draft without resampling stays masked.
+        threshold_rule=True, fallback_to_quota=True, keep_rejected_draft=False, fixed_quota=None,
+        sub_blocks=False, draft_ver=False, resample_optional=True, editing=None,
+        estimators=_ALL_ESTIMATORS, policies=_ALL_POLICIES,
+        defaults=_D2F_DEFAULTS,
+        presets=_ro({f"d2f-{base}": _D2F_PRESETS[base]}),
+        pipelined=True, block_origin="prompt", marker_key="d2f",
+    )
+
 
 # Engine defaults = the family's first paper configuration, not the reference code's function defaults (which
 # disagree with the paper: hard_margin_threshold, difference_dynamic, c = 2, always verify).  Checkpoint
@@ -151,6 +202,10 @@ TABLE: tuple[Family, ...] = (
                                        score_type="difference_static", score_penalty_coef=4.0)),
         }),
     ),
+    _d2f_family("dream", "Dream", Architecture("DreamModel", "Dream", f"{_MODELS}.d2f:D2FDreamForCausalLM"),
+                backbone="qwen2", mask=151666, stops=(151643, 151645), shifted=True),
+    _d2f_family("llada", "LLaDA", Architecture("LLaDAModelLM", "llada", f"{_MODELS}.d2f:D2FLLaDAForCausalLM"),
+                backbone="llada", mask=126336, stops=(126081, 126348), shifted=False),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in TABLE)

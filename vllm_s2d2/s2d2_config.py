@@ -72,6 +72,16 @@ class S2D2Config:
     allow_resample: bool = True  # False: SDAR commits the rejected draft, Fast leaves it masked
     ratio_threshold: float = -1.0  # >= 0: also commit later span tokens with r >= it (off)
     always_check_high_confidence: bool = False  # also commit remaining masks with p0 > tau after a verify
+    # -- D2F pipelining (families with `pipelined`; rejected for the others).  D2F's `skip_threshold` is
+    # `confidence_threshold` above (default 0.9).  None = the family default (docs/families.md).
+    block_add_threshold: float | None = None  # open the next block once the last is this decoded, (0, 1]; 0.5
+    decoded_token_threshold: float | None = None  # fully activate block k+1 once block k is this decoded; 0.8
+    max_active_blocks: int | None = None  # A, the engine's window of active blocks (>= 1); 4
+    min_tokens_per_step: int | None = None  # after a verify, top every fully activated block up to this; 1
+    verify_block_size: int | None = None  # tbs of the verifier mask, divides block_size (Dream: 1 only); 1
+    accept_min_draft_confidence: float | None = None  # also require draft p0 > this to accept; None = off
+    resample_min_q: float | None = None  # resample the rejected token only if q(x_j) >= this; None = always
+    partial_accept_run: int | None = None  # after a rejection, commit later runs of >= n accepted tokens; 0 = off
     preset: str | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------------------------------------
@@ -185,6 +195,7 @@ class S2D2Config:
             boolean(name, getattr(self, name), allow_none=False)
         boolean("cache_ver", self.cache_ver)
         boolean("draft_ver", self.draft_ver)
+        self._validate_d2f_knobs(num, pos_int)
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown S2D2 preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
         if (self.verify_policy in (None, "score_hysteresis") and self.hysteresis_on is not None
@@ -196,6 +207,17 @@ class S2D2Config:
                 and self.block_size % self.sub_block_size != 0):
             raise ValueError(
                 f"S2D2 option sub_block_size={self.sub_block_size} must divide block_size={self.block_size}")
+
+    def _validate_d2f_knobs(self, num, pos_int) -> None:
+        """Ranges of the D2F knobs (whether the family offers them is checked by :meth:`resolve`)."""
+        num("block_add_threshold", self.block_add_threshold, 0.0, 1.0, lo_open=True)
+        num("decoded_token_threshold", self.decoded_token_threshold, 0.0, 1.0)
+        pos_int("max_active_blocks", self.max_active_blocks)
+        pos_int("min_tokens_per_step", self.min_tokens_per_step)
+        pos_int("verify_block_size", self.verify_block_size)
+        num("accept_min_draft_confidence", self.accept_min_draft_confidence, 0.0, 1.0)
+        num("resample_min_q", self.resample_min_q, 0.0, 1.0)
+        pos_int("partial_accept_run", self.partial_accept_run, minimum=0)
 
     # ------------------------------------------------------------------------------------------------
     def resolve(self, family: str, checkpoint_block_size: int) -> "S2D2Config":
@@ -217,6 +239,7 @@ class S2D2Config:
         if d["denoising_steps"] is None:
             d["denoising_steps"] = d["block_size"]
         B = d["block_size"]
+        _check_d2f_knobs(d, fam)
         if fam.sub_blocks:
             if B != checkpoint_block_size:
                 raise ValueError(
@@ -231,7 +254,12 @@ class S2D2Config:
             d["sub_block_size"] = B
         if d["draft_ver"] and not fam.draft_ver:
             raise ValueError(f"S2D2 option draft_ver=true is not available for {fam.title}")
-        if d["min_span_length"] > d["sub_block_size"]:
+        if fam.pipelined:
+            window = d["max_active_blocks"] * B
+            if d["min_span_length"] > window:
+                raise ValueError(f"min_span_length={d['min_span_length']} exceeds the decoding window "
+                                 f"(max_active_blocks * block_size = {window}): such a span never occurs")
+        elif d["min_span_length"] > d["sub_block_size"]:
             raise ValueError(f"min_span_length={d['min_span_length']} exceeds the decoding window "
                              f"({'sub_block_size' if fam.sub_blocks else 'block_size'}="
                              f"{d['sub_block_size']}): such a span never occurs")
@@ -255,6 +283,31 @@ class S2D2Config:
         if d["verify_policy"] == "score_hysteresis" and d["hysteresis_on"] <= d["hysteresis_off"]:
             raise ValueError("S2D2 score_hysteresis needs hysteresis_on > hysteresis_off")
         return S2D2Config(**d)
+
+
+# Knobs of the pipelined (D2F) families only.
+D2F_KNOBS = ("block_add_threshold", "decoded_token_threshold", "max_active_blocks", "min_tokens_per_step",
+             "verify_block_size", "accept_min_draft_confidence", "resample_min_q", "partial_accept_run")
+
+
+def _check_d2f_knobs(d: dict[str, Any], fam: Any) -> None:
+    """Reject D2F knobs for other families; check those that depend on the block size or the verifier."""
+    if not fam.pipelined:
+        for name in D2F_KNOBS:
+            if d[name] is not None:
+                raise ValueError(f"S2D2 option {name} applies to {_pipelined_families()} only "
+                                 f"(family {fam.name!r})")
+        return
+    tbs, B = d["verify_block_size"], d["block_size"]
+    if fam.shifted and tbs != 1:
+        raise ValueError(f"S2D2 option verify_block_size={tbs} is not available for {fam.title}: its causal "
+                         f"verifier needs 1 (row i-1 would see the draft it verifies)")
+    if B % tbs:
+        raise ValueError(f"S2D2 option verify_block_size={tbs} must divide block_size={B}")
+
+
+def _pipelined_families() -> str:
+    return " / ".join(f.title for f in TABLE if f.pipelined)
 
 
 def _sub_block_families() -> str:
