@@ -373,10 +373,9 @@ def test_random_walk_matches_slow_loop_and_batched_equals_per_row(verify_span):
             want = slow[r].step(p0[r].tolist(), x0[r].tolist(), add_thr[r], dec_thr[r], float(skip[r]),
                                 int(max_blocks[r]), [s for s in stops[r].tolist() if s >= 0], int(min_k[r]),
                                 verify_span)
-            # the fast window is compared once the blocks are shifted like the slow list
             assert commit[r].tolist() == want, r
         shifted = pl.shift_window(w, M).window
-        tokens, status, full = _as_window([s for s in slow], A, B)
+        tokens, status, full = _as_window(slow, A, B)
         slow_shifted = [[(t, st, f) for t, st, f in zip(*row) if st != C] for row in zip(tokens, status, full)]
         for r in range(R):
             n = len(slow_shifted[r])
@@ -539,7 +538,8 @@ def _everything_args():
     tokens[3, 1] = 2
     full = torch.rand(R, A, generator=g) < 0.5
     acc_args, common, knobs = _random_accept_case(9, R=R, L=A * B)
-    return (tokens, status, full & (status == A_), lt([1, 1, 0, 3, 3]), torch.tensor([False, False, False, True, False]),
+    stopped = torch.tensor([False, False, False, True, False])
+    return (tokens, status, full & (status == A_), lt([1, 1, 0, 3, 3]), stopped,
             torch.rand(R, A, B, generator=g), torch.randint(0, 9, (R, A, B), generator=g), torch.rand(R, generator=g),
             torch.rand(R, generator=g), torch.rand(R, generator=g), lt([4] * R), lt([[7, -1]] * R), lt([2] * R),
             *acc_args, common["greedy"], common["ratio_tempering"], common["allow_resample"],
