@@ -135,7 +135,7 @@ def test_draft_verify_finish_batch_equals_single_rows():
     assert draft.do_verify[1]  # always-verify row
     for r in range(4):
         p1, _ = build("sdar", 4, [ROW_CFGS[r]], [ROW_SAMPLING[r]])
-        b1 = BlockState(*(t[r:r + 1] for t in block))
+        b1 = BlockState(*(None if t is None else t[r:r + 1] for t in block))
         d1, s1 = draft_step(logits[r:r + 1], b1, p1, rules, PolicyState.zeros(1))
         _assert_draft_equal(draft, d1, r)
         c1, t1, a1 = verify_step(d1, q_logits[r:r + 1], p1, rules, b1.counter)
@@ -157,7 +157,7 @@ def test_multi_step_decoding_batch_equals_single_rows():
     singles = []
     for r in range(4):
         p1, _ = build("sdar", 4, [ROW_CFGS[r]], [ROW_SAMPLING[r]])
-        singles.append([p1, BlockState(*(t[r:r + 1] for t in block)), PolicyState.zeros(1)])
+        singles.append([p1, BlockState(*(None if t is None else t[r:r + 1] for t in block)), PolicyState.zeros(1)])
     for t, (logits, q_logits) in enumerate(steps):
         _, res, state = one_step(logits, q_logits, block, params, rules, state)
         block = BlockState(res.tokens, block.editable, block.region, block.step + 1, block.counter + 1)

@@ -30,6 +30,7 @@ class FamilyRules:
     fallback_to_quota: bool  # after a verify, top up to the step quota with the remasking rule
     keep_rejected_draft: bool  # without resampling, commit the rejected draft (SDAR) or leave it masked
     fixed_quota: int | None  # LLaDA2: one token per step, however many steps
+    pipelined: bool = False  # D2F: a window of active blocks (core.pipeline rules for the baseline and top-up)
 
     @classmethod
     def for_family(cls, family: str, mask_token_id: int) -> "FamilyRules":
@@ -38,7 +39,7 @@ class FamilyRules:
             raise ValueError(f"unknown model family {family!r}")
         return cls(family, mask_token_id, shifted=fam.shifted, threshold_rule=fam.threshold_rule,
                    fallback_to_quota=fam.fallback_to_quota, keep_rejected_draft=fam.keep_rejected_draft,
-                   fixed_quota=fam.fixed_quota)
+                   fixed_quota=fam.fixed_quota, pipelined=fam.pipelined)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,13 @@ class StepParams:
     allow_resample: torch.Tensor
     ratio_threshold: torch.Tensor
     always_check_high_confidence: torch.Tensor
+    # D2F (pipelined families; neutral values for the others)
+    block_add_threshold: torch.Tensor  # [R] open the next block at this progress of the last one
+    decoded_token_threshold: torch.Tensor  # [R] fully activate a block at this ratio of its predecessor
+    min_tokens_per_step: torch.Tensor  # [R] long, top-up per fully activated block after a verify
+    min_draft_confidence: torch.Tensor | None  # [R] accept only drafts with p0 above (-1 = off); None: no row
+    resample_min_q: torch.Tensor | None  # [R] resample the rejection only if q(x_j) >= it (-1 = off); None: no row
+    partial_accept_run: torch.Tensor | None  # [R] long, commit later accepted runs this long (0 = off); None: no row
 
     @classmethod
     def build(cls, configs: Sequence[S2D2Config], sampling: Sequence[SamplingSpec], rules: FamilyRules,
@@ -132,9 +140,26 @@ class StepParams:
             allow_resample=b([c.allow_resample for c in configs]),
             ratio_threshold=f([c.ratio_threshold for c in configs]),
             always_check_high_confidence=b([c.always_check_high_confidence for c in configs]),
+            block_add_threshold=f([_or(c.block_add_threshold, 1.0) for c in configs]),
+            decoded_token_threshold=f([_or(c.decoded_token_threshold, 1.0) for c in configs]),
+            min_tokens_per_step=i([_or(c.min_tokens_per_step, 1) for c in configs]),
+            min_draft_confidence=_optional(f, [c.accept_min_draft_confidence for c in configs], -1.0),
+            resample_min_q=_optional(f, [c.resample_min_q for c in configs], -1.0),
+            partial_accept_run=_optional(i, [c.partial_accept_run or None for c in configs], 0),
         )
 
     def index(self, rows: torch.Tensor) -> "StepParams":
         """The parameters of a subset of requests (rows of every tensor)."""
         return StepParams(**{fl.name: (None if getattr(self, fl.name) is None else getattr(self, fl.name)[rows])
                              for fl in fields(self)})
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _optional(make, values: list, off) -> torch.Tensor | None:
+    """``[R]`` tensor of ``values`` (None -> ``off``), or None when no request sets one (no work for the batch)."""
+    if all(v is None for v in values):
+        return None
+    return make([off if v is None else v for v in values])

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from vllm_s2d2.core import rng
+from vllm_s2d2.core import pipeline, rng
 from vllm_s2d2.core.acceptance import accept_span
 from vllm_s2d2.core.estimators import acceptance_estimate, draft_stats, expected_accepted
 from vllm_s2d2.core.params import FamilyRules, StepParams
@@ -52,6 +52,8 @@ class BlockState(NamedTuple):
     region: torch.Tensor  # [R, B] bool, positions this step may unmask (core.block.step_region)
     step: torch.Tensor  # [R] denoising step index inside the block (quota lookup)
     counter: torch.Tensor  # [R] RNG counter (one value per step)
+    # Pipelined families (D2F): the window of blocks that ``tokens`` flattens (``[R, A*B]``); None otherwise.
+    window: pipeline.Window | None = None
 
 
 @dataclass
@@ -103,7 +105,9 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
     eligible = is_mask & block.region
     edits = editing_positions(x0, p0, block.tokens, is_mask, block.editable, params.editing_threshold)
     first_half = torch.where(is_mask | edits, x0, block.tokens)
-    span = first_mask_span(is_mask, block.region)
+    window = block.window
+    span = first_mask_span(is_mask, block.region) if window is None else pipeline.window_span(window,
+                                                                                                rules.mask_token_id)
 
     stats = draft_stats(probs)
     alpha = acceptance_estimate(params.estimator, stats, p0, entropy_temperature=params.entropy_temperature,
@@ -111,16 +115,24 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
                                 entropy_threshold=params.entropy_threshold,
                                 confidence_power=params.confidence_power, margin_coef=params.margin_coef)
     k_hat = expected_accepted(alpha, span.mask)
-    n_high_conf = (eligible & (p0 > params.confidence_threshold[:, None])).sum(dim=1)
+    if window is None:
+        n_high_conf = (eligible & (p0 > params.confidence_threshold[:, None])).sum(dim=1)
+        baseline_d2f = None
+    else:  # D2F: what plain D2F would commit this step (its per-block threshold rule)
+        baseline_d2f = pipeline.baseline_commit(window, p0.view(window.tokens.shape), params.confidence_threshold,
+                                                rules.mask_token_id).view(R, B)
+        n_high_conf = baseline_d2f.sum(dim=1)
     s = score(params.score_type, k_hat, n_high_conf, params.penalty, span.length)
 
-    # UCB context over the decoding window (block, or Fast-dLLM v2 sub-block): progress counts tokens
-    # decoded in it (not the prompt tail); the "masked" entropy source averages its masks.
-    window = block.region.sum(dim=1)
+    # UCB context over the decoding window (block, Fast-dLLM v2 sub-block, or D2F's ACTIVE blocks): progress
+    # counts tokens decoded in it (not the prompt tail); the "masked" entropy source averages its masks.
+    ucb_region = block.region if window is None else (window.status == pipeline.ACTIVE).repeat_interleave(
+        window.tokens.shape[2], dim=1)
+    window_size = ucb_region.sum(dim=1)
     entropy_over = torch.where(params.ucb_entropy_masked[:, None], eligible, span.mask)
     mean_entropy = (stats.entropy * entropy_over).sum(1) / entropy_over.sum(1).clamp_min(1)
-    progress = (~is_mask & block.editable & block.region).sum(dim=1).float() / window.clamp_min(1)
-    bucket = ucb_bucket(span.length, window, progress, mean_entropy)
+    progress = (~is_mask & block.editable & ucb_region).sum(dim=1).float() / window_size.clamp_min(1)
+    bucket = ucb_bucket(span.length, window_size, progress, mean_entropy)
     routed = params.verify & (span.length > 0)
     do_verify, policy_state = route(params.policy, routed, span.length, s, bucket, policy_state,
                                     min_span=params.min_span, threshold=params.score_threshold,
@@ -130,7 +142,9 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
     step = block.step.clamp(max=params.quota.shape[1] - 1)
     quota = torch.minimum(params.quota.gather(1, step[:, None]).squeeze(1), eligible.sum(dim=1))
     conf = torch.where(eligible, p0, torch.zeros_like(p0))
-    if rules.threshold_rule:
+    if baseline_d2f is not None:
+        baseline = baseline_d2f
+    elif rules.threshold_rule:
         baseline = threshold_plus_argmax(conf, eligible, params.confidence_threshold)
     else:
         baseline = remask_commit(params.remasking, conf, eligible, quota, params.confidence_threshold)
@@ -140,27 +154,39 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
 
 
 def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules: FamilyRules,
-                counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                counter: torch.Tensor, window: pipeline.Window | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accept the span against the verifier and top up to the quota (rows = verifying requests only).
 
     ``q_logits [R, B, V]``: the verifier's logits aligned to block positions (SDAR/LLaDA2: the mask half of
-    the 2L forward; Fast-dLLM v2: the shifted causal forward).  Returns (commit [R, B], tokens [R, B],
-    num_accepted [R])."""
+    the 2L forward; Fast-dLLM v2 / D2F Dream: the shifted causal forward).  ``window``: the D2F window the
+    block flattens (then every fully activated block is topped up to ``min_tokens_per_step``).  Returns
+    (commit [R, B], tokens [R, B], num_accepted [R])."""
     R, B, _ = q_logits.shape
     q = draft_probs(q_logits, params, rules)  # the same transform as the draft's p
+    run = params.partial_accept_run
+    if run is not None:  # later accepted runs count from a request's second step on
+        run = torch.where(counter > 0, run, torch.zeros_like(run))
     verdict = accept_span(
         draft.x0, draft.probs, q, draft.span,
         rng.uniform(params.seed, counter, rng.STREAM_ACCEPT, B),
         rng.uniform(params.seed, counter, rng.STREAM_RESAMPLE, 1)[:, 0],
         greedy=params.greedy_accept, ratio_tempering=params.ratio_tempering,
         allow_resample=params.allow_resample, ratio_threshold=params.ratio_threshold,
-        keep_rejected_draft=rules.keep_rejected_draft)
+        keep_rejected_draft=rules.keep_rejected_draft, min_draft_confidence=params.min_draft_confidence,
+        resample_min_q=params.resample_min_q, partial_accept_run=run)
     commit, tokens = verdict.commit, verdict.tokens
     # Optional: other masks above tau, counted toward the quota (off in every paper config).
     high = (draft.eligible & ~commit & params.always_check_high_confidence[:, None]
             & (draft.p0 > params.confidence_threshold[:, None]))
     commit = commit | high
-    if rules.fallback_to_quota:
+    if window is not None:
+        # D2F: every fully activated block gets at least min_tokens_per_step this step.
+        shape = window.tokens.shape
+        commit = commit | pipeline.fallback_commit(window, draft.p0.view(shape), commit.view(shape),
+                                                   params.confidence_threshold, params.min_tokens_per_step,
+                                                   rules.mask_token_id).view(R, B)
+    elif rules.fallback_to_quota:
         # SDAR / LLaDA2: top up with the remasking rule only while the step is short of its quota.
         remaining = draft.eligible & ~commit
         conf = torch.where(remaining, draft.p0, torch.zeros_like(draft.p0))

@@ -10,6 +10,8 @@ from vllm_s2d2.core.params import StepParams
 from vllm_s2d2.engine.buffer_utils import StagedRows
 
 _SKIPPED = ("quota", "top_k", "top_p")  # packed apart: quota is a row, top-k / top-p may be switched off
+# D2F acceptance knobs (None for every family the engine serves: D2F is not in the engine yet)
+_UNPACKED = ("min_draft_confidence", "resample_min_q", "partial_accept_run")
 
 
 class PackedStepParams:
@@ -21,7 +23,7 @@ class PackedStepParams:
     def __init__(self, num_slots: int, quota_width: int, template: StepParams, device: torch.device):
         self.float_names, self.int_names, self.bool_names = [], [], []
         for fl in fields(StepParams):
-            if fl.name in _SKIPPED:
+            if fl.name in _SKIPPED or fl.name in _UNPACKED:
                 continue
             t = getattr(template, fl.name)
             (self.bool_names if t.dtype == torch.bool else
@@ -55,6 +57,7 @@ class PackedStepParams:
         kw.update({n: i[:, j] for j, n in enumerate(self.int_names)})
         kw.update({n: b[:, j] for j, n in enumerate(self.bool_names)})
         kw["quota"] = self.quota.gpu[slots]
+        kw.update(dict.fromkeys(_UNPACKED))
         if not use_top_k:
             kw["top_k"] = None
         if not use_top_p:
