@@ -281,6 +281,11 @@ def generate(model: DenseModel, info: FamilyInfo, prompts: Sequence[Sequence[int
             raise ValueError("empty prompt: at least one token is required")
         if any(t == info.mask_token_id for t in prompt):
             raise ValueError(f"prompt contains the mask token id {info.mask_token_id}")
-        req = _Request(model, info, cfg, spec, prompt, max_tokens, stops, device)
+        if getattr(info, "pipelined", False):  # D2F: a window of blocks (vllm_s2d2.reference.d2f)
+            from vllm_s2d2.reference.d2f import PipelinedRequest
+
+            req = PipelinedRequest(model, info, cfg, spec, prompt, max_tokens, stops, device)
+        else:
+            req = _Request(model, info, cfg, spec, prompt, max_tokens, stops, device)
         outs.append(req.run())
     return outs
