@@ -136,8 +136,8 @@ class PipelinedRequest:
         status = w.status[0]
         n_cache = int((status == pipeline.TO_CACHE).sum())
         n_occupied = int((status != pipeline.EMPTY).sum())
-        if n_occupied == n_cache:  # nothing left to decode (cannot happen before _finished says so)
-            raise RuntimeError("D2F reference: no active block while the request is unfinished")
+        if n_occupied == 0:  # (cannot happen before _finished says so)
+            raise RuntimeError("D2F reference: an empty window while the request is unfinished")
 
         # Forward over [TO_CACHE | ACTIVE]: writes the TO_CACHE blocks' KV and drafts the ACTIVE ones.
         c = len(self.seq)
@@ -146,13 +146,19 @@ class PipelinedRequest:
         raw = self._forward(query, torch.arange(c, c + n_occupied * B, device=dev),
                             masks.window_rows(c, n_occupied, B, causal_len, dev))
         aligned = self._aligned(raw, self.last_logit)
-        self.stats.draft_forwards += 1
+        n_active = n_occupied - n_cache
+        if n_active:
+            self.stats.draft_forwards += 1
+        else:  # a full window of finished blocks: this forward only writes their KV, frees the slots
+            self.stats.commit_forwards += 1
         if n_cache:
             self.seq = self.seq + query[:n_cache * B].tolist()
             self.last_logit = raw[n_cache * B - 1]
             self.stats.cached_blocks += n_cache
         w = pipeline.shift_window(w, self.mask_id).window
-        n_active = n_occupied - n_cache
+        if not n_active:
+            self.window = w
+            return self._finished()
         self.stats.max_active_blocks = max(self.stats.max_active_blocks, n_active)
         self.stats.active_block_steps += n_active
 
