@@ -376,10 +376,45 @@ def demo(argv: list[str] | None = None) -> int:
     return 0
 
 
+# -- merge-d2f-lora ------------------------------------------------------------------------------------------
+def build_merge_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="vllm-s2d2 merge-d2f-lora",
+        description="Merge a D2F LoRA adapter (PEFT: adapter_config.json + adapter_model.safetensors) into its "
+                    "Dream / LLaDA base checkpoint and mark the result as D2F (config.json gets "
+                    "\"d2f\": {\"block_size\": N}); the plugin serves only marked checkpoints.")
+    p.add_argument("base", help="base checkpoint directory (e.g. Dream-v0-Base-7B, LLaDA-8B-Instruct)")
+    p.add_argument("adapter", help="D2F LoRA adapter directory")
+    p.add_argument("out", help="output directory (created; must differ from BASE)")
+    p.add_argument("--block-size", type=int_arg(1), default=32, help="decoding block size to record (default 32)")
+    return p
+
+
+def merge_d2f(argv: list[str] | None = None) -> int:
+    prog = "vllm-s2d2 merge-d2f-lora"
+    args = build_merge_parser().parse_args(argv)
+    for label, path in (("base checkpoint", args.base), ("adapter", args.adapter)):
+        if not Path(path).is_dir():
+            return usage_error(prog, f"{label} directory {path!r} does not exist" if not Path(path).exists()
+                               else f"{label} {path!r} is not a directory")
+    from vllm_s2d2.d2f_merge import merge_d2f_lora
+
+    try:
+        out = merge_d2f_lora(args.base, args.adapter, args.out, block_size=args.block_size)
+    except (OSError, ValueError) as e:
+        return usage_error(prog, e)
+    print(f"merged {args.adapter} into {args.base}: {out} (D2F, block size {args.block_size})")
+    return 0
+
+
 USAGE = ("usage: vllm-s2d2 COMMAND [options]   (vllm-s2d2 COMMAND --help)\n\n"
          "  demo   decode held-out code prompts with the trained demo checkpoint: AR mode, threshold baseline and "
-         "S2D2 side by side\n\n"
+         "S2D2 side by side\n"
+         "  merge-d2f-lora BASE ADAPTER OUT [--block-size N]   merge a D2F LoRA into its Dream / LLaDA base\n\n"
          "  vllm-s2d2 --version   the plugin's version")
+
+
+COMMANDS = "demo, merge-d2f-lora"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,10 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vllm-s2d2 {__version__}")
         return 0
     if not argv:
-        return usage_error("vllm-s2d2", "no command given; available: demo (see vllm-s2d2 --help)")
+        return usage_error("vllm-s2d2", f"no command given; available: {COMMANDS} (see vllm-s2d2 --help)")
     if argv[0] == "demo":
         return demo(argv[1:])
-    return usage_error("vllm-s2d2", f"unknown command {argv[0]!r}; available: demo (see vllm-s2d2 --help)")
+    if argv[0] == "merge-d2f-lora":
+        return merge_d2f(argv[1:])
+    return usage_error("vllm-s2d2", f"unknown command {argv[0]!r}; available: {COMMANDS} (see vllm-s2d2 --help)")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,12 @@ S2D2 "2L" verifier layout (same positions twice) is expressible.
 Backbones by ``model_type`` (:data:`vllm_s2d2.families.BACKBONES`):
   * ``qwen3``      -- SDAR ``sdar`` -> transformers ``Qwen3ForCausalLM``
   * ``qwen3_moe``  -- SDAR ``sdar_moe`` -> transformers ``Qwen3MoeForCausalLM``
-  * ``qwen2``      -- Fast-dLLM v2 ``Fast_dLLM_Qwen`` -> transformers ``Qwen2ForCausalLM`` (q/k/v bias)
+  * ``qwen2``      -- Fast-dLLM v2 ``Fast_dLLM_Qwen`` and D2F ``Dream`` -> transformers ``Qwen2ForCausalLM``
+                      (q/k/v bias; same tensor names)
   * ``llada2``     -- LLaDA2.x ``llada2_moe`` -> pure-torch :mod:`vllm_s2d2.reference.llada2_model`
+  * ``llada``      -- D2F ``llada`` (LLaDA-8B, OLMo names) -> transformers ``LlamaForCausalLM`` after the
+                      key remap :data:`LLADA_TO_LLAMA` (LLaDA's block is Llama's: RMSNorm, rotate-half RoPE,
+                      SwiGLU with ``ff_proj`` = gate)
 
 How transformers 5.17 treats the mask (``masking_utils.py``, ``integrations/sdpa_attention.py``,
 ``models/qwen3/modeling_qwen3.py``):
@@ -50,7 +54,8 @@ from vllm_s2d2.families import BACKBONES, BY_ARCHITECTURE, BY_MODEL_TYPE
 
 from .llada2_model import LLaDA2Config, LLaDA2ForLM
 
-__all__ = ["ReferenceModel", "detect_family", "load_safetensors_dir", "qwen_hf_config"]
+__all__ = ["ReferenceModel", "detect_family", "load_safetensors_dir", "qwen_hf_config", "llada_hf_config",
+           "LLADA_TO_LLAMA", "llada_to_llama_state_dict"]
 
 
 def _model_type(cfg: dict[str, Any]) -> str:
@@ -206,6 +211,89 @@ def _build_qwen(cfg: dict[str, Any], sd: dict[str, torch.Tensor], device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
+# D2F LLaDA: OLMo names -> transformers Llama
+
+# (regex on the checkpoint name, Llama name template); each checkpoint tensor must match exactly one.
+LLADA_TO_LLAMA: tuple[tuple[str, str], ...] = (
+    (r"model\.transformer\.wte\.weight", "model.embed_tokens.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.(q_proj|k_proj|v_proj)\.weight", r"model.layers.\1.self_attn.\2.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_out\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_proj\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.up_proj\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_out\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"model\.transformer\.ln_f\.weight", "model.norm.weight"),
+    (r"model\.transformer\.ff_out\.weight", "lm_head.weight"),
+)
+_LLADA_PATTERNS = tuple((re.compile(pattern), template) for pattern, template in LLADA_TO_LLAMA)
+
+
+def _llama_name(name: str) -> str:
+    for pattern, template in _LLADA_PATTERNS:
+        if pattern.fullmatch(name):
+            return pattern.sub(template, name)
+    raise KeyError(f"LLaDA checkpoint tensor {name!r} has no Llama counterpart (biases are not supported)")
+
+
+def llada_to_llama_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LLaDA (OLMo-named) state dict under transformers Llama's names."""
+    return {_llama_name(name): tensor for name, tensor in sd.items()}
+
+
+# LLaDA features the Llama block lacks: (config key, the value LLaDA-8B has, the only one supported here)
+_LLADA_REQUIRED = (("block_type", "llama"), ("layer_norm_type", "rms"), ("include_bias", False),
+                   ("include_qkv_bias", False), ("alibi", False), ("input_emb_norm", False),
+                   ("scale_logits", False), ("rope", True), ("attention_layer_norm", False))
+
+
+def llada_hf_config(cfg: dict[str, Any]):
+    """Translate a D2F LLaDA config.json (OLMo keys) into a transformers ``LlamaConfig``."""
+    from transformers import LlamaConfig
+
+    for key, supported in _LLADA_REQUIRED:
+        if key in cfg and cfg[key] != supported:
+            raise NotImplementedError(f"LLaDA `{key}`={cfg[key]!r} is not supported by the reference "
+                                      f"(only {supported!r})")
+    if cfg.get("rope_scaling") not in (None, {}):
+        raise NotImplementedError("rope_scaling is not supported by the reference")
+    heads = cfg["n_heads"]
+    return LlamaConfig(
+        vocab_size=cfg.get("embedding_size") or cfg["vocab_size"],
+        hidden_size=cfg["d_model"],
+        intermediate_size=cfg["mlp_hidden_size"],
+        num_hidden_layers=cfg["n_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.get("n_kv_heads") or heads,
+        hidden_act=cfg.get("activation_type", "silu"),
+        max_position_embeddings=cfg.get("max_sequence_length", 4096),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))},
+        tie_word_embeddings=bool(cfg.get("weight_tying", False)),
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
+
+
+def _build_llada(cfg: dict[str, Any], sd: dict[str, torch.Tensor], device, dtype):
+    from transformers import LlamaForCausalLM
+
+    hf_cfg = llada_hf_config(cfg)
+    with _no_init(), torch.device(device):
+        model = LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
+    sd = llada_to_llama_state_dict(sd)
+    if hf_cfg.tie_word_embeddings and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True)
+    if hf_cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    assert model.config._attn_implementation == "sdpa"
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 class ReferenceModel:
@@ -234,7 +322,10 @@ class ReferenceModel:
             cfg = json.load(f)
         family = detect_family(cfg)
         sd = load_safetensors_dir(path)
-        if BACKBONES[_model_type(cfg)] == "llada2":
+        backbone = BACKBONES[_model_type(cfg)]
+        if backbone == "llada":
+            module = _build_llada(cfg, sd, device, dtype)
+        elif backbone == "llada2":
             lcfg = LLaDA2Config.from_dict(cfg)
             with torch.device(device):
                 module = LLaDA2ForLM(lcfg)

