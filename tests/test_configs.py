@@ -309,6 +309,8 @@ def test_arch_table():
         "SDARMoeForCausalLM": "sdar",
         "Fast_dLLM_QwenForCausalLM": "fast_dllm_v2",
         "LLaDA2MoeModelLM": "llada2",
+        "DreamModel": "d2f_dream",
+        "LLaDAModelLM": "d2f_llada",
     }
 
 
@@ -322,14 +324,15 @@ def test_family_table_covers_the_config_classes():
     assert set(CONFIG_CLASSES) <= set(BY_MODEL_TYPE)
     assert {mt: BY_MODEL_TYPE[mt].name for mt in CONFIG_CLASSES} == {
         "sdar": "sdar", "sdar_moe": "sdar", "Fast_dLLM_Qwen": "fast_dllm_v2", "llada2_moe": "llada2",
-        "llada2_moe_veomni": "llada2"}
+        "llada2_moe_veomni": "llada2", "Dream": "d2f_dream", "llada": "d2f_llada"}
     for f in TABLE:
         a = f.architectures[0]
-        cfg = {"architectures": [a.name], "vocab_size": 200000}
+        cfg = {"architectures": [a.name], "vocab_size": 200000, **({f.marker_key: {}} if f.marker_key else {})}
         info = family_info(cfg)
         assert (info.family, info.block_size, info.mask_token_id, info.stop_token_ids, info.shifted) == (
             f.name, f.default_block_size, f.default_mask_token_id, f.default_stop_token_ids, f.shifted)
-        assert family_info({**cfg, f.block_size_key: 8}).block_size == 8
+        head, _, sub = f.block_size_key.partition(".")
+        assert family_info({**cfg, head: {sub: 8} if sub else 8}).block_size == 8
 
 
 # ---- fallbacks ----------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def test_llada_remap_covers_every_tensor(merged):
     names = llada_to_llama_state_dict(load_file(str(out / "model.safetensors")))
     assert "model.layers.1.mlp.gate_proj.weight" in names and "lm_head.weight" in names
     assert len(LLADA_TO_LLAMA) == 10
-    with pytest.raises(KeyError, match="bias"):
+    with pytest.raises(ValueError, match="bias"):
         llada_to_llama_state_dict({"model.transformer.blocks.0.q_proj.bias": torch.zeros(1)})
 
 

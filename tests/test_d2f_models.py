@@ -1,4 +1,4 @@
-"""The D2F model classes' weight names: LLaDA's OLMo names map onto vLLM's Llama names (no GPU needed)."""
+"""The D2F model classes: LLaDA's OLMo tensor names map onto vLLM's Llama names (no GPU needed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_s2d2.model_executor.models.d2f import llada_to_llama_name  # noqa: E402
+from vllm_s2d2.configs import llada_to_llama_name  # noqa: E402
+from vllm_s2d2.model_executor.models import d2f  # noqa: E402
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -22,12 +23,20 @@ from vllm_s2d2.model_executor.models.d2f import llada_to_llama_name  # noqa: E40
     ("model.transformer.blocks.2.ff_out.weight", "model.layers.2.mlp.down_proj.weight"),
     ("model.transformer.blocks.5.attn_norm.weight", "model.layers.5.input_layernorm.weight"),
     ("model.transformer.blocks.5.ff_norm.weight", "model.layers.5.post_attention_layernorm.weight"),
-    ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
 ])
 def test_llada_names_map_to_llama(name, expected):
     assert llada_to_llama_name(name) == expected
 
 
-def test_unknown_llada_block_tensor_is_an_error():
-    with pytest.raises(ValueError, match="unknown LLaDA block tensor"):
+def test_unknown_llada_tensor_is_an_error():
+    with pytest.raises(ValueError, match="no Llama counterpart"):
         llada_to_llama_name("model.transformer.blocks.0.att_proj.weight")
+
+
+def test_model_classes_build_on_vllm_bases():
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+    from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+    assert issubclass(d2f.D2FDreamForCausalLM, Qwen2ForCausalLM)
+    assert issubclass(d2f.D2FLLaDAForCausalLM, LlamaForCausalLM)
+    assert d2f.D2FLLaDAForCausalLM.load_weights is not LlamaForCausalLM.load_weights

@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "vllm_s2d2"
 
-TOP_LEVEL = {f"{PKG}.configs", f"{PKG}.s2d2_config", f"{PKG}.log", f"{PKG}.families"}
+TOP_LEVEL = {f"{PKG}.configs", f"{PKG}.s2d2_config", f"{PKG}.log", f"{PKG}.families", f"{PKG}.d2f_merge"}
 SUBPACKAGE_LAYERS = {"core": "core", "engine": "engine", "reference": "reference",
                      "model_executor": "model_executor", "patches": "patches", "testing": "app"}
 APP_MODULES = {f"{PKG}.cli"}

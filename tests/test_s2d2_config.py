@@ -10,7 +10,7 @@ import pytest
 
 from vllm_s2d2.s2d2_config import (ESTIMATORS, FAMILIES, POLICIES, PRESETS, REMASKING, SCORES, S2D2Config)
 
-CKPT = {"sdar": 4, "fast_dllm_v2": 32, "llada2": 32}
+CKPT = {"sdar": 4, "fast_dllm_v2": 32, "llada2": 32, "d2f_dream": 32, "d2f_llada": 32}
 
 
 def resolve(family, **kw):
@@ -110,7 +110,8 @@ def test_unknown_family():
 # ----------------------------------------------------------------------------------------------------
 
 PRESET_FAMILY = {"sdar-a": "sdar", "sdar-b": "sdar", "fast-a": "fast_dllm_v2", "fast-b": "fast_dllm_v2",
-                 "fast-c": "fast_dllm_v2", "llada2-conservative": "llada2", "llada2-quality": "llada2"}
+                 "fast-c": "fast_dllm_v2", "llada2-conservative": "llada2", "llada2-quality": "llada2",
+                 "d2f-dream": "d2f_dream", "d2f-llada": "d2f_llada"}
 
 
 def test_preset_list():

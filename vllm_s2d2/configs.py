@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,6 +42,8 @@ from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, Qwen2Config,
 from vllm_s2d2.families import BY_ARCHITECTURE, BY_NAME
 
 __all__ = [
+    "LLADA_TO_LLAMA",
+    "llada_to_llama_name",
     "ARCH_TO_FAMILY",
     "CONFIG_CLASSES",
     "SDARConfig",
@@ -470,3 +473,28 @@ def family_of(path_or_config: str | os.PathLike | Mapping[str, Any] | Any) -> st
         if a in ARCH_TO_FAMILY:
             return ARCH_TO_FAMILY[a]
     return None
+
+
+# LLaDA-8B's OLMo tensor names -> transformers / vLLM Llama names (LLaDA's block is Llama's: RMSNorm, rotate-half
+# RoPE, SwiGLU with ``ff_proj`` = gate); read by the reference backbone and the vLLM model class.
+LLADA_TO_LLAMA: tuple[tuple[str, str], ...] = (
+    (r"model\.transformer\.wte\.weight", "model.embed_tokens.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.(q_proj|k_proj|v_proj)\.weight", r"model.layers.\1.self_attn.\2.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_out\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_proj\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.up_proj\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_out\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"model\.transformer\.ln_f\.weight", "model.norm.weight"),
+    (r"model\.transformer\.ff_out\.weight", "lm_head.weight"),
+)
+_LLADA_PATTERNS = tuple((re.compile(pattern), template) for pattern, template in LLADA_TO_LLAMA)
+
+
+def llada_to_llama_name(name: str) -> str:
+    """The Llama name of a LLaDA checkpoint tensor (ValueError for a tensor Llama has no place for)."""
+    for pattern, template in _LLADA_PATTERNS:
+        if pattern.fullmatch(name):
+            return pattern.sub(template, name)
+    raise ValueError(f"LLaDA checkpoint tensor {name!r} has no Llama counterpart (biases are not supported)")

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from vllm_s2d2.configs import LLADA_TO_LLAMA, llada_to_llama_name
 from vllm_s2d2.families import BACKBONES, BY_ARCHITECTURE, BY_MODEL_TYPE
 
 from .llada2_model import LLaDA2Config, LLaDA2ForLM
@@ -214,31 +215,9 @@ def _build_qwen(cfg: dict[str, Any], sd: dict[str, torch.Tensor], device, dtype)
 # D2F LLaDA: OLMo names -> transformers Llama
 
 # (regex on the checkpoint name, Llama name template); each checkpoint tensor must match exactly one.
-LLADA_TO_LLAMA: tuple[tuple[str, str], ...] = (
-    (r"model\.transformer\.wte\.weight", "model.embed_tokens.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.(q_proj|k_proj|v_proj)\.weight", r"model.layers.\1.self_attn.\2.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.attn_out\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.ff_proj\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.up_proj\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.ff_out\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.ff_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"model\.transformer\.ln_f\.weight", "model.norm.weight"),
-    (r"model\.transformer\.ff_out\.weight", "lm_head.weight"),
-)
-_LLADA_PATTERNS = tuple((re.compile(pattern), template) for pattern, template in LLADA_TO_LLAMA)
-
-
-def _llama_name(name: str) -> str:
-    for pattern, template in _LLADA_PATTERNS:
-        if pattern.fullmatch(name):
-            return pattern.sub(template, name)
-    raise KeyError(f"LLaDA checkpoint tensor {name!r} has no Llama counterpart (biases are not supported)")
-
-
 def llada_to_llama_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A LLaDA (OLMo-named) state dict under transformers Llama's names."""
-    return {_llama_name(name): tensor for name, tensor in sd.items()}
+    return {llada_to_llama_name(name): tensor for name, tensor in sd.items()}
 
 
 # LLaDA features the Llama block lacks: (config key, the value LLaDA-8B has, the only one supported here)

@@ -3,7 +3,7 @@
 * ``DreamModel`` (``model_type`` ``Dream``) has Qwen2's tensor names and shapes (q/k/v with bias), which vLLM's
   ``Qwen2ForCausalLM`` loads 1:1; it is shift-aligned (logit i predicts token i + 1) like Fast-dLLM v2.
 * ``LLaDAModelLM`` (``model_type`` ``llada``) is a LLaMA-style model with OLMo tensor names
-  (``model.transformer.blocks.N.attn_out`` ...); :func:`llada_to_llama_name` renames them to the names vLLM's
+  (``model.transformer.blocks.N.attn_out`` ...); :func:`vllm_s2d2.configs.llada_to_llama_name` renames them to the names vLLM's
   ``LlamaForCausalLM`` loads (whose own mapper then packs q/k/v and gate/up).  Position-aligned.
 
 Both configs (:mod:`vllm_s2d2.configs`) are accepted only for merged D2F checkpoints (``vllm-s2d2
@@ -12,38 +12,14 @@ merge-d2f-lora``): the plain bases are full-attention models.
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from vllm_s2d2.configs import llada_to_llama_name
 from vllm_s2d2.model_executor.models.common import BlockDiffusionModel
-
-# OLMo-style LLaDA names -> HF Llama names (block-level suffixes first: ``ff_out`` is also the head's name)
-_LLADA_BLOCK_RENAMES = {
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "attn_out": "self_attn.o_proj", "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-    "ff_out": "mlp.down_proj", "attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm",
-}
-_LLADA_TOP_RENAMES = {"model.transformer.wte.": "model.embed_tokens.", "model.transformer.ln_f.": "model.norm.",
-                      "model.transformer.ff_out.": "lm_head."}
-_BLOCK = re.compile(r"^model\.transformer\.blocks\.(\d+)\.([a-z_]+)\.(.+)$")
-
-
-def llada_to_llama_name(name: str) -> str:
-    """The HF Llama name of a LLaDA tensor (names already in Llama form pass through unchanged)."""
-    m = _BLOCK.match(name)
-    if m is not None:
-        layer, module, rest = m.groups()
-        if module not in _LLADA_BLOCK_RENAMES:
-            raise ValueError(f"unknown LLaDA block tensor {name!r}")
-        return f"model.layers.{layer}.{_LLADA_BLOCK_RENAMES[module]}.{rest}"
-    for old, new in _LLADA_TOP_RENAMES.items():
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
 
 
 class D2FDreamForCausalLM(BlockDiffusionModel, Qwen2ForCausalLM):
