@@ -40,3 +40,19 @@ def test_model_classes_build_on_vllm_bases():
     assert issubclass(d2f.D2FDreamForCausalLM, Qwen2ForCausalLM)
     assert issubclass(d2f.D2FLLaDAForCausalLM, LlamaForCausalLM)
     assert d2f.D2FLLaDAForCausalLM.load_weights is not LlamaForCausalLM.load_weights
+
+
+@pytest.mark.parametrize("family", ["d2f_dream", "d2f_llada"])
+def test_engine_refuses_d2f_with_a_clear_message(tmp_path, family):
+    """Until the engine decodes a window of blocks, a D2F checkpoint must not be served as a one-block family."""
+    import torch
+    from transformers import AutoConfig
+
+    from vllm_s2d2.configs import register_hf_configs
+    from vllm_s2d2.engine.settings import resolve_engine_settings
+    from vllm_s2d2.testing.checkpoints import build_tiny_checkpoint
+
+    register_hf_configs()
+    path = build_tiny_checkpoint(family, tmp_path / family, small_vocab=True, dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not serve yet.*reference decoder"):
+        resolve_engine_settings(AutoConfig.from_pretrained(path), {"method": "s2d2"})

@@ -62,6 +62,10 @@ def resolve_engine_settings(hf_config: Any, s2d2: Mapping[str, Any] | S2D2Config
 
     ``s2d2`` None means "no S2D2 requested": the plain block-diffusion baseline (``verify=False``)."""
     info = family_info(hf_config)
+    if info.pipelined:
+        raise ValueError(f"{info.architecture} ({info.family}) decodes a pipeline of several blocks, which the "
+                         "vLLM engine does not serve yet; decode it with the reference decoder "
+                         "(python -m vllm_s2d2.reference --model PATH ...)")
     if s2d2 is None:
         cfg = S2D2Config(verify=False)
     elif isinstance(s2d2, S2D2Config):
