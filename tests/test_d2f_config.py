@@ -124,7 +124,7 @@ def test_defaults(family):
     c = resolve(family)
     assert (c.block_size, c.block_add_threshold, c.decoded_token_threshold, c.confidence_threshold) == (
         32, 0.5, 0.8, 0.9)
-    assert (c.verify_policy, c.min_span_length, c.cache_ver, c.draft_ver) == ("mask_span_length", 1, True, False)
+    assert (c.verify_policy, c.min_span_length, c.cache_ver, c.draft_ver) == ("mask_span_length", 1, False, False)
     assert (c.max_active_blocks, c.min_tokens_per_step, c.verify_block_size, c.partial_accept_run) == (4, 1, 1, 0)
     assert c.accept_min_draft_confidence is None and c.resample_min_q is None
     assert c.resolve(family, 32).to_dict() == c.to_dict()

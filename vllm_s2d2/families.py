@@ -74,10 +74,11 @@ _MODELS = "vllm_s2d2.model_executor.models"
 
 # D2F (Discrete Diffusion Forcing: Dream-7B / LLaDA-8B + a D2F LoRA; docs/plans/d2f.md).  Defaults = the
 # S2D2 reference CLI (`D2F/example_d2f.py`): B 32, add 0.5, decoded 0.8, skip 0.9 (= confidence_threshold),
-# always verify (min span 1), one verify block.  No paper configuration routes D2F otherwise: the score /
+# always verify (min span 1), one verify block; committed KV block-causal as D2F trained it (cache_ver off: the
+# reference's cache_ver is a no-op; on, it gives the lossless mode).  No paper configuration routes D2F otherwise: the score /
 # hysteresis knobs, used only when another policy is chosen, are Fast-dLLM v2's Config-A values.
 _D2F_DEFAULTS = _ro(dict(
-    remasking="low_confidence_dynamic", confidence_threshold=0.9, cache_ver=True, draft_ver=False,
+    remasking="low_confidence_dynamic", confidence_threshold=0.9, cache_ver=False, draft_ver=False,
     verify_policy="mask_span_length", min_span_length=1, score_type="difference_dynamic", score_penalty_coef=1.0,
     score_threshold=0.0, hysteresis_on=1.0, hysteresis_off=-5.0,
     block_add_threshold=0.5, decoded_token_threshold=0.8, max_active_blocks=4, min_tokens_per_step=1,
