@@ -649,7 +649,7 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     stop_at = t_start + cfg.max_seconds if cfg.max_seconds > 0 else None
     base = server_root(cfg.base_url)
     url = f"{base}/v1/completions"
-    connector = aiohttp.TCPConnector(limit=cfg.concurrency + 8)
+    connector = aiohttp.TCPConnector(limit=max(cfg.concurrency, cfg.rerun_concurrency) + 8)  # + /metrics
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         probe = await _probe(session, url, cfg.model, cfg.deadline_s)
         record: dict[str, Any] = {"benchmark": "soak", "schema": SCHEMA, "call": bench_records.run_metadata(),

@@ -1,0 +1,108 @@
+"""GPU (#17): the server under pressure -- ``benchmarks/soak.py`` against ``vllm serve`` of the demo checkpoint.
+
+``vllm serve assets/sdar-stdlib-10m --speculative-config s2d2 --max-num-seqs 64`` with a KV cache far smaller than
+64 concurrent requests need (``--num-gpu-blocks-override``, below), so the scheduler preempts requests all run long;
+soak.py sends the mixed load (every S2D2 policy per request, greedy and seeded, streaming and not, stop strings,
+``max_tokens`` 1..512, 10% client aborts mid-stream, the bad-input matrix), re-runs every completed request and
+compares token ids, and reads ``/metrics`` (preemptions, ``vllm:s2d2_*`` = spec-decode counters, nothing left
+running, KV cache released) and the server's RSS and GPU memory.  The test passes when soak.py's verdict is PASS
+(#17's criteria) and the server is still up; the record goes to ``$S2D2_GPU_LOG_DIR/soak.json``
+(``gpu_records.write_record``), the server log next to it.
+
+Sized to fit one device call (< 10 min: start-up ~1.5 min, soak bounded by ``S2D2_SOAK_MAX_SECONDS``; no request
+starts after it, one in flight ends within its 120 s deadline).  Re-running all ~1,700 completed requests at
+concurrency 1 would take ~30 min (the demo model streams ~140 tokens/s to a lone client, serve_bench at 7285040),
+so ``S2D2_SOAK_ALONE`` of them (64) run alone and the rest at ``S2D2_SOAK_RERUN_CONCURRENCY`` (16), in less KV
+pressure.  Other knobs (environment): ``S2D2_SOAK_REQUESTS`` (2000), ``S2D2_SOAK_CONCURRENCY`` (64),
+``S2D2_SOAK_MAX_SECONDS`` (330; whatever is not sent or re-run by then fails the run as incomplete -- lower
+``S2D2_SOAK_ALONE`` first), ``S2D2_SOAK_GPU_BLOCKS`` (512), ``S2D2_SOAK_SEED`` (0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpu_records import write_record
+from gpu_skip import require_cuda
+
+pytestmark = pytest.mark.gpu
+torch = require_cuda("vllm")
+pytest.importorskip("aiohttp")
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "assets" / "sdar-stdlib-10m"
+PROMPTS = MODEL / "heldout_prompts.jsonl"  # 11..279 tokens: + 512 new tokens fits --max-model-len 1024
+PORT = 8041
+LOG_DIR = os.environ.get("S2D2_GPU_LOG_DIR")
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+REQUESTS = _env_int("S2D2_SOAK_REQUESTS", 2000)
+CONCURRENCY = _env_int("S2D2_SOAK_CONCURRENCY", 64)
+ALONE = _env_int("S2D2_SOAK_ALONE", 64)
+RERUN_CONCURRENCY = _env_int("S2D2_SOAK_RERUN_CONCURRENCY", 16)
+MAX_SECONDS = _env_int("S2D2_SOAK_MAX_SECONDS", 330)
+SEED = _env_int("S2D2_SOAK_SEED", 0)
+DEADLINE_S = 120  # a request under this load ends well within it; one that does not is hung
+# KV cache: the demo model stores 8 layers x 2 KV heads x 64 dims x (K, V) x 2 bytes = 4 KiB per token; vLLM's
+# cache blocks hold 16 tokens.  A request holds its prompt (median 33, at most 279 tokens) plus up to 512 new
+# tokens -- at most 50 blocks, about 20 on average -- so 64 running requests want ~1,200 blocks once they have
+# grown.  512 blocks (8,192 tokens, 32 MiB) hold about a third of that: the scheduler admits up to
+# --max-num-seqs 64 short requests and must preempt as they grow, for the whole load phase; yet one request of
+# --max-model-len 1024 (64 blocks) always fits, and so do the 16 concurrent re-runs most of the time.
+GPU_BLOCKS = _env_int("S2D2_SOAK_GPU_BLOCKS", 512)
+SERVER_ARGS = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.3", "--max-num-seqs", "64",
+               "--num-gpu-blocks-override", str(GPU_BLOCKS)]
+
+
+def test_soak_under_kv_pressure(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from serve_bench import start_server, stop_server  # served model name "bench", VLLM_LOG_STATS_INTERVAL=1
+
+    assert (MODEL / "config.json").is_file() and PROMPTS.is_file(), MODEL
+    log_dir = Path(LOG_DIR) if LOG_DIR else tmp_path
+    log_dir.mkdir(parents=True, exist_ok=True)
+    soak_out = tmp_path / "soak_run.json"
+    payload: dict = {"server_args": ["--speculative-config", "s2d2", *SERVER_ARGS], "model": str(MODEL)}
+    t0 = time.time()
+    proc = start_server(str(MODEL), "s2d2", PORT, log_dir / "soak_server.log", SERVER_ARGS)
+    payload["startup_s"] = round(time.time() - t0, 1)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--base-url", f"http://127.0.0.1:{PORT}",
+           "--model", "bench", "--requests", str(REQUESTS), "--concurrency", str(CONCURRENCY),
+           "--out", str(soak_out), "--seed", str(SEED), "--prompts", str(PROMPTS), "--deadline", str(DEADLINE_S),
+           "--alone", str(ALONE), "--rerun-concurrency", str(RERUN_CONCURRENCY), "--max-seconds", str(MAX_SECONDS),
+           "--require-preemption", "--server-pid", str(proc.pid), "--gpu-memory"]
+    payload["soak_command"] = " ".join(cmd[1:])
+    try:
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                 timeout=MAX_SECONDS + DEADLINE_S + 60)
+            payload["soak_exit_code"], payload["soak_stdout"] = run.returncode, run.stdout[-3000:]
+            payload["soak_stderr"] = run.stderr[-3000:]
+        except subprocess.TimeoutExpired as e:
+            payload["soak_exit_code"], payload["soak_stderr"] = "timeout", str(e)[-1000:]
+        payload["server_running_after"] = proc.poll() is None
+    finally:
+        stop_server(proc)
+        record = json.loads(soak_out.read_text()) if soak_out.exists() else None
+        payload["soak"] = record
+        write_record("soak", "test_soak.py::test_soak_under_kv_pressure", payload)
+    assert record is not None, f"soak.py wrote no record: {payload.get('soak_stderr')}"
+    c, r = record["counts"], record["rerun"]
+    summary = payload.get("soak_stdout", "")
+    assert payload["server_running_after"], "the server died during the soak"
+    assert c["hung"] == 0 and c["server_5xx"] == 0 and c["stream_error"] == 0, summary
+    assert c["bad_input_4xx"] == c["bad_input_planned"] and c["bad_wrong"] == 0, record["failures"]
+    assert r["mismatches"] == 0, r["mismatch_examples"]
+    assert (record["preemptions"]["load"] or 0) > 0, "no preemption: the KV cache was not small enough"
+    assert record["verdict"] == "PASS", record["reasons"]
