@@ -32,6 +32,7 @@ from vllm_s2d2.engine.attention import (canvas_positions, kernel_visibility, pla
 from vllm_s2d2.engine.settings import resolve_engine_settings
 from vllm_s2d2.engine.states import VERIFY
 from vllm_s2d2.engine.stepper import S2D2Stepper
+from vllm_s2d2.engine.window_stepper import WindowStepper
 
 
 @dataclass
@@ -75,8 +76,10 @@ class Emulator:
         self.W = self.settings.canvas_length
         self.max_model_len = max_model_len
         self.budget = token_budget
-        self.chunked_prefill = bool(self.settings.config.cache_ver)  # as the config hook sets it
-        self.stepper = S2D2Stepper(max_num_reqs=max_num_reqs, block_size=self.settings.block_size,
+        pipelined = self.settings.info.pipelined
+        # as the config hook sets it (D2F: never, its prompt is one bidirectional segment)
+        self.chunked_prefill = bool(self.settings.config.cache_ver) and not pipelined
+        self.stepper = (WindowStepper if pipelined else S2D2Stepper)(max_num_reqs=max_num_reqs, block_size=self.settings.block_size,
                                    family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
                                    engine_config=self.settings.config, max_model_len=max_model_len, device="cpu",
                                    use_cuda_graphs=static_shapes)  # on CPU: the graph's static-buffer path

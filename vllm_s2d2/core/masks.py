@@ -194,3 +194,20 @@ def prefill_visibility(start: torch.Tensor, prompt_len: torch.Tensor, block_size
     same = segment[:, :, None] == segment[:, None, :]
     causal_ = idx[:, None] >= idx[None, :]
     return causal_[None] | (~token_causal[:, None, None] & same)
+
+
+def prefill_visibility_from_prompt(start: torch.Tensor, prompt_len: torch.Tensor, block_size: int, width: int,
+                                   token_causal: torch.Tensor) -> torch.Tensor:
+    """D2F's ``[R, W, W]`` prefill table (blocks counted from the prompt end, ``docs/plans/d2f.md``): the prompt is
+    one bidirectional segment and generated positions (a re-prefill after preemption) are block-causal from the
+    prompt end, or token-causal with ``cache_ver`` -- what :func:`committed_kv_from_prompt` writes.  Keys below
+    ``start`` are all visible; a generated row never sees a later block, a prompt row never a generated key."""
+    idx = torch.arange(width, device=start.device)
+    pos = start[:, None] + idx[None, :]  # [R, W]
+    P = prompt_len[:, None]
+    segment = torch.where(pos < P, torch.full_like(pos, -1), (pos - P) // block_size)  # -1: the prompt
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    causal_ = (idx[:, None] >= idx[None, :])[None]
+    prompt_rows = (q_seg < 0) & (k_seg < 0)
+    generated_rows = (q_seg >= 0) & torch.where(token_causal[:, None, None], causal_, k_seg <= q_seg)
+    return prompt_rows | generated_rows

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from vllm_s2d2.core.masks import prefill_visibility
+from vllm_s2d2.core.masks import prefill_visibility, prefill_visibility_from_prompt
 
 Ranges = dict[int, list[tuple[int, int]]]
 
@@ -110,8 +110,9 @@ def write_prefill_tables(stepper, input_batch, rows: np.ndarray) -> None:
     start = np.asarray(input_batch.num_computed_tokens_np, dtype=np.int64)[rows]
     device = st.blocks.canvas_tables.device
     as_dev = lambda x, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(x)).to(device, dt)  # noqa: E731
-    table = prefill_visibility(as_dev(start), as_dev(st.facts.prompt_len[slots]), st.B, st.W,
-                               as_dev(st.facts.cache_ver[slots], torch.bool))
+    visibility = prefill_visibility_from_prompt if st.layout.rules.pipelined else prefill_visibility
+    table = visibility(as_dev(start), as_dev(st.facts.prompt_len[slots]), _prefill_block(st), st.W,
+                       as_dev(st.facts.cache_ver[slots], torch.bool))
     index = as_dev(slots)
     st.blocks.canvas_tables[index] = table.to(torch.int8)
     st.blocks.pos_offset[index] = 0
@@ -144,9 +145,33 @@ def prefill_ranges(stepper, input_batch) -> Ranges | None:
     scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
     prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
     ranges: Ranges = {}
-    for i in np.nonzero(st.facts.active[slots] & prefilling & ~st.facts.cache_ver[slots])[0].tolist():
-        rs = prefill_block_ranges(int(computed[i]), int(computed[i] + scheduled[i]), int(st.facts.prompt_len[slots[i]]),
-                                  st.B)
+    pipelined = st.layout.rules.pipelined  # D2F: the prompt is one bidirectional segment, even with cache_ver
+    for i in np.nonzero(st.facts.active[slots] & prefilling & (~st.facts.cache_ver[slots] | pipelined))[0].tolist():
+        start, end, prompt_len = int(computed[i]), int(computed[i] + scheduled[i]), int(st.facts.prompt_len[slots[i]])
+        if pipelined:
+            rs = prompt_block_ranges(start, end, prompt_len, _prefill_block(st), bool(st.facts.cache_ver[slots[i]]))
+        else:
+            rs = prefill_block_ranges(start, end, prompt_len, st.B)
         if rs:
             ranges[i] = rs
     return pad_ranges(ranges)
+
+
+def _prefill_block(stepper) -> int:
+    """The block size prefill segments follow (a pipelined stepper's ``B`` is its whole window)."""
+    return getattr(stepper, "block", stepper.B)
+
+
+def prompt_block_ranges(start: int, end: int, prompt_len: int, block_size: int, token_causal: bool
+                        ) -> list[tuple[int, int]]:
+    """D2F prefill ranges for rows ``[start, end)``: the prompt ``[0, P)`` as one range, then (unless
+    ``token_causal``) one range per generated block counted from the prompt end; clipped to the keys present."""
+    segments = [(0, prompt_len)]
+    if not token_causal:
+        segments += [(s, s + block_size) for s in range(prompt_len, end, block_size)]
+    out = []
+    for a, b in segments:
+        lo, hi = a, min(b, end) - 1
+        if lo < hi and hi >= start:
+            out.append((lo, hi))
+    return out

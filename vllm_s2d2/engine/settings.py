@@ -39,6 +39,12 @@ def canvas_length(block_size: int) -> int:
     return 2 * block_size
 
 
+def window_canvas_length(block_size: int, num_blocks: int, shifted: bool) -> int:
+    """Canvas width W of a pipelined (D2F) engine: its window of A blocks (Dream's causal verify) or twice it
+    (LLaDA's 2L verify)."""
+    return num_blocks * block_size * (1 if shifted else 2)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     info: FamilyInfo
@@ -50,6 +56,8 @@ class EngineSettings:
 
     @property
     def canvas_length(self) -> int:
+        if self.info.pipelined:
+            return window_canvas_length(self.block_size, int(self.config.max_active_blocks), self.info.shifted)
         return canvas_length(self.block_size)
 
     @property
@@ -62,10 +70,6 @@ def resolve_engine_settings(hf_config: Any, s2d2: Mapping[str, Any] | S2D2Config
 
     ``s2d2`` None means "no S2D2 requested": the plain block-diffusion baseline (``verify=False``)."""
     info = family_info(hf_config)
-    if info.pipelined:
-        raise ValueError(f"{info.architecture} ({info.family}) decodes a pipeline of several blocks, which the "
-                         "vLLM engine does not serve yet; decode it with the reference decoder "
-                         "(python -m vllm_s2d2.reference --model PATH ...)")
     if s2d2 is None:
         cfg = S2D2Config(verify=False)
     elif isinstance(s2d2, S2D2Config):

@@ -26,7 +26,10 @@ NO_LIMIT = 2 ** 62  # max_tokens of a request without one
 class BlockStates:
     """The open block of every slot, on the device: what a decode step reads and writes."""
 
-    def __init__(self, num_slots: int, block_size: int, mask_token_id: int, device: torch.device):
+    def __init__(self, num_slots: int, block_size: int, mask_token_id: int, device: torch.device,
+                 canvas_width: int | None = None, verify_block_size: int = 1):
+        """``block_size``: the block (a D2F window of A blocks is one block of A·B here); ``canvas_width``: W
+        (default 2B); ``verify_block_size``: the target block size of the 2L verify pattern."""
         long = dict(dtype=torch.int64, device=device)
         B = block_size
         self.tokens = torch.full((num_slots, B), mask_token_id, **long)  # block, mask id where masked
@@ -35,7 +38,7 @@ class BlockStates:
         self.rng_counter = torch.zeros(num_slots, **long)  # one value per draft step, as the reference's
         self.phase = torch.zeros(num_slots, **long)  # DRAFT / COMMIT / VERIFY
         self.post_steps = torch.zeros(num_slots, **long)  # LLaDA2.1 editing passes after the last mask
-        W = 2 * B
+        W = canvas_width or 2 * B
         self.canvas = torch.full((num_slots, W), mask_token_id, **long)  # next step's input tokens
         # Next step's attention among the canvas slots (keys below the canvas are all visible) and RoPE offsets
         # (-B on the mask half of a 2L verify canvas, which sits at the first half's positions).  Tables start
@@ -43,7 +46,7 @@ class BlockStates:
         self.canvas_tables = torch.ones(W, W, dtype=torch.int8, device=device).tril().expand(
             num_slots, W, W).contiguous()
         self.pos_offset = torch.zeros(num_slots, W, **long)
-        self.verify_pattern = verifier_2l(0, B, device)  # [W, W] the 2L mask of every verify canvas
+        self.verify_pattern = verifier_2l(0, B, device, tbs=verify_block_size)  # [2B, 2B] every 2L verify canvas
         self.policy = PolicyState.zeros(num_slots, device)  # routing policy state
         self.stats = torch.zeros(num_slots, len(STAT_NAMES), **long)  # per-request counters
         self.totals = torch.zeros(len(STAT_NAMES), **long)  # engine-wide counters
@@ -81,6 +84,48 @@ class SnapshotView(NamedTuple):
     @classmethod
     def of(cls, saved: torch.Tensor, block_size: int) -> "SnapshotView":
         return cls(saved[:block_size], *saved[block_size:block_size + len(SNAPSHOT_FIELDS)])
+
+
+class WindowStates:
+    """D2F: the window of every slot (``core.pipeline.Window`` fields, ``[S, A, B]`` / ``[S, A]`` / ``[S]``), the
+    number of blocks a request may open, and (shift-aligned Dream) the logit of its last committed row."""
+
+    def __init__(self, num_slots: int, num_blocks: int, block_size: int, mask_token_id: int, device: torch.device):
+        long = dict(dtype=torch.int64, device=device)
+        self.tokens = torch.full((num_slots, num_blocks, block_size), mask_token_id, **long)
+        self.status = torch.zeros(num_slots, num_blocks, **long)  # core.pipeline EMPTY / ACTIVE / TO_CACHE
+        self.full = torch.zeros(num_slots, num_blocks, dtype=torch.bool, device=device)
+        self.blocks_opened = torch.zeros(num_slots, **long)
+        self.stopped = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self.max_blocks = torch.zeros(num_slots, **long)  # blocks the request may open (max_tokens, max_model_len)
+        self.carried: torch.Tensor | None = None  # [S, V] Dream: raw logit of the last committed row
+
+    def gather(self, slots: torch.Tensor):
+        from vllm_s2d2.core.pipeline import Window
+
+        return Window(self.tokens[slots], self.status[slots], self.full[slots], self.blocks_opened[slots],
+                      self.stopped[slots])
+
+    def scatter(self, slots: torch.Tensor, window) -> None:
+        self.tokens[slots] = window.tokens
+        self.status[slots] = window.status
+        self.full[slots] = window.full
+        self.blocks_opened[slots] = window.blocks_opened
+        self.stopped[slots] = window.stopped
+
+    def snapshot(self, slot: int) -> torch.Tensor:
+        """Device copy of a slot's window (for a resume after preemption): flat int64."""
+        return torch.cat([self.tokens[slot].reshape(-1), self.status[slot], self.full[slot].long(),
+                          self.blocks_opened[slot:slot + 1], self.stopped[slot:slot + 1].long()])
+
+    def restore(self, slot: int, saved: torch.Tensor) -> None:
+        A, B = self.status.shape[1], self.tokens.shape[2]
+        n = A * B
+        self.tokens[slot] = saved[:n].view(A, B)
+        self.status[slot] = saved[n:n + A]
+        self.full[slot] = saved[n + A:n + 2 * A].bool()
+        self.blocks_opened[slot] = saved[n + 2 * A]
+        self.stopped[slot] = saved[n + 2 * A + 1].bool()
 
 
 class FactsView(NamedTuple):

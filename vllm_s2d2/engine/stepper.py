@@ -62,7 +62,8 @@ class S2D2Stepper:
         self.blocks = BlockStates(num_slots, block_size, mask_token_id, device)
         self.facts = RequestFacts(num_slots, max_stop_ids, device)
         template = StepParams.build([engine_config], [SamplingSpec(top_k=1, top_p=0.5, seed=0)], rules, "cpu")
-        self.params = PackedStepParams(num_slots, max(block_size, template.quota.shape[1]), template, device)
+        self.params = PackedStepParams(num_slots, max(block_size, template.quota.shape[1]), template, device,
+                                       pipelined=rules.pipelined)
         self.drafts: DraftStore | None = None  # allocated with the first step: needs V and the logits dtype
         self.mirror = HostMirror(self.blocks, device)
         self.graphs = StepGraphs(max_num_reqs, self.W, self.scratch, device) if use_cuda_graphs else None
