@@ -54,7 +54,7 @@ def _breakable(ckpt: str):
 ARCHS = ("SDARForCausalLM", "SDARMoeForCausalLM", "Fast_dLLM_QwenForCausalLM", "LLaDA2MoeModelLM")
 
 
-def main(ckpt: str, qwen3: str, fast: str | None = None, llada2: str | None = None) -> dict:
+def main(ckpt: str, qwen3: str, fast: str | None = None, llada2: str | None = None, d2f: str | None = None) -> dict:
     _platform()
     out: dict = {}
     import vllm
@@ -171,6 +171,9 @@ def main(ckpt: str, qwen3: str, fast: str | None = None, llada2: str | None = No
             "block_size": _err(lambda: _engine_config(fast, speculative_config={"method": "s2d2", "block_size": 4})),
             "draft_ver": _err(lambda: _engine_config(fast, speculative_config={"method": "s2d2", "draft_ver": True})),
         }
+    if d2f is not None:  # D2F LLaDA: a window of blocks; its prompt is bidirectional even with cache_ver
+        out["d2f"] = summary(_engine_config(d2f, speculative_config={"method": "s2d2", "cache_ver": True,
+                                                                     "max_active_blocks": 3}))
     if llada2 is not None:
         out["llada2"] = summary(_engine_config(llada2, speculative_config={
             "method": "s2d2", "preset": "llada2-quality", "block_size": 4}))
@@ -230,7 +233,7 @@ def main(ckpt: str, qwen3: str, fast: str | None = None, llada2: str | None = No
 
 if __name__ == "__main__":
     try:
-        result = main(*sys.argv[1:5])
+        result = main(*sys.argv[1:6])
     except Exception:  # noqa: BLE001
         result = {"fatal": traceback.format_exc()}
     print("S2D2_PROBE_JSON=" + json.dumps(result, default=str))

@@ -42,9 +42,10 @@ def test_model_classes_build_on_vllm_bases():
     assert d2f.D2FLLaDAForCausalLM.load_weights is not LlamaForCausalLM.load_weights
 
 
-@pytest.mark.parametrize("family", ["d2f_dream", "d2f_llada"])
-def test_engine_refuses_d2f_with_a_clear_message(tmp_path, family):
-    """Until the engine decodes a window of blocks, a D2F checkpoint must not be served as a one-block family."""
+@pytest.mark.parametrize("family,canvas", [("d2f_dream", 4 * 32), ("d2f_llada", 2 * 4 * 32)])
+def test_engine_settings_of_d2f(tmp_path, family, canvas):
+    """A D2F engine's canvas holds its window of max_active_blocks blocks (Dream: causal verify) or twice that
+    (LLaDA: the 2L verify); the block size comes from the merge tool's marker."""
     import torch
     from transformers import AutoConfig
 
@@ -54,5 +55,6 @@ def test_engine_refuses_d2f_with_a_clear_message(tmp_path, family):
 
     register_hf_configs()
     path = build_tiny_checkpoint(family, tmp_path / family, small_vocab=True, dtype=torch.float32)
-    with pytest.raises(ValueError, match="does not serve yet.*reference decoder"):
-        resolve_engine_settings(AutoConfig.from_pretrained(path), {"method": "s2d2"})
+    settings = resolve_engine_settings(AutoConfig.from_pretrained(path), {"method": "s2d2"})
+    assert settings.info.pipelined and settings.block_size == 32 and settings.config.max_active_blocks == 4
+    assert settings.canvas_length == canvas

@@ -32,8 +32,10 @@ def probe(tmp_path_factory):
                                        tokenizer=False))
     llada2 = str(build_family_checkpoint("llada2", root / "llada2", small_vocab=True, block_size=4,
                                          tokenizer=False))
+    d2f = str(build_family_checkpoint("d2f_llada", root / "d2f", small_vocab=True, block_size=4, tokenizer=False))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", VLLM_CACHE_ROOT=str(root / "vllm_cache"))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_cpu_probe.py"), sdar, qwen3, fast, llada2],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_cpu_probe.py"), sdar, qwen3, fast, llada2,
+                           d2f],
                           capture_output=True, text=True, timeout=300, env=env)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("S2D2_PROBE_JSON=")]
     assert line, f"probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -67,6 +69,16 @@ def test_other_families_build_diffusion_configs(probe):
     assert ll["sliding_window"] is None  # LLaDA2's config default 4096 is unused (use_sliding_window false)
     assert probe["llada2_plain"]["s2d2"]["verify"] is False and probe["llada2_plain"]["canvas"] == 8
     assert "contextual_bandit_ucb" in probe["errors_llada2"]["ucb"]
+
+
+def test_d2f_builds_a_window_engine(probe):
+    """A merged D2F LLaDA checkpoint: canvas 2 x max_active_blocks x B (the 2L verify over the window); its prompt
+    is one bidirectional segment, so no chunked prefill and no prefix caching even with cache_ver."""
+    d = probe["d2f"]
+    assert d["is_diffusion"] and d["v2"] and d["arch"] == ["LLaDAModelLM"] and d["backend"] == "CUSTOM"
+    assert d["canvas"] == 2 * 3 * 4 and d["s2d2"]["block_size"] == 4 and d["s2d2"]["max_active_blocks"] == 3
+    assert d["s2d2"]["cache_ver"] is True
+    assert d["chunked_prefill"] is False and d["prefix_caching"] is False
 
 
 def test_alias_dict_builds_a_diffusion_v2_config(probe):

@@ -256,16 +256,18 @@ class S2D2ConfigHook(VerifyAndUpdateConfig):
             cc.cudagraph_capture_sizes = capture_sizes(sc.max_num_seqs, W)
             cc.max_cudagraph_capture_size = cc.cudagraph_capture_sizes[-1]
 
-        # Prefix caching and chunked prefill only where prompt KV is token-causal.
+        # Prefix caching and chunked prefill only where prompt KV is token-causal (never for D2F, whose prompt is
+        # one bidirectional segment).
         cache = vllm_config.cache_config
-        if not cfg.cache_ver and cache.enable_prefix_caching:
-            logger.info("S2D2: disabling prefix caching (cache_ver=false: block-causal prompt KV is not "
+        causal_prompt = bool(cfg.cache_ver) and not settings.info.pipelined
+        if not causal_prompt and cache.enable_prefix_caching:
+            logger.info("S2D2: disabling prefix caching (the prompt's KV is not token-causal, so it is not "
                         "reusable across prompt lengths)")
             cache.enable_prefix_caching = False
-        if not cfg.cache_ver:
+        if not causal_prompt:
             if sc.enable_chunked_prefill:
-                logger.info("S2D2: disabling chunked prefill (cache_ver=false: a prompt chunk cut inside a block "
-                            "would write KV that never saw the block's later prompt tokens)")
+                logger.info("S2D2: disabling chunked prefill (a prompt chunk cut inside a bidirectional segment "
+                            "would write KV that never saw the segment's later prompt tokens)")
                 sc.enable_chunked_prefill = False
             if sc.max_num_batched_tokens < model_config.max_model_len:
                 logger.info("S2D2: max_num_batched_tokens %d -> %d (whole prompts, no chunked prefill)",

@@ -37,6 +37,7 @@ from vllm_s2d2.engine.attention_inputs import CanvasInputs
 from vllm_s2d2.engine.stats import external_request_id
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
 from vllm_s2d2.engine.stepper import S2D2Stepper
+from vllm_s2d2.engine.window_stepper import WindowStepper
 
 _MAX_SAVED = 4096
 
@@ -52,9 +53,10 @@ class S2D2ModelState(ModelState):
         W = self.settings.canvas_length
         dc = vllm_config.diffusion_config
         if dc is None or dc.canvas_length != W:
-            raise ValueError(f"S2D2 needs diffusion_config.canvas_length == {W} (2 x block_size), got "
+            raise ValueError(f"S2D2 needs diffusion_config.canvas_length == {W} (the engine's canvas width), got "
                              f"{None if dc is None else dc.canvas_length}")
-        self.stepper = S2D2Stepper(
+        stepper_cls = WindowStepper if self.settings.info.pipelined else S2D2Stepper  # D2F: a window of blocks
+        self.stepper = stepper_cls(
             max_num_reqs=self.max_num_reqs, block_size=self.settings.block_size,
             family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
             engine_config=self.settings.config, max_model_len=self.max_model_len, device=device,
