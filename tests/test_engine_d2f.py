@@ -109,3 +109,17 @@ def test_max_model_len_caps_without_hanging(tiny):
     emu.run(max_steps=400)
     assert all(r.finished for r in reqs)
     assert all(len(r.prompt) + len(r.output) <= 24 for r in reqs)
+
+
+def test_decode_steps_read_nothing_back_from_the_device(tiny):
+    """Every decode-only step of the window engine (attention plan, positions, sampler, stepper) runs under the guard
+    that raises on any host read of a tensor value; mixed policies, sampled and greedy rows, top-k / top-p."""
+    from sync_guard import no_host_reads
+
+    policies = [{}, {"verify": False}, {"verify_policy": "score_hysteresis"}, {"verify_policy": "contextual_bandit_ucb"},
+                {"acceptance": "greedy"}, {"partial_accept_run": 2}]
+    sps = [sampling_params(max_tokens=m, seed=i, temperature=1.0 if i % 2 else 0.0, top_k=20 if i == 1 else 0,
+                           top_p=0.9 if i == 3 else 1.0, extra_args={"s2d2": pol})
+           for i, (m, pol) in enumerate(zip(MAX_TOKENS, policies))]
+    _, emu = check(tiny, dict(BASE), sps, guard=no_host_reads)
+    assert emu.guarded_steps > 0 and emu.verify_forwards > 0
