@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -120,34 +118,19 @@ def test_lm_eval_vllm_model_scores_as_the_reference(reference, tmp_path, name):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from serve_bench import start_server, stop_server
+
     log_dir = os.environ.get("S2D2_GPU_LOG_DIR") or str(tmp_path_factory.mktemp("lm_eval_serve"))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", MODEL, "--speculative-config", "s2d2",
-           "--port", str(PORT), "--served-model-name", "demo", "--max-model-len", "512",
-           "--gpu-memory-utilization", "0.3"]
-    log = open(os.path.join(log_dir, "lm_eval_server.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    t0 = time.time()
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() - t0 > 300:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("the server did not come up; see lm_eval_server.log")
-            time.sleep(1)
+    proc = start_server(MODEL, "s2d2", PORT, Path(log_dir) / "lm_eval_server.log",
+                        ["--max-model-len", "512", "--gpu-memory-utilization", "0.3"])
     yield f"http://127.0.0.1:{PORT}/v1/completions"
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    stop_server(proc)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_lm_eval_local_completions_scores_as_the_reference(reference, server, tmp_path, name):
-    api = f"model=demo,base_url={server},tokenizer_backend=huggingface,tokenizer={MODEL},num_concurrent=8"
+    api = f"model=bench,base_url={server},tokenizer_backend=huggingface,tokenizer={MODEL},num_concurrent=8"
     xargs = {} if CONFIGS[name].get("verify", True) else {"s2d2.verify": "false"}
     gen = ["--gen_kwargs", json.dumps({"vllm_xargs": xargs})] if xargs else []
     samples = _lm_eval(["--model", "local-completions", "--model_args", api, *gen], str(tmp_path),

@@ -155,21 +155,28 @@ def decode_step(ctx: StepContext, batch: StepBatch, has_verify: bool, use_top_k:
     phase_next = torch.where(ran | commit_ok, phase_next, phase)  # a step that did not run keeps its phase
     stay = starts_verify | (is_verify & ~verify_ok)  # a truncated verify step is retried
     blocks.phase[slots] = torch.where(stay, VERIFY, phase_next)
-    counted = torch.stack([draft_ok.long(), verify_ok.long(),
-                           torch.where(verify_ok, ctx.drafts.reqs["span_length"][slots], 0),
+    count_step(blocks, ctx.drafts, batch, draft_ok, verify_ok, num_accepted, commit_ok)
+    write_next(ctx, slots, start + num_emitted)
+    return out_tokens, num_emitted.to(torch.int32), (query_len - num_emitted).to(torch.int32)
+
+
+def count_step(blocks: BlockStates, drafts: DraftStore, batch: StepBatch, draft_ok: torch.Tensor,
+               verify_ok: torch.Tensor, num_accepted: torch.Tensor, commit_ok: torch.Tensor) -> None:
+    """Add a step's counters (per slot and engine-wide; CUDA-graph padding rows excluded): draft / verify forwards,
+    proposed / accepted span tokens, commit forwards; and per span position (vLLM's spec-decode per-position
+    acceptance) the verifications whose span covered column i / whose accepted prefix did."""
+    slots = batch.slots
+    span = drafts.reqs["span_length"][slots]
+    counted = torch.stack([draft_ok.long(), verify_ok.long(), torch.where(verify_ok, span, 0),
                            torch.where(verify_ok, num_accepted, 0), commit_ok.long()], dim=1)
     if batch.valid is not None:
         counted = counted * batch.valid[:, None].long()
     blocks.stats[slots] += counted
     blocks.totals += counted.sum(dim=0)
-    # Per span position (vLLM's spec-decode per-position acceptance): the span of a verification covers columns
-    # 0 .. span_length - 1 of the span, its accepted prefix 0 .. num_accepted - 1.
     verified = verify_ok if batch.valid is None else verify_ok & batch.valid
-    span = ctx.drafts.reqs["span_length"][slots]
+    cols = torch.arange(blocks.proposed_per_pos.shape[0], device=slots.device)[None, :]
     blocks.proposed_per_pos += (verified[:, None] & (cols < span[:, None])).long().sum(dim=0)
     blocks.accepted_per_pos += (verified[:, None] & (cols < num_accepted[:, None])).long().sum(dim=0)
-    write_next(ctx, slots, start + num_emitted)
-    return out_tokens, num_emitted.to(torch.int32), (query_len - num_emitted).to(torch.int32)
 
 
 def _verify(ctx: StepContext, logits, slots, tokens, editable, cached, row0, rng_counter, step_idx,

@@ -21,12 +21,11 @@ from typing import NamedTuple
 import torch
 
 from vllm_s2d2.core import pipeline
-from vllm_s2d2.core.policies import PolicyState
 from vllm_s2d2.core.step import BlockState, draft_step, finish_step, verify_step
 from vllm_s2d2.engine.buffer_utils import gather_rows
 from vllm_s2d2.engine.draft_store import DraftStore
 from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts, WindowStates
-from vllm_s2d2.engine.step import StepBatch, pick_policy
+from vllm_s2d2.engine.step import StepBatch, count_step, pick_policy
 from vllm_s2d2.engine.step_params import PackedStepParams
 
 
@@ -114,7 +113,6 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, has_verify: bool, u
         policy_next = pick_policy(policy_next, v_policy, verify_ok)
         num_accepted = vresult.num_accepted
     blocks.policy.scatter_(slots, policy_next)
-    ran = draft_ok | verify_ok
     committed_any = committed | verify_ok
 
     # -- early finish, then the next window (add / activate) -------------------------------------------------
@@ -144,19 +142,7 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, has_verify: bool, u
     blocks.rng_counter[slots] = rng_counter + (draft_ok & (n_active > 0)).long()  # one value per drafting step
     stay = starts_verify | (is_verify & ~verify_ok)  # a verify that did not fit the budget is retried
     blocks.phase[slots] = torch.where(stay, VERIFY, DRAFT)
-    counted = torch.stack([draft_ok.long(), verify_ok.long(),
-                           torch.where(verify_ok, ctx.drafts.reqs["span_length"][slots], 0),
-                           torch.where(verify_ok, num_accepted, 0), (ran & (n_cache > 0) & ~is_verify).long()],
-                          dim=1)
-    if batch.valid is not None:
-        counted = counted * batch.valid[:, None].long()
-    blocks.stats[slots] += counted
-    blocks.totals += counted.sum(dim=0)
-    verified = verify_ok if batch.valid is None else verify_ok & batch.valid
-    span = ctx.drafts.reqs["span_length"][slots]
-    pos = torch.arange(AB, device=slots.device)[None, :]
-    blocks.proposed_per_pos += (verified[:, None] & (pos < span[:, None])).long().sum(dim=0)
-    blocks.accepted_per_pos += (verified[:, None] & (pos < num_accepted[:, None])).long().sum(dim=0)
+    count_step(blocks, ctx.drafts, batch, draft_ok, verify_ok, num_accepted, draft_ok & (n_cache > 0))
     write_window_next(ctx, slots, next_start)
     return out_row, num_emitted.to(torch.int32), (query_len - num_emitted).to(torch.int32)
 
