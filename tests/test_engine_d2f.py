@@ -69,10 +69,17 @@ def test_greedy_matches_reference(tiny, s2d2):
     check(tiny, s2d2, greedy())
 
 
-def test_sampled_with_seeds_matches_reference(tiny):
+@pytest.mark.parametrize("policy", [
+    {}, dict(allow_resample=False, accept_min_draft_confidence=0.2, partial_accept_run=2),
+    dict(verify_policy="score_threshold", score_threshold=-1.0), dict(verify_policy="score_hysteresis"),
+    dict(verify_policy="contextual_bandit_ucb", token_acceptance_estimator="soft_renyi_2_entropy"),
+    dict(resample_min_q=0.3, min_tokens_per_step=2, verify_block_size=2)],
+    ids=["always_verify", "knobs", "score", "hysteresis", "ucb", "resample_q"])
+def test_sampled_with_seeds_matches_reference(tiny, policy):
+    if policy.get("verify_block_size", 1) > 1 and tiny[1].shifted:
+        pytest.skip("Dream verifies causally: verify_block_size 1 only")
     sps = [sampling_params(temperature=1.0, top_k=20, seed=100 + i, max_tokens=m) for i, m in enumerate(MAX_TOKENS)]
-    check(tiny, dict(BASE), sps)
-    check(tiny, dict(BASE, allow_resample=False, accept_min_draft_confidence=0.2, partial_accept_run=2), sps)
+    check(tiny, dict(BASE, **policy), sps)
 
 
 def test_pipelining_is_exercised(tiny):
