@@ -130,3 +130,17 @@ def test_decode_steps_read_nothing_back_from_the_device(tiny):
            for i, (m, pol) in enumerate(zip(MAX_TOKENS, policies))]
     _, emu = check(tiny, dict(BASE), sps, guard=no_host_reads)
     assert emu.guarded_steps > 0 and emu.verify_forwards > 0
+
+
+@pytest.mark.parametrize("option", [{"max_active_blocks": 2}, {"verify_block_size": 2}, {"block_size": 8}])
+def test_engine_fixed_d2f_options_per_request_are_errors(tiny, option):
+    """Options that shape the engine's canvas cannot change per request: a clear error, never silently ignored."""
+    from vllm_s2d2.engine.settings import request_config, resolve_engine_settings
+
+    _, info, hf, _ = tiny
+    settings = resolve_engine_settings(hf, dict(BASE))
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"{name}.*fixed per engine"):
+        request_config(settings.config, {"s2d2": option}, info.family, info.block_size)
+    same = {name: getattr(settings.config, name)}
+    assert request_config(settings.config, {"s2d2": same}, info.family, info.block_size) == settings.config

@@ -127,7 +127,8 @@ def request_config(engine: S2D2Config, extra_args: Mapping[str, Any] | None, fam
                    checkpoint_block_size: int) -> S2D2Config:
     """The resolved config of one request: the engine config with ``extra_args["s2d2"]`` applied.
 
-    Raises ``ValueError`` for unknown keys, bad values or a different ``block_size``."""
+    Raises ``ValueError`` for unknown keys, bad values or a different engine-fixed option (``block_size``,
+    ``sub_block_size``, ``cache_ver``, D2F's ``max_active_blocks`` and ``verify_block_size``)."""
     overrides = request_overrides(extra_args)
     if not overrides:
         return engine
@@ -148,6 +149,10 @@ def request_config(engine: S2D2Config, extra_args: Mapping[str, Any] | None, fam
         raise ValueError(
             f"per-request cache_ver={overrides['cache_ver']!r} differs from the engine's cache_ver="
             f"{engine.cache_ver}; committed-KV semantics (and prefix caching) are fixed per engine")
+    for name, what in (("max_active_blocks", "the window (and canvas)"), ("verify_block_size", "the 2L verify pattern")):
+        if name in overrides and overrides[name] != getattr(engine, name):
+            raise ValueError(f"per-request {name}={overrides[name]!r} differs from the engine's {name}="
+                             f"{getattr(engine, name)}; {what} is fixed per engine")
     return engine.replace(**overrides).resolve(family, checkpoint_block_size)  # validates keys and values
 
 
