@@ -144,3 +144,12 @@ def test_engine_fixed_d2f_options_per_request_are_errors(tiny, option):
         request_config(settings.config, {"s2d2": option}, info.family, info.block_size)
     same = {name: getattr(settings.config, name)}
     assert request_config(settings.config, {"s2d2": same}, info.family, info.block_size) == settings.config
+
+
+def test_static_shape_step_matches_reference(tiny):
+    """The window step through the CUDA-graph path's static buffers (padded batches, scratch-slot padding rows;
+    on CPU the same path runs without a graph), greedy and seeded, equals the reference."""
+    sps = [sampling_params(max_tokens=m, seed=i, temperature=1.0 if i % 2 else 0.0, top_k=20 if i % 2 else 0)
+           for i, m in enumerate(MAX_TOKENS)]
+    _, emu = check(tiny, dict(BASE), sps, static=True)
+    assert emu.stepper.graphs is not None

@@ -46,6 +46,8 @@ class S2D2Stepper:
     """Per-slot state (``max_num_reqs`` slots + one scratch slot) and one batched step for all decoding
     requests of a batch."""
 
+    step_fn = staticmethod(decode_step)  # (ctx, batch, has_verify, use_top_k, use_top_p): one batched step
+
     def __init__(self, *, max_num_reqs: int, block_size: int, family: str, mask_token_id: int,
                  engine_config: S2D2Config, max_model_len: int, device: torch.device | str,
                  max_stop_ids: int = 8, use_cuda_graphs: bool = False):
@@ -183,12 +185,12 @@ class S2D2Stepper:
         use_top_k, use_top_p = bool(self.facts.top_k_on[slots_np].any()), bool(self.facts.top_p_on[slots_np].any())
         self._ensure_drafts(logits.shape[-1], logits.dtype)
         batch = StepBatch(logits, slots, p.to(torch.int64), q_len.to(torch.int64), row0.to(torch.int64), None)
-        ctx = self.context
+        ctx, step_fn = self.context, self.step_fn
         if self.graphs is not None:
-            tokens, emitted, rejected = self.graphs.run(lambda b, *flags: decode_step(ctx, b, *flags), batch,
+            tokens, emitted, rejected = self.graphs.run(lambda b, *flags: step_fn(ctx, b, *flags), batch,
                                                         has_verify, use_top_k, use_top_p)
         else:
-            tokens, emitted, rejected = decode_step(ctx, batch, has_verify, use_top_k, use_top_p)
+            tokens, emitted, rejected = step_fn(ctx, batch, has_verify, use_top_k, use_top_p)
         self.export_canvas(slots, draft_tokens)
         return StepOutput(tokens, emitted, rejected)
 
@@ -215,5 +217,5 @@ class S2D2Stepper:
         self._ensure_drafts(vocab_size, dtype)
         profile_draft(self.layout, self.params, num_reqs, vocab_size, dtype, self.device)
         if self.graphs is not None:
-            ctx = self.context
-            self.graphs.capture_all(lambda b, *flags: decode_step(ctx, b, *flags), vocab_size, dtype)
+            ctx, step_fn = self.context, self.step_fn
+            self.graphs.capture_all(lambda b, *flags: step_fn(ctx, b, *flags), vocab_size, dtype)

@@ -4,7 +4,8 @@ Same interface and host lifecycle (requests, staged writes, counters); the per-s
 ``A = max_active_blocks`` blocks (:class:`~vllm_s2d2.engine.states.WindowStates`) and a step is
 :func:`~vllm_s2d2.engine.window_step.decode_window_step`.  The window is one "block" of ``A·B`` columns for the
 shared buffers (draft store, per-position counters); the canvas is ``A·B`` slots (Dream) or ``2·A·B`` (LLaDA's
-2L verify).  Eager only for now: the config hook does not capture its step as a CUDA graph.
+2L verify).  With CUDA graphs on, the window step is captured at start-up like the block step
+(:mod:`.cudagraph_utils`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from vllm_s2d2.core.params import SamplingSpec
 from vllm_s2d2.engine.draft_store import DraftStore
 from vllm_s2d2.engine.settings import window_canvas_length
 from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockStates, WindowStates
-from vllm_s2d2.engine.step import StepBatch
+from vllm_s2d2.engine.cudagraph_utils import StepGraphs
 from vllm_s2d2.engine.stepper import S2D2Stepper, StepOutput
 from vllm_s2d2.engine.window_step import WindowContext, clip_to_limit, decode_window_step, write_window_next
 from vllm_s2d2.s2d2_config import S2D2Config
 
 
 class WindowStepper(S2D2Stepper):
+    step_fn = staticmethod(decode_window_step)
+
     def __init__(self, *, max_num_reqs: int, block_size: int, family: str, mask_token_id: int,
                  engine_config: S2D2Config, max_model_len: int, device: torch.device | str,
                  max_stop_ids: int = 8, use_cuda_graphs: bool = False):
@@ -42,6 +45,7 @@ class WindowStepper(S2D2Stepper):
                                   verify_block_size=int(engine_config.verify_block_size or 1))
         self.mirror.blocks = self.blocks
         self.window = WindowStates(num_slots, A, block_size, mask_token_id, self.device)
+        self.graphs = StepGraphs(max_num_reqs, self.W, self.scratch, self.device) if use_cuda_graphs else None
         self._max_model_len = max_model_len
         self._prompt_len: dict[int, int] = {}
 
@@ -102,15 +106,9 @@ class WindowStepper(S2D2Stepper):
 
     def step(self, logits: torch.Tensor, slots: torch.Tensor, slots_np: np.ndarray, p: torch.Tensor,
              q_len: torch.Tensor, row0: torch.Tensor, draft_tokens: torch.Tensor) -> StepOutput:
-        has_verify = bool(self.facts.verify_on[slots_np].any())
-        use_top_k, use_top_p = bool(self.facts.top_k_on[slots_np].any()), bool(self.facts.top_p_on[slots_np].any())
-        self._ensure_drafts(logits.shape[-1], logits.dtype)
         if self.layout.shifted:
             self._ensure_carried(logits.shape[-1], logits.dtype)
-        batch = StepBatch(logits, slots, p.to(torch.int64), q_len.to(torch.int64), row0.to(torch.int64), None)
-        tokens, emitted, rejected = decode_window_step(self.context, batch, has_verify, use_top_k, use_top_p)
-        self.export_canvas(slots, draft_tokens)
-        return StepOutput(tokens, emitted, rejected)
+        return super().step(logits, slots, slots_np, p, q_len, row0, draft_tokens)
 
     def _ensure_drafts(self, vocab_size: int, dtype: torch.dtype) -> None:
         if self.drafts is None:
