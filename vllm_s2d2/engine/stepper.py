@@ -156,17 +156,19 @@ class S2D2Stepper:
         self.export_canvas(slots, draft_tokens)
 
     def _resume(self, slot: int, snap: SnapshotView, prefill_len: torch.Tensor) -> None:
-        """A request resumed after preemption continues its interrupted block if the re-prefill ends in it (a
-        VERIFY is redone from its DRAFT step); its random-number counter continues either way."""
+        """A request resumed after preemption continues its interrupted block if the re-prefill ends in it; its
+        random-number counter continues either way.  An interrupted VERIFY is redone from its DRAFT step with the
+        draft's step index and random numbers (both go back one step), so the redone draft is the same draft."""
         b = self.blocks
         same = (snap.block_start + self.B > prefill_len) & (snap.block_start <= prefill_len)
+        verifying = (snap.phase == VERIFY).long()
         b.tokens[slot] = torch.where(same, snap.tokens, b.tokens[slot])
         b.block_start[slot] = torch.where(same, snap.block_start, b.block_start[slot])
-        b.step_idx[slot] = torch.where(same, snap.step_idx, b.step_idx[slot])
+        b.step_idx[slot] = torch.where(same, snap.step_idx - verifying, b.step_idx[slot])
         phase = torch.where(snap.phase == VERIFY, torch.full_like(snap.phase, DRAFT), snap.phase)
         b.phase[slot] = torch.where(same, phase, b.phase[slot])
         b.post_steps[slot] = torch.where(same, snap.post_steps, b.post_steps[slot])
-        b.rng_counter[slot] = snap.rng_counter
+        b.rng_counter[slot] = snap.rng_counter - verifying
 
     def export_canvas(self, slots: torch.Tensor, draft_tokens: torch.Tensor) -> None:
         """Copy the next canvases of ``slots`` into the runner's ``draft_tokens`` (the next step's input ids)."""
