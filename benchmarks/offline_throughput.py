@@ -325,7 +325,8 @@ def _pop_counters(llm, request_ids: list[str] | None) -> dict[str, dict] | str:
         return f"{type(e).__name__}: {e}"[:500]
 
 
-COUNTER_NAMES = ("draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens", "committed_blocks")
+COUNTER_NAMES = ("draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens", "committed_blocks",
+                 "verify_restarts")
 
 
 def forward_stats(tokens: dict[str, int], counters: dict[str, dict] | str | None, plugin: bool) -> dict:

@@ -743,9 +743,10 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     pre = "vllm:num_preemptions_total"
     record["preemptions"] = {
         "load": d_load.get(pre), "alone_reruns": d_alone.get(pre), "batched_reruns": d_batched.get(pre),
-        "mid_verification": None,
-        "note": "vllm:num_preemptions (engine-wide; the server does not say which requests, nor whether a "
-                "verification was in flight: mid_verification stays null)"}
+        "mid_verification": d_load.get("vllm:s2d2_verify_restarts_total"),
+        "note": "vllm:num_preemptions (engine-wide; the server does not say which requests); mid_verification: "
+                "vllm:s2d2_verify_restarts, verifications interrupted by a preemption and redone (null: the "
+                "server does not export it)"}
     record["metrics"] = {"cache_config": (m_before or {}).get("cache_config"),
                          "delta_load": d_load, "delta_alone_reruns": d_alone, "delta_batched_reruns": d_batched,
                          "request_success_load": _success_delta(m_before, m_load),

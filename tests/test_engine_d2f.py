@@ -104,7 +104,8 @@ def test_preemption_resumes_the_window(tiny):
     sps = greedy()
     check(tiny, dict(BASE), sps, preempt=((3, 6), (2, 4)))
     seeded = [sampling_params(temperature=1.0, seed=7 + i, max_tokens=m) for i, m in enumerate(MAX_TOKENS)]
-    check(tiny, dict(BASE), seeded, preempt=((2, 5, 8), (1, 4)))
+    _, emu = check(tiny, dict(BASE), seeded, preempt=((2, 5, 8), (1, 4)))
+    assert emu.stepper.host_totals()["verify_restarts"] > 0  # a preemption hit a pending verification
 
 
 def test_max_model_len_caps_without_hanging(tiny):

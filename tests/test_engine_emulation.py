@@ -200,8 +200,9 @@ def test_s2d2_always_verify_greedy_equals_engine_ar_mode(tiny):
 def test_s2d2_preemption_during_verification(tiny):
     sps = [sampling_params(max_tokens=m, temperature=1.0, seed=i) for i, m in enumerate(MAX_TOKENS)]
     # The interrupted draft is redone with its own step index and random numbers: the same tokens as the reference.
-    reqs, _ = check(tiny, {"verify_policy": "mask_span_length"}, sps, preempt=({2, 5}, (1, 4)))
+    reqs, emu = check(tiny, {"verify_policy": "mask_span_length"}, sps, preempt=({2, 5}, (1, 4)))
     assert all(len(r.output) == r.sampling.max_tokens for r in reqs)
+    assert emu.stepper.host_totals()["verify_restarts"] > 0  # (vllm:s2d2_verify_restarts)
 
 
 def test_s2d2_engine_statistics(tiny):

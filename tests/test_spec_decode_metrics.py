@@ -132,7 +132,7 @@ class FakeEngine:
 
     # the stepper the worker extension reads (host copies of the device counters)
     def set(self, totals, accepted, proposed):
-        self.totals_host = torch.tensor([totals[n] for n in STAT_NAMES])
+        self.totals_host = torch.tensor([totals.get(n, 0) for n in STAT_NAMES])
         self.mirror = SimpleNamespace(accepted_per_pos=torch.tensor(accepted), proposed_per_pos=torch.tensor(proposed))
 
     def page(self):

@@ -85,10 +85,10 @@ def test_sync_engine_counts_the_change_of_the_totals(engines):
     e.totals = _totals(draft_steps=10, verify_steps=4, proposed_tokens=12, accepted_tokens=9, committed_blocks=2)
     LLMEngine.do_log_stats(e)
     assert e.logged == 1 and e.rpc_calls == [("s2d2_engine_totals", 5.0)]
-    assert [e.value(n) for n in STAT_NAMES] == [10, 4, 12, 9, 2]  # TP ranks are not added twice
+    assert [e.value(n) for n in STAT_NAMES] == [10, 4, 12, 9, 2, 0]  # TP ranks are not added twice
     e.totals = _totals(draft_steps=15, verify_steps=4, proposed_tokens=12, accepted_tokens=9, committed_blocks=3)
     LLMEngine.do_log_stats(e)
-    assert [e.value(n) for n in STAT_NAMES] == [15, 4, 12, 9, 3]
+    assert [e.value(n) for n in STAT_NAMES] == [15, 4, 12, 9, 3, 0]
     e.totals = _totals(draft_steps=2)  # an engine that started again counts from zero
     LLMEngine.do_log_stats(e)
     assert e.value("draft_steps") == 17

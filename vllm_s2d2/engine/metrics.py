@@ -15,6 +15,7 @@ these Prometheus counters (``_total`` is appended by the client library):
 ``vllm:s2d2_proposed_tokens``       draft tokens offered to verification
 ``vllm:s2d2_accepted_tokens``       of those, accepted
 ``vllm:s2d2_committed_blocks``      blocks written to the KV cache
+``vllm:s2d2_verify_restarts``       verifications interrupted by a preemption (redone after the re-prefill)
 =================================  ======================================================================
 
 The same poll fills vLLM's own speculative-decoding counters, which vLLM itself leaves unregistered for
@@ -57,6 +58,7 @@ DOCS = {
     "proposed_tokens": "S2D2: draft tokens offered to verification.",
     "accepted_tokens": "S2D2: draft tokens accepted by verification.",
     "committed_blocks": "S2D2: blocks committed to the KV cache.",
+    "verify_restarts": "S2D2: verifications interrupted by a preemption and redone.",
 }
 # vLLM's speculative-decoding counters (names, help texts and labels as ``vllm/v1/spec_decode/metrics.py``
 # SpecDecodingProm registers them for a non-diffusion engine), filled from these S2D2 totals.

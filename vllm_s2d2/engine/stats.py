@@ -7,6 +7,8 @@ What is counted (per request slot on the device, :class:`~vllm_s2d2.engine.stepp
 * ``proposed_tokens``  draft tokens offered to verification (the span length, summed over verifications);
 * ``accepted_tokens``  of those, accepted by the min(1, q/p) test (or greedy acceptance);
 * ``committed_blocks`` blocks written to the KV cache;
+* ``verify_restarts``  verifications interrupted by a preemption and redone (their draft is redone after the
+  re-prefill);
 
 and engine-wide only, per span position i (``BlockStates.proposed_per_pos`` / ``accepted_per_pos``, B long):
 verifications whose span reached i / whose accepted prefix covered i, for vLLM's per-position acceptance.
@@ -34,7 +36,9 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-STAT_NAMES = ("draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens", "committed_blocks")
+STAT_NAMES = ("draft_steps", "verify_steps", "proposed_tokens", "accepted_tokens", "committed_blocks",
+              "verify_restarts")
+VERIFY_RESTARTS = STAT_NAMES.index("verify_restarts")
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 

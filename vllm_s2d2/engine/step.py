@@ -168,7 +168,7 @@ def count_step(blocks: BlockStates, drafts: DraftStore, batch: StepBatch, draft_
     slots = batch.slots
     span = drafts.reqs["span_length"][slots]
     counted = torch.stack([draft_ok.long(), verify_ok.long(), torch.where(verify_ok, span, 0),
-                           torch.where(verify_ok, num_accepted, 0), commit_ok.long()], dim=1)
+                           torch.where(verify_ok, num_accepted, 0), commit_ok.long(), torch.zeros_like(span)], dim=1)
     if batch.valid is not None:
         counted = counted * batch.valid[:, None].long()
     blocks.stats[slots] += counted

@@ -27,6 +27,7 @@ from vllm_s2d2.engine.profiling import profile_draft
 from vllm_s2d2.engine.states import (COMMIT, DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts,
                                      SnapshotView)
 from vllm_s2d2.engine.step import StepBatch, StepContext, decode_step
+from vllm_s2d2.engine.stats import VERIFY_RESTARTS
 from vllm_s2d2.engine.step_params import PackedStepParams
 from vllm_s2d2.s2d2_config import S2D2Config
 
@@ -169,6 +170,8 @@ class S2D2Stepper:
         b.phase[slot] = torch.where(same, phase, b.phase[slot])
         b.post_steps[slot] = torch.where(same, snap.post_steps, b.post_steps[slot])
         b.rng_counter[slot] = snap.rng_counter - verifying
+        b.stats[slot, VERIFY_RESTARTS] += verifying
+        b.totals[VERIFY_RESTARTS] += verifying
 
     def export_canvas(self, slots: torch.Tensor, draft_tokens: torch.Tensor) -> None:
         """Copy the next canvases of ``slots`` into the runner's ``draft_tokens`` (the next step's input ids)."""

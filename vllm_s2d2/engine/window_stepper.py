@@ -21,6 +21,7 @@ from vllm_s2d2.core.params import SamplingSpec
 from vllm_s2d2.engine.draft_store import DraftStore
 from vllm_s2d2.engine.settings import window_canvas_length
 from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockStates, WindowStates
+from vllm_s2d2.engine.stats import VERIFY_RESTARTS
 from vllm_s2d2.engine.cudagraph_utils import StepGraphs
 from vllm_s2d2.engine.stepper import S2D2Stepper, StepOutput
 from vllm_s2d2.engine.window_step import WindowContext, clip_to_limit, decode_window_step, write_window_next
@@ -100,9 +101,12 @@ class WindowStepper(S2D2Stepper):
         """A request resumed after preemption continues its window; an interrupted VERIFY is redone from its
         draft, with the draft's random numbers (the counter goes back one step)."""
         self.window.restore(slot, saved[:-2])
-        verifying = saved[-1] == VERIFY
-        self.blocks.rng_counter[slot] = saved[-2] - verifying.long()
-        self.blocks.phase[slot] = DRAFT
+        verifying = (saved[-1] == VERIFY).long()
+        b = self.blocks
+        b.rng_counter[slot] = saved[-2] - verifying
+        b.phase[slot] = DRAFT
+        b.stats[slot, VERIFY_RESTARTS] += verifying
+        b.totals[VERIFY_RESTARTS] += verifying
 
     def step(self, logits: torch.Tensor, slots: torch.Tensor, slots_np: np.ndarray, p: torch.Tensor,
              q_len: torch.Tensor, row0: torch.Tensor, draft_tokens: torch.Tensor) -> StepOutput:
