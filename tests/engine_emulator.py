@@ -105,6 +105,7 @@ class Emulator:
         tokens = req.prefill_tokens if req.prefill_tokens is not None else req.prompt
         self.req_states.all_token_ids.gpu[req.slot].zero_()
         self.req_states.all_token_ids.gpu[req.slot, :len(tokens)] = torch.tensor(tokens)
+        self.sampler.next_request_id[req.slot] = req.req_id  # (as the model state hands it over)
         if saved is not None:
             self.sampler.next_saved[req.slot] = saved
         self.sampler.add_request(req.slot, len(req.prompt), req.sampling)

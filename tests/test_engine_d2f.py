@@ -154,3 +154,15 @@ def test_static_shape_step_matches_reference(tiny):
            for i, m in enumerate(MAX_TOKENS)]
     _, emu = check(tiny, dict(BASE), sps, static=True)
     assert emu.stepper.graphs is not None
+
+
+def test_unseeded_requests_draw_the_same_numbers_on_every_rank(tiny):
+    """Tensor parallelism runs the sampler on every rank: a request without a seed gets one derived from its id,
+    so two engines (two ranks) given the same requests decide alike, and different requests differ."""
+    from vllm_s2d2.engine.sampler import request_seed
+
+    assert request_seed("cmpl-1-0a1b2c3d") == request_seed("cmpl-1-0a1b2c3d") != request_seed("cmpl-2-0a1b2c3d")
+    sps = [sampling_params(temperature=1.0, top_k=20, max_tokens=m) for m in MAX_TOKENS]  # no seeds
+    rank0, _ = emulate(tiny, dict(BASE), sps)
+    rank1, _ = emulate(tiny, dict(BASE), sps)
+    assert [r.output for r in rank0] == [r.output for r in rank1]

@@ -83,8 +83,10 @@ class S2D2ModelState(ModelState):
         saved = self._saved.pop(req_id, None)
         resumed = (new_req_data.prefill_token_ids is not None and new_req_data.prompt_token_ids is not None
                    and len(new_req_data.prefill_token_ids) > len(new_req_data.prompt_token_ids))
-        if saved is not None and resumed and self._sampler is not None:
-            self._sampler.next_saved[req_index] = saved
+        if self._sampler is not None:
+            self._sampler.next_request_id[req_index] = req_id  # (unseeded requests: the seed every rank derives)
+            if saved is not None and resumed:
+                self._sampler.next_saved[req_index] = saved
 
     def remove_request(self, req_id: str) -> None:
         slot = self._req_to_slot.pop(req_id, None)

@@ -18,6 +18,8 @@ engine cannot honour).  Penalties are not applied (``penalties_state`` is a stub
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -42,6 +44,12 @@ def sampling_spec(sp: Any) -> SamplingSpec:
                         top_p=float(sp.top_p), seed=sp.seed)
 
 
+def request_seed(req_id: str) -> int:
+    """The seed of a request that set none: derived from its (engine-internal, unique) id, so that every
+    tensor-parallel rank draws the same random numbers, and a preempted request continues its own stream."""
+    return int.from_bytes(hashlib.sha256(req_id.encode()).digest()[:8], "little") & (2 ** 62 - 1)
+
+
 def stop_token_ids(sp: Any) -> list[int]:
     """The ids vLLM's ``check_stop`` stops on (eos unless ``ignore_eos``, plus ``stop_token_ids``); empty while
     ``min_tokens`` could suppress a stop (the engine then simply never finishes early)."""
@@ -59,6 +67,7 @@ class S2D2Sampler:
         self.settings = settings
         self.vocab_size = vocab_size
         self.next_saved: dict[int, torch.Tensor] = {}  # resume snapshots handed over by the model state
+        self.next_request_id: dict[int, str] = {}  # the request id of each slot being added (from the model state)
         # token_logits(rows [n]) -> [n, V]: logits of the forward's token rows (flattened batch order).  Set by the
         # model state; shift-aligned models need it for the last prompt token (vLLM computes no logits for a
         # prefill chunk in a batch that carries draft tokens).
@@ -77,8 +86,11 @@ class S2D2Sampler:
         except ValueError as e:  # validated in the frontend; never take the engine down here
             logger.warning("ignoring invalid per-request S2D2 options: %s", e)
             cfg = st.config
-        self.stepper.add_request(req_idx, prompt_len=prompt_len, config=cfg,
-                                 sampling=sampling_spec(sampling_params),
+        spec = sampling_spec(sampling_params)
+        req_id = self.next_request_id.pop(req_idx, None)
+        if spec.seed is None and req_id is not None:  # the same stream on every tensor-parallel rank
+            spec = replace(spec, seed=request_seed(req_id))
+        self.stepper.add_request(req_idx, prompt_len=prompt_len, config=cfg, sampling=spec,
                                  stop_ids=stop_token_ids(sampling_params),
                                  max_tokens=sampling_params.max_tokens,
                                  saved=self.next_saved.pop(req_idx, None))
