@@ -8,6 +8,7 @@ and writes the next state.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import NamedTuple
 
 import torch
@@ -45,12 +46,14 @@ class StepContext(NamedTuple):
     drafts: DraftStore
 
 
+def pick_rows(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per row (dim 0): ``new`` where ``keep [R]``, else ``old``."""
+    return torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
 def pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> PolicyState:
     """Per row: ``new`` where ``keep``, else ``old``."""
-    def pick(a, b):
-        return torch.where(keep.view(-1, *([1] * (a.dim() - 1))), b, a)
-    return PolicyState(pick(old.hysteresis_on, new.hysteresis_on), pick(old.ucb_t, new.ucb_t),
-                       pick(old.ucb_n, new.ucb_n), pick(old.ucb_mu, new.ucb_mu))
+    return PolicyState(*(pick_rows(keep, getattr(new, f.name), getattr(old, f.name)) for f in fields(PolicyState)))
 
 
 def decode_step(ctx: StepContext, batch: StepBatch, has_verify: bool, use_top_k: bool, use_top_p: bool

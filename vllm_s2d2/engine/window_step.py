@@ -25,7 +25,7 @@ from vllm_s2d2.core.step import BlockState, draft_step, finish_step, verify_step
 from vllm_s2d2.engine.buffer_utils import gather_rows
 from vllm_s2d2.engine.draft_store import DraftStore
 from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts, WindowStates
-from vllm_s2d2.engine.step import StepBatch, count_step, pick_policy
+from vllm_s2d2.engine.step import StepBatch, count_step, pick_policy, pick_rows
 from vllm_s2d2.engine.step_params import PackedStepParams
 
 
@@ -78,15 +78,16 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, has_verify: bool, u
     shifted_window = pipeline.shift_window(window, mask_id).window
     drafted = _pick_window(draft_ok, shifted_window, window)
     n_active = n_occupied - n_cache
-    block_logits = _window_logits(logits, row0 + cache_rows, cols, n_active * B, shifted, carried)
+    L = n_active * B  # uncached window columns (a verify's span lies in them)
+    verify_rows = L if shifted else AB + L  # rows a verify canvas needs: causal pass, or 2L up to the mask half's L
+    block_logits = _window_logits(logits, row0 + cache_rows, cols, L, shifted, carried)
 
     flat = drafted.tokens.view(R, AB)
     state = BlockState(flat, torch.ones_like(flat, dtype=torch.bool),
                        pipeline.masked_in_active(drafted, mask_id).view(R, AB),
                        torch.zeros_like(rng_counter), rng_counter, window=drafted)
     draft, policy_drafted = draft_step(block_logits, state, params, layout.rules, policy)
-    L = n_active * B
-    fits = (start + cache_rows + (AB + L if not shifted else L)) <= layout.max_model_len
+    fits = start + cache_rows + verify_rows <= layout.max_model_len
     starts_verify = draft_ok & draft.do_verify & fits
     draft.do_verify = starts_verify
     result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
@@ -98,11 +99,11 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, has_verify: bool, u
 
     # -- VERIFY canvas ------------------------------------------------------------------------------------
     num_accepted = torch.zeros_like(start)
-    verify_ok = is_verify & (query_len >= (AB + L if not shifted else L))
+    verify_ok = is_verify & (query_len >= verify_rows)
     new_window = _pick_window(draft_ok, after_draft, window)
     if has_verify:
         vdraft = ctx.drafts.load(slots, params, layout.rules)
-        q_logits = _window_logits(logits, row0 + (0 if shifted else AB), cols, n_active * B, shifted, carried)
+        q_logits = _window_logits(logits, row0 + (0 if shifted else AB), cols, L, shifted, carried)
         v_commit, v_tokens, v_acc = verify_step(vdraft, q_logits, params, layout.rules, ctx.drafts.counter[slots],
                                                 window=window)
         vstate = BlockState(window.tokens.view(R, AB), torch.ones_like(v_commit), torch.ones_like(v_commit),
@@ -162,9 +163,7 @@ def clip_to_limit(window: pipeline.Window, window_start: torch.Tensor, max_model
 
 def _pick_window(keep: torch.Tensor, new: pipeline.Window, old: pipeline.Window) -> pipeline.Window:
     """Per row: ``new`` where ``keep``, else ``old``."""
-    def pick(a, b):
-        return torch.where(keep.view(-1, *([1] * (a.dim() - 1))), a, b)
-    return pipeline.Window(*(pick(a, b) for a, b in zip(new, old)))
+    return pipeline.Window(*(pick_rows(keep, a, b) for a, b in zip(new, old)))
 
 
 def _commit(window: pipeline.Window, result, ok: torch.Tensor, stop_ids: torch.Tensor, mask_id: int
