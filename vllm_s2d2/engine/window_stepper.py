@@ -47,8 +47,6 @@ class WindowStepper(S2D2Stepper):
         self.mirror.blocks = self.blocks
         self.window = WindowStates(num_slots, A, block_size, mask_token_id, self.device)
         self.graphs = StepGraphs(max_num_reqs, self.W, self.scratch, self.device) if use_cuda_graphs else None
-        self._max_model_len = max_model_len
-        self._prompt_len: dict[int, int] = {}
 
     @property
     def context(self) -> WindowContext:
@@ -59,7 +57,7 @@ class WindowStepper(S2D2Stepper):
         super().add_request(slot, prompt_len=prompt_len, config=config, sampling=sampling, stop_ids=stop_ids,
                             max_tokens=max_tokens, saved=saved)
         # Blocks up to max_tokens, the last one cut at max_model_len (window_step.clip_to_limit).
-        room = self._max_model_len - prompt_len
+        room = self.layout.max_model_len - prompt_len
         self.window.max_blocks[slot] = math.ceil(max(0, min(room, max_tokens or room)) / self.block)
 
     def remove_request(self, slot: int, save: bool = False) -> torch.Tensor | None:
@@ -93,7 +91,7 @@ class WindowStepper(S2D2Stepper):
         grown = pipeline.activate(pipeline.add_block(w, params.block_add_threshold, self.window.max_blocks[slots],
                                                      mask_id), params.decoded_token_threshold, mask_id)
         start = prefill_len.to(torch.int64)
-        self.window.scatter(slots, clip_to_limit(grown, start, self._max_model_len))
+        self.window.scatter(slots, clip_to_limit(grown, start, self.layout.max_model_len))
         write_window_next(self.context, slots, start)
         self.export_canvas(slots, draft_tokens)
 
