@@ -297,9 +297,9 @@ def test_the_guard_catches_a_host_read_inside_the_step(tiny, monkeypatch):
 
     real = stepper_mod.decode_step
 
-    def reads_phase(ctx, batch, *flags):
+    def reads_phase(ctx, batch, flags):
         bool((ctx.blocks.phase[batch.slots] == 2).any())  # what `phase_host` used to provide
-        return real(ctx, batch, *flags)
+        return real(ctx, batch, flags)
 
     monkeypatch.setattr(stepper_mod.S2D2Stepper, "step_fn", staticmethod(reads_phase))
     with pytest.raises(HostRead):

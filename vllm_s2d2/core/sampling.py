@@ -31,12 +31,15 @@ def exclude_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
 
 
 def transform_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None = None,
-                    top_p: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 probabilities ``[R, L, V]`` under each request's sampling transform."""
-    x = logits.float()
+                    top_p: torch.Tensor | None = None, exclude_id: int | None = None) -> torch.Tensor:
+    """fp32 probabilities ``[R, L, V]`` under each request's sampling transform; ``exclude_id``: a token made
+    impossible first (as :func:`exclude_token`, without its extra copy of the logits)."""
+    x = logits.to(torch.float32, copy=True)  # the one full-vocabulary copy; later passes work in place
+    if exclude_id is not None and 0 <= exclude_id < x.shape[-1]:
+        x[..., exclude_id] = float("-inf")
     greedy = temperature < GREEDY_TEMPERATURE  # [R]
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    x = x / t[:, None, None]
+    x.div_(t[:, None, None])
     if top_k is not None or top_p is not None:
         filtered = _filter(x, top_k, top_p)
         x = torch.where(greedy[:, None, None], x, filtered)
@@ -69,9 +72,13 @@ def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
-def sample(probs: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens ``[R, L]`` and their probabilities p0 under ``probs``; argmax for greedy requests ``[R]``."""
-    drawn = categorical(probs, u)
-    tokens = torch.where(greedy[:, None], probs.argmax(dim=-1), drawn)
+def sample(probs: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor, any_sampled: bool = True
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[R, L]`` and their probabilities p0 under ``probs``; argmax for greedy requests ``[R]``.
+    ``any_sampled=False`` (a host-side fact: every request is greedy) skips the inverse-CDF draw, two passes
+    over the vocabulary whose result no greedy row uses."""
+    tokens = probs.argmax(dim=-1)
+    if any_sampled:
+        tokens = torch.where(greedy[:, None], tokens, categorical(probs, u))
     p0 = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, p0

@@ -90,17 +90,23 @@ def draft_probs(logits: torch.Tensor, params: StepParams, rules: FamilyRules) ->
     """``[R, B, V]`` fp32 sampling distribution of position-aligned logits: the mask token excluded, then
     temperature / top-k / top-p.  The draft's p, the verifier's q, and p again where a verification recomputes
     it from saved draft logits, all come from it."""
-    return transform_probs(exclude_token(logits, rules.mask_token_id), params.temperature, params.top_k,
-                           params.top_p)
+    return transform_probs(logits, params.temperature, params.top_k, params.top_p, exclude_id=rules.mask_token_id)
 
 
 def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rules: FamilyRules,
-               policy_state: PolicyState) -> tuple[Draft, PolicyState]:
+               policy_state: PolicyState, *, route_any: bool = True, any_sampled: bool = True
+               ) -> tuple[Draft, PolicyState]:
     """Everything decided from the draft forward alone: sample, edits, span, K-hat, score, route, baseline
-    commit (``docs/algorithm.md``)."""
+    commit (``docs/algorithm.md``).
+
+    Two host-side facts of the batch let the engine skip work whose result no row uses: ``route_any=False``
+    (no request may verify: the estimators, K-hat, score and routing are skipped -- zeros, no row routed, the
+    policy state unchanged, exactly what routing with ``params.verify`` off gives) and ``any_sampled=False``
+    (every request greedy: no inverse-CDF draw)."""
     R, B, _ = logits.shape
     probs = draft_probs(logits, params, rules)
-    x0, p0 = sample(probs, params.greedy, rng.uniform(params.seed, block.counter, rng.STREAM_DRAFT, B))
+    x0, p0 = sample(probs, params.greedy, rng.uniform(params.seed, block.counter, rng.STREAM_DRAFT, B),
+                    any_sampled)
     is_mask = block.tokens == rules.mask_token_id
     eligible = is_mask & block.region
     edits = editing_positions(x0, p0, block.tokens, is_mask, block.editable, params.editing_threshold)
@@ -109,12 +115,6 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
     span = first_mask_span(is_mask, block.region) if window is None else pipeline.window_span(window,
                                                                                                 rules.mask_token_id)
 
-    stats = draft_stats(probs)
-    alpha = acceptance_estimate(params.estimator, stats, p0, entropy_temperature=params.entropy_temperature,
-                                margin_threshold=params.margin_threshold,
-                                entropy_threshold=params.entropy_threshold,
-                                confidence_power=params.confidence_power, margin_coef=params.margin_coef)
-    k_hat = expected_accepted(alpha, span.mask)
     if window is None:
         n_high_conf = (eligible & (p0 > params.confidence_threshold[:, None])).sum(dim=1)
         baseline_d2f = None
@@ -122,6 +122,39 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
         baseline_d2f = pipeline.baseline_commit(window, p0.view(window.tokens.shape), params.confidence_threshold,
                                                 rules.mask_token_id).view(R, B)
         n_high_conf = baseline_d2f.sum(dim=1)
+    if route_any:
+        k_hat, s, bucket, routed, do_verify, policy_state = _route_draft(
+            probs, p0, block, params, policy_state, is_mask, eligible, span, n_high_conf)
+    else:
+        k_hat = s = torch.zeros(R, dtype=torch.float32, device=logits.device)
+        bucket = torch.zeros(R, dtype=torch.int64, device=logits.device)
+        routed = do_verify = torch.zeros(R, dtype=torch.bool, device=logits.device)
+
+    step = block.step.clamp(max=params.quota.shape[1] - 1)
+    quota = torch.minimum(params.quota.gather(1, step[:, None]).squeeze(1), eligible.sum(dim=1))
+    conf = torch.where(eligible, p0, torch.zeros_like(p0))
+    if baseline_d2f is not None:
+        baseline = baseline_d2f
+    elif rules.threshold_rule:
+        baseline = threshold_plus_argmax(conf, eligible, params.confidence_threshold)
+    else:
+        baseline = remask_commit(params.remasking, conf, eligible, quota, params.confidence_threshold)
+    draft = Draft(probs, x0, p0, is_mask, eligible, edits, first_half, span.mask, span.length, k_hat, s, quota,
+                  baseline, do_verify, routed, bucket)
+    return draft, policy_state
+
+
+def _route_draft(probs, p0, block: BlockState, params: StepParams, policy_state: PolicyState, is_mask, eligible,
+                 span, n_high_conf):
+    """The draft's routing: per-position acceptance estimates -> K-hat -> score -> the UCB context -> each
+    request's policy.  Returns ``(k_hat, score, bucket, routed, do_verify, policy_state)``."""
+    window = block.window
+    stats = draft_stats(probs)
+    alpha = acceptance_estimate(params.estimator, stats, p0, entropy_temperature=params.entropy_temperature,
+                                margin_threshold=params.margin_threshold,
+                                entropy_threshold=params.entropy_threshold,
+                                confidence_power=params.confidence_power, margin_coef=params.margin_coef)
+    k_hat = expected_accepted(alpha, span.mask)
     s = score(params.score_type, k_hat, n_high_conf, params.penalty, span.length)
 
     # UCB context over the decoding window (block, Fast-dLLM v2 sub-block, or D2F's ACTIVE blocks): progress
@@ -138,19 +171,7 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
                                     min_span=params.min_span, threshold=params.score_threshold,
                                     hysteresis_on=params.hysteresis_on, hysteresis_off=params.hysteresis_off,
                                     ucb_beta=params.ucb_beta)
-
-    step = block.step.clamp(max=params.quota.shape[1] - 1)
-    quota = torch.minimum(params.quota.gather(1, step[:, None]).squeeze(1), eligible.sum(dim=1))
-    conf = torch.where(eligible, p0, torch.zeros_like(p0))
-    if baseline_d2f is not None:
-        baseline = baseline_d2f
-    elif rules.threshold_rule:
-        baseline = threshold_plus_argmax(conf, eligible, params.confidence_threshold)
-    else:
-        baseline = remask_commit(params.remasking, conf, eligible, quota, params.confidence_threshold)
-    draft = Draft(probs, x0, p0, is_mask, eligible, edits, first_half, span.mask, span.length, k_hat, s, quota,
-                  baseline, do_verify, routed, bucket)
-    return draft, policy_state
+    return k_hat, s, bucket, routed, do_verify, policy_state
 
 
 def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules: FamilyRules,

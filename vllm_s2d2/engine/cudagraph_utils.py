@@ -1,5 +1,5 @@
-"""CUDA graphs of the decode step: static input buffers, one graph per (padded batch size, any verifying row,
-any top-k, any top-p).
+"""CUDA graphs of the decode step: static input buffers, one graph per (padded batch size, the batch's
+:class:`~vllm_s2d2.engine.step.StepFlags`).
 
 The step's inputs are copied into static buffers (each request's W canvas-logits rows into ``logits``; padding
 rows point at the scratch slot with an empty query and are not counted) and the graph of that shape is
@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from vllm_s2d2.engine.step import StepBatch
+from vllm_s2d2.engine.step import StepBatch, StepFlags
 
-GraphKey = tuple[int, bool, bool, bool]  # (padded batch size, has_verify, use_top_k, use_top_p)
-StepFn = Callable[[StepBatch, bool, bool, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+GraphKey = tuple[int, StepFlags]  # (padded batch size, the batch's host-side facts)
+StepFn = Callable[[StepBatch, StepFlags], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class StepGraphs:
@@ -44,10 +44,9 @@ class StepGraphs:
         return min(size, self.max_num_reqs)
 
     def keys(self) -> list[GraphKey]:
-        """Every graph a step can need: each padded batch size, with and without verification, top-k, top-p."""
+        """Every graph a step can need: each padded batch size with each combination of step flags."""
         sizes = sorted({self.bucket(n) for n in range(1, self.max_num_reqs + 1)})
-        return [(size, v, k, p) for size in sizes for v in (False, True) for k in (False, True)
-                for p in (False, True)]
+        return [(size, flags) for size in sizes for flags in StepFlags.combinations()]
 
     def capture_all(self, step_fn: StepFn, vocab_size: int, dtype: torch.dtype) -> int:
         """Capture every graph of :meth:`keys` now (at start-up, from vLLM's profile run), so none is captured
@@ -64,10 +63,10 @@ class StepGraphs:
         if self.logits is None:
             self.logits = torch.zeros(self.max_num_reqs * self.W, vocab_size, dtype=dtype, device=self.device)
 
-    def run(self, step_fn: StepFn, batch: StepBatch, has_verify: bool, use_top_k: bool, use_top_p: bool):
+    def run(self, step_fn: StepFn, batch: StepBatch, flags: StepFlags):
         R, W = batch.slots.numel(), self.W
         self._allocate(batch.logits.shape[-1], batch.logits.dtype)
-        key = (self.bucket(R), has_verify, use_top_k, use_top_p)
+        key = (self.bucket(R), flags)
         if self.device.type == "cuda" and key not in self._graphs:
             self._capture(step_fn, key)  # (normally done at start-up) before the inputs are written
         cols = torch.arange(W, device=self.device)[None, :]
@@ -79,7 +78,7 @@ class StepGraphs:
         self.valid[:R] = True
         self._pad(R, key[0])
         if self.device.type != "cuda":
-            tokens, emitted, rejected = step_fn(self._static_batch(key[0]), *key[1:])
+            tokens, emitted, rejected = step_fn(self._static_batch(key[0]), flags)
         else:
             graph, (tokens, emitted, rejected) = self._graphs[key]
             graph.replay()
@@ -103,11 +102,11 @@ class StepGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step_fn(self._static_batch(key[0]), *key[1:])
+            step_fn(self._static_batch(key[0]), key[1])
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            outs = step_fn(self._static_batch(key[0]), *key[1:])
+            outs = step_fn(self._static_batch(key[0]), key[1])
         self._graphs[key] = (graph, outs)

@@ -153,14 +153,15 @@ class RequestFacts:
         self.active = np.zeros(num_slots, dtype=bool)
         self.cache_ver = np.zeros(num_slots, dtype=bool)
         self.draft_ver = np.zeros(num_slots, dtype=bool)
+        self.sampled_on = np.zeros(num_slots, dtype=bool)  # temperature > 0 (the others are greedy)
         self.top_k_on = np.zeros(num_slots, dtype=bool)
         self.top_p_on = np.zeros(num_slots, dtype=bool)
         self.verify_on = np.zeros(num_slots, dtype=bool)  # S2D2 verification enabled for the request
         self.prompt_len = np.zeros(num_slots, dtype=np.int64)
 
     def add(self, slot: int, *, prompt_len: int, max_tokens: int | None, cache_ver: bool, draft_ver: bool,
-            max_post_steps: int, editing: bool, stop_ids: Sequence[int], top_k_on: bool, top_p_on: bool,
-            verify_on: bool) -> None:
+            max_post_steps: int, editing: bool, stop_ids: Sequence[int], sampled_on: bool, top_k_on: bool,
+            top_p_on: bool, verify_on: bool) -> None:
         stops = list(dict.fromkeys(int(s) for s in stop_ids))[: self.max_stop_ids]  # a cut list only delays
         stops += [-1] * (self.max_stop_ids - len(stops))
         limit = NO_LIMIT if max_tokens is None else int(max_tokens)
@@ -169,6 +170,7 @@ class RequestFacts:
         self.active[slot] = True
         self.cache_ver[slot] = cache_ver
         self.draft_ver[slot] = draft_ver
+        self.sampled_on[slot] = sampled_on
         self.top_k_on[slot] = top_k_on
         self.top_p_on[slot] = top_p_on
         self.verify_on[slot] = verify_on

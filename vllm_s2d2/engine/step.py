@@ -36,6 +36,27 @@ class StepBatch(NamedTuple):
     valid: torch.Tensor | None  # [R] False on CUDA-graph padding rows (None = all valid)
 
 
+class StepFlags(NamedTuple):
+    """Host-side facts of a batch (read from :class:`RequestFacts`' host arrays, never from the device) that let a
+    step skip work no row of the batch needs.  Each combination is its own CUDA graph (:meth:`combinations`)."""
+
+    verify: bool  # some request may verify: routing, the draft store and the verify math run
+    sampled: bool  # some request samples (temperature > 0): the inverse-CDF draw runs
+    top_k: bool  # some sampled request filters by top-k
+    top_p: bool  # some sampled request filters by top-p
+
+    @classmethod
+    def of(cls, facts: RequestFacts, slots_np) -> "StepFlags":
+        return cls(bool(facts.verify_on[slots_np].any()), bool(facts.sampled_on[slots_np].any()),
+                   bool(facts.top_k_on[slots_np].any()), bool(facts.top_p_on[slots_np].any()))
+
+    @classmethod
+    def combinations(cls) -> list["StepFlags"]:
+        """Every combination a batch can have (top-k / top-p are only ever on for sampled requests)."""
+        return [cls(v, s, k, p) for v in (False, True) for s in (False, True) for k in (False, True)
+                for p in (False, True) if s or not (k or p)]
+
+
 class StepContext(NamedTuple):
     """The engine state a step reads and writes."""
 
@@ -56,7 +77,7 @@ def pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> Polic
     return PolicyState(*(pick_rows(keep, getattr(new, f.name), getattr(old, f.name)) for f in fields(PolicyState)))
 
 
-def decode_step(ctx: StepContext, batch: StepBatch, has_verify: bool, use_top_k: bool, use_top_p: bool
+def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``."""
     layout, blocks = ctx.layout, ctx.blocks
@@ -111,22 +132,24 @@ def decode_step(ctx: StepContext, batch: StepBatch, has_verify: bool, use_top_k:
     rows = (row0[:, None] + torch.where(is_commit, uncached, 0)[:, None] + (cols - draft_cached[:, None] - shift))
     block_logits = gather_rows(logits, rows, has_logit)
 
-    params = ctx.params.gather(slots, use_top_k, use_top_p)
+    params = ctx.params.gather(slots, flags.top_k, flags.top_p)
     policy = blocks.policy.index(slots)
     state = BlockState(draft_block, editable, region, draft_step_idx, rng_counter)
-    draft, policy_drafted = draft_step(block_logits, state, params, layout.rules, policy)
+    draft, policy_drafted = draft_step(block_logits, state, params, layout.rules, policy, route_any=flags.verify,
+                                       any_sampled=flags.sampled)
     # A verify canvas needs 2B slots from the block start: near max_model_len the step falls back to the
     # baseline rule (the routing state already counted the decision).
     starts_verify = draft_ok & draft.do_verify & (draft_block_start + 2 * B <= layout.max_model_len)
     draft.do_verify = starts_verify
     result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
     new_tokens = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, draft_block)
-    ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, draft_step_idx)
+    if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
+        ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, draft_step_idx)
     policy_next = pick_policy(policy, policy_finished, draft_ok & ~starts_verify)
     policy_next = pick_policy(policy_next, policy_drafted, starts_verify)  # reward recorded when verified
 
     num_accepted = torch.zeros_like(start)
-    if has_verify:
+    if flags.verify:
         v_tokens, v_policy, num_accepted = _verify(ctx, logits, slots, tokens, editable, cached, row0,
                                                    rng_counter, step_idx, params, policy)
         new_tokens = torch.where(verify_ok[:, None], v_tokens, new_tokens)

@@ -26,7 +26,7 @@ from vllm_s2d2.engine.host_mirror import HostMirror
 from vllm_s2d2.engine.profiling import profile_draft
 from vllm_s2d2.engine.states import (COMMIT, DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts,
                                      SnapshotView)
-from vllm_s2d2.engine.step import StepBatch, StepContext, decode_step
+from vllm_s2d2.engine.step import StepBatch, StepContext, StepFlags, decode_step
 from vllm_s2d2.engine.stats import VERIFY_RESTARTS
 from vllm_s2d2.engine.step_params import PackedStepParams
 from vllm_s2d2.s2d2_config import S2D2Config
@@ -47,7 +47,7 @@ class S2D2Stepper:
     """Per-slot state (``max_num_reqs`` slots + one scratch slot) and one batched step for all decoding
     requests of a batch."""
 
-    step_fn = staticmethod(decode_step)  # (ctx, batch, has_verify, use_top_k, use_top_p): one batched step
+    step_fn = staticmethod(decode_step)  # (ctx, batch, flags): one batched step
 
     def __init__(self, *, max_num_reqs: int, block_size: int, family: str, mask_token_id: int,
                  engine_config: S2D2Config, max_model_len: int, device: torch.device | str,
@@ -100,7 +100,7 @@ class S2D2Stepper:
         self.facts.add(slot, prompt_len=prompt_len, max_tokens=max_tokens, cache_ver=bool(config.cache_ver),
                        draft_ver=bool(config.draft_ver), max_post_steps=int(config.max_post_steps or 0),
                        editing=config.editing_threshold is not None, stop_ids=stop_ids,
-                       top_k_on=sampling.top_k > 0 and sampled, top_p_on=sampling.top_p < 1.0 and sampled,
+                       sampled_on=sampled, top_k_on=sampling.top_k > 0 and sampled, top_p_on=sampling.top_p < 1.0 and sampled,
                        verify_on=bool(config.verify))
         self._pending_reset[slot] = saved
 
@@ -185,17 +185,15 @@ class S2D2Stepper:
         ``logits [N, V]``: the canvas logits of the batch; request r's canvas rows are
         ``row0[r] .. row0[r] + q_len[r] - 1`` (query positions ``p[r] ..``).  ``slots``: their state rows.
         Writes the next canvas into ``draft_tokens[slot, :W]``; returns the emitted tokens."""
-        # Host facts only (no wait on the device): a batch with no request that may verify skips the verify math.
-        has_verify = bool(self.facts.verify_on[slots_np].any())
-        use_top_k, use_top_p = bool(self.facts.top_k_on[slots_np].any()), bool(self.facts.top_p_on[slots_np].any())
+        # Host facts only (no wait on the device): e.g. a batch with no request that may verify skips the verify math.
+        flags = StepFlags.of(self.facts, slots_np)
         self._ensure_drafts(logits.shape[-1], logits.dtype)
         batch = StepBatch(logits, slots, p.to(torch.int64), q_len.to(torch.int64), row0.to(torch.int64), None)
         ctx, step_fn = self.context, self.step_fn
         if self.graphs is not None:
-            tokens, emitted, rejected = self.graphs.run(lambda b, *flags: step_fn(ctx, b, *flags), batch,
-                                                        has_verify, use_top_k, use_top_p)
+            tokens, emitted, rejected = self.graphs.run(lambda b, f: step_fn(ctx, b, f), batch, flags)
         else:
-            tokens, emitted, rejected = step_fn(ctx, batch, has_verify, use_top_k, use_top_p)
+            tokens, emitted, rejected = step_fn(ctx, batch, flags)
         self.export_canvas(slots, draft_tokens)
         return StepOutput(tokens, emitted, rejected)
 
@@ -223,4 +221,4 @@ class S2D2Stepper:
         profile_draft(self.layout, self.params, num_reqs, vocab_size, dtype, self.device)
         if self.graphs is not None:
             ctx, step_fn = self.context, self.step_fn
-            self.graphs.capture_all(lambda b, *flags: step_fn(ctx, b, *flags), vocab_size, dtype)
+            self.graphs.capture_all(lambda b, f: step_fn(ctx, b, f), vocab_size, dtype)

@@ -25,7 +25,7 @@ from vllm_s2d2.core.step import BlockState, draft_step, finish_step, verify_step
 from vllm_s2d2.engine.buffer_utils import gather_rows
 from vllm_s2d2.engine.draft_store import DraftStore
 from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts, WindowStates
-from vllm_s2d2.engine.step import StepBatch, count_step, pick_policy, pick_rows
+from vllm_s2d2.engine.step import StepBatch, StepFlags, count_step, pick_policy, pick_rows
 from vllm_s2d2.engine.step_params import PackedStepParams
 
 
@@ -46,7 +46,7 @@ def _window_rows(tokens_shape, device) -> torch.Tensor:
     return torch.arange(A * B, device=device)[None, :].expand(R, A * B)
 
 
-def decode_window_step(ctx: WindowContext, batch: StepBatch, has_verify: bool, use_top_k: bool, use_top_p: bool
+def decode_window_step(ctx: WindowContext, batch: StepBatch, flags: StepFlags
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``."""
     layout, blocks, B = ctx.layout, ctx.blocks, ctx.block_size
@@ -61,7 +61,7 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, has_verify: bool, u
     phase = blocks.phase[slots]
     rng_counter = blocks.rng_counter[slots]
     facts = ctx.facts.gather(slots)
-    params = ctx.params.gather(slots, use_top_k, use_top_p)
+    params = ctx.params.gather(slots, flags.top_k, flags.top_p)
     policy = blocks.policy.index(slots)
     is_verify = phase == VERIFY
 
@@ -86,12 +86,14 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, has_verify: bool, u
     state = BlockState(flat, torch.ones_like(flat, dtype=torch.bool),
                        pipeline.masked_in_active(drafted, mask_id).view(R, AB),
                        torch.zeros_like(rng_counter), rng_counter, window=drafted)
-    draft, policy_drafted = draft_step(block_logits, state, params, layout.rules, policy)
+    draft, policy_drafted = draft_step(block_logits, state, params, layout.rules, policy, route_any=flags.verify,
+                                       any_sampled=flags.sampled)
     fits = start + cache_rows + verify_rows <= layout.max_model_len
     starts_verify = draft_ok & draft.do_verify & fits
     draft.do_verify = starts_verify
     result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
-    ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, torch.zeros_like(rng_counter))
+    if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
+        ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, torch.zeros_like(rng_counter))
     committed = draft_ok & ~starts_verify
     after_draft = _commit(drafted, result, committed, facts.stop_ids, mask_id)
     policy_next = pick_policy(policy, policy_finished, committed)
@@ -101,7 +103,7 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, has_verify: bool, u
     num_accepted = torch.zeros_like(start)
     verify_ok = is_verify & (query_len >= verify_rows)
     new_window = _pick_window(draft_ok, after_draft, window)
-    if has_verify:
+    if flags.verify:
         vdraft = ctx.drafts.load(slots, params, layout.rules)
         q_logits = _window_logits(logits, row0 + (0 if shifted else AB), cols, L, shifted, carried)
         v_commit, v_tokens, v_acc = verify_step(vdraft, q_logits, params, layout.rules, ctx.drafts.counter[slots],

@@ -1,5 +1,5 @@
 """``vllm serve MODEL --speculative-config s2d2``, typed as is (also ``vllm bench throughput`` / ``vllm bench
-latency``, whose parsers are ``FlexibleArgumentParser``\ s with vLLM's engine arguments too;
+latency``, whose parsers are ``FlexibleArgumentParser`` objects with vLLM's engine arguments too;
 ``tests/test_vllm_bench.py``).
 
 vLLM 0.26 parses ``--speculative-config`` with ``json.loads`` (``engine/arg_utils.py``), so the bare word ``s2d2``
