@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 import bench_records as rec  # noqa: E402
+import gpu_env  # noqa: E402
 import gpu_records  # noqa: E402
 import offline_throughput as ot  # noqa: E402
 import profile_step as ps  # noqa: E402
@@ -61,6 +62,18 @@ def test_gpu_test_records_carry_the_metadata(tmp_path, monkeypatch):
     assert r2["meta"]["call_id"] == r["meta"]["call_id"]  # one id per pytest process
     with pytest.raises(ValueError):
         gpu_records.make_record("t", {"meta": 1})
+
+
+def test_gpu_workers_sharing_one_gpu_get_own_ports_and_a_fixed_kv_cache(monkeypatch):
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    assert gpu_env.worker_port(8011) == 8011
+    assert gpu_env.llm_memory_kwargs(0.3) == {"gpu_memory_utilization": 0.3}
+    assert gpu_env.serve_memory_args(0.3) == ["--gpu-memory-utilization=0.3"]
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw2")
+    assert gpu_env.worker_port(8011) == 8211
+    kw = gpu_env.llm_memory_kwargs(0.3)
+    assert kw["kv_cache_memory_bytes"] == gpu_env.KV_CACHE_BYTES and kw["gpu_memory_utilization"] < 0.3
+    assert f"--kv-cache-memory-bytes={gpu_env.KV_CACHE_BYTES}" in gpu_env.serve_memory_args(0.3)
 
 
 def test_gpu_session_payload_counts_outcomes():

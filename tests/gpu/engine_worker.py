@@ -22,6 +22,8 @@ import time
 # error can flip near-tied confidence rankings against the fp32 reference decoder.
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
+from gpu_env import llm_memory_kwargs  # noqa: E402  (this script's folder is on sys.path)
+
 
 def _sp(kw):
     from vllm import SamplingParams
@@ -71,7 +73,7 @@ def run(spec: dict) -> dict:
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, speculative_config=spec.get("speculative_config"),
               enforce_eager=spec.get("enforce_eager", True), dtype=spec.get("dtype", "float32"),
               max_model_len=spec.get("max_model_len", 512), max_num_seqs=spec.get("max_num_seqs", 64),
-              gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.3), seed=0,
+              **llm_memory_kwargs(spec.get("gpu_memory_utilization", 0.3)), seed=0,
               **spec.get("llm_kwargs", {}))
     result: dict = {"startup_s": time.time() - t0,
                     "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from gpu_env import serve_memory_args, worker_port
 from gpu_records import write_record
 from gpu_skip import require_cuda
 
@@ -106,10 +107,10 @@ def test_d2f_served_by_vllm_serve_with_s2d2(fam, tmp_path):
     path = _checkpoint(fam, tmp_path / fam, tokenizer=True)
     models = {fam: (ReferenceModel.load(path, device="cuda", dtype=torch.float32), load_family_info(path))}
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
-    port = 8051 + FAMILIES.index(fam)
+    port = worker_port(8051 + FAMILIES.index(fam))
     log_dir = os.environ.get("S2D2_GPU_LOG_DIR") or str(tmp_path)
     proc = start_server(path, json.dumps(S2D2), port, Path(log_dir) / f"serve_{fam}.log",
-                        ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
+                        ["--dtype", "float32", "--max-model-len", "512", *serve_memory_args(0.3),
                          "--max-num-seqs", "16"])
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)

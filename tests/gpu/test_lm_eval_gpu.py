@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from gpu_env import llm_memory_kwargs, serve_memory_args, worker_port
 from gpu_records import write_record
 from gpu_skip import require_cuda
 
@@ -39,7 +40,7 @@ import s2d2_stdlib_utils as task_utils  # noqa: E402
 
 LIMIT = int(os.environ.get("S2D2_LM_EVAL_LIMIT", "32"))
 MAX_GEN = 48  # the task's max_gen_toks
-PORT = 8013
+PORT = worker_port(8013)
 CONFIGS = {"s2d2": {"method": "s2d2"}, "threshold": {"method": "s2d2", "verify": False}}
 RECORD: dict = {"limit": LIMIT}
 
@@ -109,7 +110,7 @@ def _record():
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_lm_eval_vllm_model_scores_as_the_reference(reference, tmp_path, name):
     args = json.dumps({"pretrained": MODEL, "speculative_config": CONFIGS[name], "max_model_len": 512,
-                       "gpu_memory_utilization": 0.3})
+                       **llm_memory_kwargs(0.3)})
     samples = _lm_eval(["--model", "vllm", "--model_args", args, "--batch_size", "auto"], str(tmp_path),
                        f"lm_eval_vllm_{name}.log")
     got = _compare(f"vllm_{name}", samples, reference[name])
@@ -123,7 +124,7 @@ def server(tmp_path_factory):
 
     log_dir = os.environ.get("S2D2_GPU_LOG_DIR") or str(tmp_path_factory.mktemp("lm_eval_serve"))
     proc = start_server(MODEL, "s2d2", PORT, Path(log_dir) / "lm_eval_server.log",
-                        ["--max-model-len", "512", "--gpu-memory-utilization", "0.3"])
+                        ["--max-model-len", "512", *serve_memory_args(0.3)])
     yield f"http://127.0.0.1:{PORT}/v1/completions"
     stop_server(proc)
 

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from gpu_env import serve_memory_args, worker_port
 from gpu_records import write_record
 from gpu_skip import require_cuda
 
@@ -32,7 +33,7 @@ openai = pytest.importorskip("openai")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(REPO, "assets", "sdar-stdlib-10m")
-PORT = 8011
+PORT = worker_port(8011)
 NAME = "demo"
 PROMPT = 'def read_config(path):\n    """Read a JSON config file."""\n'
 LOG_DIR = os.environ.get("S2D2_GPU_LOG_DIR")
@@ -47,7 +48,7 @@ def _cli(*args: str) -> list[str]:
 def server(tmp_path_factory):
     log_path = os.path.join(LOG_DIR or str(tmp_path_factory.mktemp("serve")), "serve_server.log")
     cmd = _cli(MODEL, "--speculative-config", "s2d2", "--port", str(PORT), "--served-model-name", NAME,
-               "--max-model-len", "512", "--gpu-memory-utilization", "0.3", "--max-num-seqs", "64")
+               "--max-model-len", "512", *serve_memory_args(0.3), "--max-num-seqs", "64")
     RECORD["command"] = " ".join(cmd[1:])
     log = open(log_path, "w")
     env = dict(os.environ, VLLM_LOG_STATS_INTERVAL="1")  # the vllm:s2d2_* counters follow within ~1 s

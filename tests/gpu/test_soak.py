@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from gpu_env import serve_memory_args, worker_port
 from gpu_records import write_record
 from gpu_skip import require_cuda
 
@@ -39,7 +40,7 @@ pytest.importorskip("aiohttp")
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "assets" / "sdar-stdlib-10m"
 PROMPTS = MODEL / "heldout_prompts.jsonl"  # 11..279 tokens: + 512 new tokens fits --max-model-len 1024
-PORT = 8041
+PORT = worker_port(8041)
 LOG_DIR = os.environ.get("S2D2_GPU_LOG_DIR")
 
 
@@ -61,7 +62,7 @@ DEADLINE_S = 120  # a request under this load ends well within it; one that does
 # --max-num-seqs 64 short requests and must preempt as they grow, for the whole load phase; yet one request of
 # --max-model-len 1024 (64 blocks) always fits, and so do the 16 concurrent re-runs most of the time.
 GPU_BLOCKS = _env_int("S2D2_SOAK_GPU_BLOCKS", 512)
-SERVER_ARGS = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.3", "--max-num-seqs", "64",
+SERVER_ARGS = ["--max-model-len", "1024", *serve_memory_args(0.3), "--max-num-seqs", "64",
                "--num-gpu-blocks-override", str(GPU_BLOCKS)]
 
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU suite and the speed records in few device calls, on one warm machine (tests/gpu/results/README.md).
+# Run from the repository root on the GPU host, after `source .gpu_bundle/setup_gpu_host.sh`:
+#
+#   COMMIT=<hash> bash tests/gpu/suite_calls.sh speed|tests1|tests2|tp2 [seconds]
+#
+#   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
+#           batch 1/16/64/256 (the baseline in the same call)
+#   tests1  test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve, test_soak
+#   tests2  test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
+#   tp2     test_tp2 (a two-GPU host only)
+#
+# The test calls share the GPU between pytest-xdist workers (tests/gpu/gpu_env.py: own ports, a fixed KV cache
+# per engine) and stop at [seconds] (default 560, under a device call's 10 minutes); the controller's
+# gpu-session-partial.json keeps every finished test's outcome if the limit cuts the run.  Everything is written
+# to /tmp/s2d2-calls/<call>/ (each worker's logs in a subfolder) and comes back as one file, $OUT/<call>.tar.gz
+# (a device call returns only a few files).
+set -uo pipefail
+call=${1:?call name}
+limit=${2:-560}
+: "${OUT:?set OUT to the output folder}"
+work=/tmp/s2d2-calls
+dest=$work/$call
+rm -rf "$dest"; mkdir -p "$dest"
+export S2D2_GPU_LOG_DIR=$dest COMMIT=${COMMIT:-unknown}
+nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+
+pytest_call() {  # workers, files...
+  local workers=$1; shift
+  timeout -k 10 "$limit" python3 -m pytest -v -rs -p no:cacheprovider -m gpu -n "$workers" "$@" \
+    > "$dest/pytest.log" 2>&1
+  echo "pytest exit $? after $SECONDS s" >> "$dest/pytest.log"
+  tail -n 25 "$dest/pytest.log"
+}
+
+case $call in
+  speed)
+    timeout -k 10 "$limit" python3 benchmarks/offline_throughput.py --modes a,cdshumv --batches 1,16,64,256 \
+      --out "$dest/offline_throughput.json" > "$dest/offline.log" 2>&1
+    echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
+    tail -n 40 "$dest/offline.log" ;;
+  tests1)
+    pytest_call 4 tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
+      tests/gpu/test_serve.py tests/gpu/test_soak.py ;;
+  tests2)
+    pytest_call 5 tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_lm_eval_gpu.py ;;
+  tp2)
+    pytest_call 1 tests/gpu/test_tp2.py ;;
+  *) echo "unknown call $call" >&2; exit 2 ;;
+esac
+nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+tar -C "$work" -czf "$OUT/$call.tar.gz" "$call"
