@@ -65,11 +65,11 @@ def reference_output(tiny, s2d2: dict, prompt, sp):
 
 
 def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None, preempt=None, static=False,
-            guard=None):
+            guard=None, id_prefix="r"):
     model, _, hf, prompts = tiny
     emu = Emulator(model, hf, s2d2, token_budget=budget, max_model_len=max_model_len, static_shapes=static)
     emu.step_guard = guard
-    reqs = [EmuRequest(f"r{i}", list(p), sp) for i, (p, sp) in enumerate(zip(prompts, sps))]
+    reqs = [EmuRequest(f"{id_prefix}{i}", list(p), sp) for i, (p, sp) in enumerate(zip(prompts, sps))]
     for r in reqs:
         emu.add(r)
     n = 0
@@ -172,6 +172,17 @@ def test_s2d2_greedy_matches_reference(tiny, case):
     assert emu.verify_forwards > 0  # verification really ran
 
 
+@pytest.mark.parametrize("case", ["config-a", "ucb"])
+def test_s2d2_greedy_without_seed_is_reproducible(tiny, case):
+    """The acceptance test is random even for greedy drafts; a temperature-0 request that sets no seed uses
+    ``SamplingSpec.default_seed``, so its output is the reference's whatever its request id, its batch or its
+    preemptions (a server's greedy request gives the same text every time)."""
+    reqs, emu = check(tiny, S2D2_CASES[case], greedy(), preempt=({2, 5}, (1, 4)))
+    assert emu.verify_forwards > 0
+    others, _ = emulate(tiny, S2D2_CASES[case], greedy(), id_prefix="cmpl-other-")
+    assert [r.output for r in others] == [r.output for r in reqs]
+
+
 def test_s2d2_sampled_matches_reference_with_seeds(tiny):
     sps = [sampling_params(max_tokens=m, temperature=1.0, top_k=20, seed=10 + i) for i, m in enumerate(MAX_TOKENS)]
     _, emu = check(tiny, {"verify_policy": "mask_span_length"}, sps)
@@ -197,10 +208,13 @@ def test_s2d2_always_verify_greedy_equals_engine_ar_mode(tiny):
     assert int(stats[:, 1].sum()) > 0 and int(stats[:, 3].sum()) > 0  # verify steps, accepted drafts
 
 
-def test_s2d2_preemption_during_verification(tiny):
+@pytest.mark.parametrize("case", ["span", "hysteresis", "ucb"])
+def test_s2d2_preemption_during_verification(tiny, case):
     sps = [sampling_params(max_tokens=m, temperature=1.0, seed=i) for i, m in enumerate(MAX_TOKENS)]
-    # The interrupted draft is redone with its own step index and random numbers: the same tokens as the reference.
-    reqs, emu = check(tiny, {"verify_policy": "mask_span_length"}, sps, preempt=({2, 5}, (1, 4)))
+    # The interrupted draft is redone with its own step index, random numbers and routing state (the stateful
+    # policies: hysteresis on/off, the UCB statistics): the same tokens as the reference.
+    policy = {"span": {"verify_policy": "mask_span_length"}}.get(case) or S2D2_CASES[case]
+    reqs, emu = check(tiny, policy, sps, preempt=({2, 5}, (1, 4)))
     assert all(len(r.output) == r.sampling.max_tokens for r in reqs)
     assert emu.stepper.host_totals()["verify_restarts"] > 0  # (vllm:s2d2_verify_restarts)
 

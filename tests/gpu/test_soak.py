@@ -1,7 +1,7 @@
 """GPU (#17): the server under pressure -- ``benchmarks/soak.py`` against ``vllm serve`` of the demo checkpoint.
 
-``vllm serve assets/sdar-stdlib-10m --speculative-config s2d2 --max-num-seqs 64`` with a KV cache far smaller than
-64 concurrent requests need (``--num-gpu-blocks-override``, below), so the scheduler preempts requests all run long;
+``vllm serve assets/sdar-stdlib-10m --speculative-config s2d2 --dtype float32 --max-num-seqs 64`` with a KV cache
+far smaller than 64 concurrent requests need (``--num-gpu-blocks-override``, below), so the scheduler preempts requests all run long;
 soak.py sends the mixed load (every S2D2 policy per request, greedy and seeded, streaming and not, stop strings,
 ``max_tokens`` 1..512, 10% client aborts mid-stream, the bad-input matrix), re-runs every completed request and
 compares token ids, and reads ``/metrics`` (preemptions, ``vllm:s2d2_*`` = spec-decode counters, nothing left
@@ -62,7 +62,12 @@ DEADLINE_S = 120  # a request under this load ends well within it; one that does
 # --max-num-seqs 64 short requests and must preempt as they grow, for the whole load phase; yet one request of
 # --max-model-len 1024 (64 blocks) always fits, and so do the 16 concurrent re-runs most of the time.
 GPU_BLOCKS = _env_int("S2D2_SOAK_GPU_BLOCKS", 512)
-SERVER_ARGS = ["--max-model-len", "1024", *serve_memory_args(0.3), "--max-num-seqs", "64",
+# fp32 (and exact fp32 matmuls in Triton), as in the engine equality tests: the re-runs check that batching,
+# preemption and aborts change no decision.  In bf16 the logits of one request move with the batch around it
+# (kernels tile by batch size), and S2D2's threshold rules flip on such differences, for vLLM's own AR decode
+# too on near ties; the first soak (bf16, f6f592f) could not tell those flips from bugs.  fp32 doubles the KV of a
+# token (8 KiB): the 512 blocks take 64 MiB, and hold as few tokens as before.
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "1024", *serve_memory_args(0.3), "--max-num-seqs", "64",
                "--num-gpu-blocks-override", str(GPU_BLOCKS)]
 
 
@@ -76,6 +81,7 @@ def test_soak_under_kv_pressure(tmp_path):
     soak_out = tmp_path / "soak_run.json"
     payload: dict = {"server_args": ["--speculative-config", "s2d2", *SERVER_ARGS], "model": str(MODEL)}
     t0 = time.time()
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # (the server inherits it)
     proc = start_server(str(MODEL), "s2d2", PORT, log_dir / "soak_server.log", SERVER_ARGS)
     payload["startup_s"] = round(time.time() - t0, 1)
     cmd = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--base-url", f"http://127.0.0.1:{PORT}",

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from vllm_s2d2.core.sampling import GREEDY_TEMPERATURE
 from vllm_s2d2.core.unmasking import transfer_quota
 from vllm_s2d2.families import BY_NAME
 from vllm_s2d2.s2d2_config import ACCEPTANCE, ESTIMATORS, POLICIES, REMASKING, SCORES, S2D2Config
@@ -42,12 +43,25 @@ class FamilyRules:
                    fixed_quota=fam.fixed_quota, pipelined=fam.pipelined)
 
 
+GREEDY_SEED = 0  # the acceptance test's seed for a greedy request that set none (SamplingSpec.default_seed)
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    def default_seed(self) -> int | None:
+        """The seed of a request that set none: ``GREEDY_SEED`` for a greedy request, None (the caller draws
+        one) for a sampled one.  S2D2's acceptance test min(1, q/p) is random even when every token is an
+        argmax, so without a fixed seed a temperature-0 request could give another output on every run."""
+        return GREEDY_SEED if self.greedy else None
 
 
 @dataclass
@@ -93,7 +107,8 @@ class StepParams:
     @classmethod
     def build(cls, configs: Sequence[S2D2Config], sampling: Sequence[SamplingSpec], rules: FamilyRules,
               device: torch.device | str = "cpu") -> "StepParams":
-        """``configs`` must be resolved (:meth:`S2D2Config.resolve`); seeds None become random."""
+        """``configs`` must be resolved (:meth:`S2D2Config.resolve`); a seed None becomes
+        :meth:`SamplingSpec.default_seed`, or a random one for a sampled request."""
         if len(configs) != len(sampling):
             raise ValueError("one S2D2Config and one SamplingSpec per request")
         f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
@@ -107,12 +122,13 @@ class StepParams:
                 quotas.append(transfer_quota(c.block_size, c.denoising_steps))
         width = max(len(q) for q in quotas)
         quotas = [q + [q[-1]] * (width - len(q)) for q in quotas]
-        seeds = [s.seed if s.seed is not None else int(torch.randint(0, 2**62, (1,)).item()) for s in sampling]
+        seeds = [s.seed if s.seed is not None else s.default_seed() for s in sampling]
+        seeds = [int(torch.randint(0, 2**62, (1,)).item()) if x is None else x for x in seeds]
         return cls(
             temperature=f([s.temperature for s in sampling]),
             top_k=i([s.top_k for s in sampling]) if any(s.top_k > 0 for s in sampling) else None,
             top_p=f([s.top_p for s in sampling]) if any(s.top_p < 1.0 for s in sampling) else None,
-            greedy=b([s.temperature < 1e-6 for s in sampling]),
+            greedy=b([s.greedy for s in sampling]),
             seed=i(seeds),
             remasking=i([REMASKING.index(c.remasking) for c in configs]),
             confidence_threshold=f([c.confidence_threshold for c in configs]),

@@ -13,7 +13,8 @@ vLLM's runner stays stock; this class plugs the block-diffusion state machine in
   prefill chunks) and attaches :class:`~vllm_s2d2.engine.attention_inputs.CanvasInputs`: the per-slot canvas
   tables the stepper wrote on the device and the slot of each batch row (:mod:`vllm_s2d2.engine.attention`).  No
   request's mask is computed on the host, so uniform decode batches replay as FULL CUDA graphs.
-* Preemption: ``remove_request`` keeps a device snapshot of the slot's block state (RNG counter included);
+* Preemption: ``remove_request`` keeps a device snapshot of the slot's block state (RNG counter and routing
+  state included, ``states.SavedRequest``);
   when the request comes back (re-prefilled with its committed tokens) the interrupted block continues.
 """
 
@@ -34,6 +35,7 @@ from vllm.v1.worker.gpu.model_states.interface import ModelState
 
 from vllm_s2d2.engine.attention import canvas_positions, plan_canvas_rows, prefill_ranges, write_prefill_tables
 from vllm_s2d2.engine.attention_inputs import CanvasInputs
+from vllm_s2d2.engine.states import SavedRequest
 from vllm_s2d2.engine.stats import external_request_id
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
 from vllm_s2d2.engine.stepper import S2D2Stepper
@@ -62,7 +64,7 @@ class S2D2ModelState(ModelState):
             engine_config=self.settings.config, max_model_len=self.max_model_len, device=device,
             use_cuda_graphs=vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE)
         self._req_to_slot: dict[str, int] = {}
-        self._saved: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._saved: OrderedDict[str, SavedRequest] = OrderedDict()
         self._finished_stats: OrderedDict[str, dict[str, int]] = OrderedDict()
         self._positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
         # Slot of each batch row's canvas table (-1: stock attention); persistent, read by FULL graphs.

@@ -30,6 +30,7 @@ from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
 from vllm_s2d2.core.params import SamplingSpec
 from vllm_s2d2.engine.settings import EngineSettings, request_config
+from vllm_s2d2.engine.states import SavedRequest
 from vllm_s2d2.engine.stepper import S2D2Stepper
 from vllm_s2d2.log import get_logger
 
@@ -45,8 +46,9 @@ def sampling_spec(sp: Any) -> SamplingSpec:
 
 
 def request_seed(req_id: str) -> int:
-    """The seed of a request that set none: derived from its (engine-internal, unique) id, so that every
-    tensor-parallel rank draws the same random numbers, and a preempted request continues its own stream."""
+    """The seed of a sampled request that set none: derived from its (engine-internal, unique) id, so that every
+    tensor-parallel rank draws the same random numbers, and a preempted request continues its own stream.
+    (A greedy request that set none uses ``SamplingSpec.default_seed``: the same output on every run.)"""
     return int.from_bytes(hashlib.sha256(req_id.encode()).digest()[:8], "little") & (2 ** 62 - 1)
 
 
@@ -66,7 +68,7 @@ class S2D2Sampler:
         self.stepper = stepper
         self.settings = settings
         self.vocab_size = vocab_size
-        self.next_saved: dict[int, torch.Tensor] = {}  # resume snapshots handed over by the model state
+        self.next_saved: dict[int, SavedRequest] = {}  # resume snapshots handed over by the model state
         self.next_request_id: dict[int, str] = {}  # the request id of each slot being added (from the model state)
         # token_logits(rows [n]) -> [n, V]: logits of the forward's token rows (flattened batch order).  Set by the
         # model state; shift-aligned models need it for the last prompt token (vLLM computes no logits for a
@@ -88,8 +90,11 @@ class S2D2Sampler:
             cfg = st.config
         spec = sampling_spec(sampling_params)
         req_id = self.next_request_id.pop(req_idx, None)
-        if spec.seed is None and req_id is not None:  # the same stream on every tensor-parallel rank
-            spec = replace(spec, seed=request_seed(req_id))
+        if spec.seed is None:  # greedy: the fixed default; sampled: the same stream on every tensor-parallel rank
+            seed = spec.default_seed()
+            if seed is None and req_id is not None:
+                seed = request_seed(req_id)
+            spec = replace(spec, seed=seed)
         self.stepper.add_request(req_idx, prompt_len=prompt_len, config=cfg, sampling=spec,
                                  stop_ids=stop_token_ids(sampling_params),
                                  max_tokens=sampling_params.max_tokens,

@@ -7,6 +7,7 @@ padding rows of a CUDA-graph step and is never read back.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -48,6 +49,9 @@ class BlockStates:
         self.pos_offset = torch.zeros(num_slots, W, **long)
         self.verify_pattern = verifier_2l(0, B, device, tbs=verify_block_size)  # [2B, 2B] every 2L verify canvas
         self.policy = PolicyState.zeros(num_slots, device)  # routing policy state
+        # The routing state before the draft step that started a slot's pending verification: a preempted
+        # verification is redone from that draft, which must route from the same state.
+        self.policy_before_verify = PolicyState.zeros(num_slots, device)
         self.stats = torch.zeros(num_slots, len(STAT_NAMES), **long)  # per-request counters
         self.totals = torch.zeros(len(STAT_NAMES), **long)  # engine-wide counters
         # Engine-wide, per span position i (vLLM's per-position spec-decode acceptance): verifications whose span
@@ -68,6 +72,26 @@ class BlockStates:
     def snapshot(self, slot: int) -> torch.Tensor:
         """Device copy of a slot's block (for a resume after preemption): ``[B tokens, SNAPSHOT_FIELDS...]``."""
         return torch.cat([self.tokens[slot]] + [getattr(self, name)[slot:slot + 1] for name in SNAPSHOT_FIELDS])
+
+    def saved_policy(self, slot: int) -> PolicyState:
+        """Device copy of the routing state a resumed request continues from: the current one, or for a slot in
+        VERIFY the one before the draft step the resume redoes."""
+        rows = slice(slot, slot + 1)
+        verifying = self.phase[rows] == VERIFY
+        now, before = self.policy.index(rows), self.policy_before_verify.index(rows)
+        pick = lambda a, b: torch.where(verifying.view(-1, *[1] * (a.dim() - 1)), b, a)  # noqa: E731
+        return PolicyState(*(pick(getattr(now, f.name), getattr(before, f.name)) for f in fields(PolicyState)))
+
+    def restore_policy(self, slot: int, policy: PolicyState) -> None:
+        self.policy.scatter_(slice(slot, slot + 1), policy)
+
+
+class SavedRequest(NamedTuple):
+    """What a preempted request keeps for its resume (device tensors): its block (or D2F window) state, flat, and
+    its routing state (:meth:`BlockStates.saved_policy`)."""
+
+    state: torch.Tensor
+    policy: PolicyState
 
 
 SNAPSHOT_FIELDS = ("block_start", "step_idx", "rng_counter", "phase", "post_steps")

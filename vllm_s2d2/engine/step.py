@@ -77,6 +77,13 @@ def pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> Polic
     return PolicyState(*(pick_rows(keep, getattr(new, f.name), getattr(old, f.name)) for f in fields(PolicyState)))
 
 
+def keep_before_verify(blocks: BlockStates, slots: torch.Tensor, policy: PolicyState,
+                       starts_verify: torch.Tensor) -> None:
+    """Rows that start a verification keep their routing state from before this draft (a resume redoes it)."""
+    before = blocks.policy_before_verify
+    before.scatter_(slots, pick_policy(before.index(slots), policy, starts_verify))
+
+
 def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``."""
@@ -145,6 +152,7 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     new_tokens = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, draft_block)
     if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
         ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, draft_step_idx)
+        keep_before_verify(blocks, slots, policy, starts_verify)
     policy_next = pick_policy(policy, policy_finished, draft_ok & ~starts_verify)
     policy_next = pick_policy(policy_next, policy_drafted, starts_verify)  # reward recorded when verified
 

@@ -25,7 +25,7 @@ from vllm_s2d2.engine.draft_store import DraftStore
 from vllm_s2d2.engine.host_mirror import HostMirror
 from vllm_s2d2.engine.profiling import profile_draft
 from vllm_s2d2.engine.states import (COMMIT, DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts,
-                                     SnapshotView)
+                                     SavedRequest, SnapshotView)
 from vllm_s2d2.engine.step import StepBatch, StepContext, StepFlags, decode_step
 from vllm_s2d2.engine.stats import VERIFY_RESTARTS
 from vllm_s2d2.engine.step_params import PackedStepParams
@@ -70,8 +70,8 @@ class S2D2Stepper:
         self.drafts: DraftStore | None = None  # allocated with the first step: needs V and the logits dtype
         self.mirror = HostMirror(self.blocks, device)
         self.graphs = StepGraphs(max_num_reqs, self.W, self.scratch, device) if use_cuda_graphs else None
-        self._pending_reset: dict[int, torch.Tensor | None] = {}  # slot -> resume snapshot (None: fresh)
-        self._restore: dict[int, torch.Tensor] = {}  # resume snapshots, consumed when the prefill completes
+        self._pending_reset: dict[int, SavedRequest | None] = {}  # slot -> resume snapshot (None: fresh)
+        self._restore: dict[int, SavedRequest] = {}  # resume snapshots, consumed when the prefill completes
 
     # -- what the adapters read ------------------------------------------------------------------------
     @property
@@ -94,7 +94,7 @@ class S2D2Stepper:
 
     # -- request lifecycle (host side, staged) ---------------------------------------------------------
     def add_request(self, slot: int, *, prompt_len: int, config: S2D2Config, sampling: SamplingSpec,
-                    stop_ids: Sequence[int], max_tokens: int | None, saved: torch.Tensor | None = None) -> None:
+                    stop_ids: Sequence[int], max_tokens: int | None, saved: SavedRequest | None = None) -> None:
         self.params.set_row(slot, StepParams.build([config], [sampling], self.layout.rules, "cpu"))
         sampled = sampling.temperature >= 1e-6
         self.facts.add(slot, prompt_len=prompt_len, max_tokens=max_tokens, cache_ver=bool(config.cache_ver),
@@ -104,12 +104,13 @@ class S2D2Stepper:
                        verify_on=bool(config.verify))
         self._pending_reset[slot] = saved
 
-    def remove_request(self, slot: int, save: bool = False) -> torch.Tensor | None:
-        """Deactivate a slot; with ``save`` return a device snapshot of its block state (for a resume)."""
+    def remove_request(self, slot: int, save: bool = False) -> SavedRequest | None:
+        """Deactivate a slot; with ``save`` return a device snapshot of its block and routing state (for a
+        resume)."""
         self.facts.active[slot] = False
         self._pending_reset.pop(slot, None)
         self._restore.pop(slot, None)
-        return self.blocks.snapshot(slot) if save else None
+        return SavedRequest(self.blocks.snapshot(slot), self.blocks.saved_policy(slot)) if save else None
 
     def apply_staged_writes(self) -> None:
         self.params.flush()
@@ -152,14 +153,16 @@ class S2D2Stepper:
         for k, slot in enumerate(slots_np.tolist()):
             saved = self._restore.pop(int(slot), None)
             if saved is not None:
-                self._resume(int(slot), SnapshotView.of(saved, B), P[k])
+                self._resume(int(slot), SnapshotView.of(saved.state, B), P[k])
+                self.blocks.restore_policy(int(slot), saved.policy)
         write_next(self.context, slots, P)
         self.export_canvas(slots, draft_tokens)
 
     def _resume(self, slot: int, snap: SnapshotView, prefill_len: torch.Tensor) -> None:
         """A request resumed after preemption continues its interrupted block if the re-prefill ends in it; its
-        random-number counter continues either way.  An interrupted VERIFY is redone from its DRAFT step with the
-        draft's step index and random numbers (both go back one step), so the redone draft is the same draft."""
+        random-number counter (and routing state) continues either way.  An interrupted VERIFY is redone from its
+        DRAFT step with the draft's step index, random numbers and routing state (the first two go back one step),
+        so the redone draft is the same draft."""
         b = self.blocks
         same = (snap.block_start + self.B > prefill_len) & (snap.block_start <= prefill_len)
         verifying = (snap.phase == VERIFY).long()

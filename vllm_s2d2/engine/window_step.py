@@ -25,7 +25,7 @@ from vllm_s2d2.core.step import BlockState, draft_step, finish_step, verify_step
 from vllm_s2d2.engine.buffer_utils import gather_rows
 from vllm_s2d2.engine.draft_store import DraftStore
 from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts, WindowStates
-from vllm_s2d2.engine.step import StepBatch, StepFlags, count_step, pick_policy, pick_rows
+from vllm_s2d2.engine.step import StepBatch, StepFlags, count_step, keep_before_verify, pick_policy, pick_rows
 from vllm_s2d2.engine.step_params import PackedStepParams
 
 
@@ -94,6 +94,7 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, flags: StepFlags
     result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
     if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
         ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, torch.zeros_like(rng_counter))
+        keep_before_verify(blocks, slots, policy, starts_verify)
     committed = draft_ok & ~starts_verify
     after_draft = _commit(drafted, result, committed, facts.stop_ids, mask_id)
     policy_next = pick_policy(policy, policy_finished, committed)

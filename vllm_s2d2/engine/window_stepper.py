@@ -20,7 +20,7 @@ from vllm_s2d2.core import pipeline
 from vllm_s2d2.core.params import SamplingSpec
 from vllm_s2d2.engine.draft_store import DraftStore
 from vllm_s2d2.engine.settings import window_canvas_length
-from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockStates, WindowStates
+from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockStates, SavedRequest, WindowStates
 from vllm_s2d2.engine.stats import VERIFY_RESTARTS
 from vllm_s2d2.engine.cudagraph_utils import StepGraphs
 from vllm_s2d2.engine.stepper import S2D2Stepper, StepOutput
@@ -53,18 +53,18 @@ class WindowStepper(S2D2Stepper):
         return WindowContext(self.layout, self.block, self.blocks, self.window, self.facts, self.params, self.drafts)
 
     def add_request(self, slot: int, *, prompt_len: int, config: S2D2Config, sampling: SamplingSpec,
-                    stop_ids: Sequence[int], max_tokens: int | None, saved: torch.Tensor | None = None) -> None:
+                    stop_ids: Sequence[int], max_tokens: int | None, saved: SavedRequest | None = None) -> None:
         super().add_request(slot, prompt_len=prompt_len, config=config, sampling=sampling, stop_ids=stop_ids,
                             max_tokens=max_tokens, saved=saved)
         # Blocks up to max_tokens, the last one cut at max_model_len (window_step.clip_to_limit).
         room = self.layout.max_model_len - prompt_len
         self.window.max_blocks[slot] = math.ceil(max(0, min(room, max_tokens or room)) / self.block)
 
-    def remove_request(self, slot: int, save: bool = False) -> torch.Tensor | None:
-        """Deactivate a slot; with ``save`` return its window, RNG counter and phase (for a resume)."""
+    def remove_request(self, slot: int, save: bool = False) -> SavedRequest | None:
+        """Deactivate a slot; with ``save`` return its window, RNG counter, phase and routing state (for a resume)."""
         b = self.blocks
-        saved = torch.cat([self.window.snapshot(slot), b.rng_counter[slot:slot + 1], b.phase[slot:slot + 1]]) \
-            if save else None
+        saved = SavedRequest(torch.cat([self.window.snapshot(slot), b.rng_counter[slot:slot + 1],
+                                        b.phase[slot:slot + 1]]), b.saved_policy(slot)) if save else None
         super().remove_request(slot)
         return saved
 
@@ -95,13 +95,15 @@ class WindowStepper(S2D2Stepper):
         write_window_next(self.context, slots, start)
         self.export_canvas(slots, draft_tokens)
 
-    def _resume(self, slot: int, saved: torch.Tensor) -> None:
-        """A request resumed after preemption continues its window; an interrupted VERIFY is redone from its
-        draft, with the draft's random numbers (the counter goes back one step)."""
-        self.window.restore(slot, saved[:-2])
-        verifying = (saved[-1] == VERIFY).long()
+    def _resume(self, slot: int, saved: SavedRequest) -> None:
+        """A request resumed after preemption continues its window and routing state; an interrupted VERIFY is
+        redone from its draft, with the draft's random numbers (the counter goes back one step) and routing state."""
+        self.blocks.restore_policy(slot, saved.policy)
+        state = saved.state
+        self.window.restore(slot, state[:-2])
+        verifying = (state[-1] == VERIFY).long()
         b = self.blocks
-        b.rng_counter[slot] = saved[-2] - verifying
+        b.rng_counter[slot] = state[-2] - verifying
         b.phase[slot] = DRAFT
         b.stats[slot, VERIFY_RESTARTS] += verifying
         b.totals[VERIFY_RESTARTS] += verifying

@@ -265,7 +265,8 @@ def generate(model: DenseModel, info: FamilyInfo, prompts: Sequence[Sequence[int
              device: torch.device | str = "cpu") -> list[ReferenceOutput]:
     """Decode each prompt (token ids) with ``config`` resolved for the model's family.
 
-    ``sampling`` may be one spec for all prompts or one per prompt; a seed of None draws a random one."""
+    ``sampling`` may be one spec for all prompts or one per prompt; a seed of None is
+    ``SamplingSpec.default_seed`` (fixed for greedy requests) or a random one."""
     if not prompts:
         raise ValueError("no prompts given")
     if max_tokens < 1:
