@@ -504,6 +504,14 @@ def memory_summary(samples: list[dict]) -> dict[str, Any]:
 
 
 # -- the comparison ------------------------------------------------------------------------------------------
+def _tally(rows: list[dict[str, Any]], key: str) -> dict[str, int]:
+    """How many ``rows`` have each value of ``key``."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[str(row[key])] = counts.get(str(row[key]), 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def compare(load: Outcome, alone: Outcome, by_ids: bool) -> dict[str, Any] | None:
     """None when the two runs agree (token ids, or text without them), else what differs."""
     a = load.token_ids if by_ids else load.text
@@ -725,14 +733,18 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
             mismatches.append({"index": i, "phase": phase, "policy": p.policy, "sampling": p.sampling,
                                "stream": p.stream, "max_tokens": p.body.get("max_tokens"),
                                "seed": p.body.get("seed"), "stop": p.body.get("stop"), **diff})
-    by_policy: dict[str, int] = {}
-    for m in mismatches:
-        by_policy[m["policy"]] = by_policy.get(m["policy"], 0) + 1
+    compared = [{"policy": by_index[i].policy, "sampling": by_index[i].sampling, "phase": phase}
+                for i, (phase, o) in reruns.items() if o.category == "completed"]
     rerun_cats = _categories({i: o for i, (_, o) in reruns.items()})
     record["rerun"] = {"eligible": len(eligible), "alone_sent": len(alone), "batched_sent": len(batched),
                        "rerun_concurrency": cfg.rerun_concurrency, "not_sent": len(eligible) - len(reruns),
                        "compared": len(reruns) - len(rerun_failed), "mismatches": len(mismatches),
-                       "mismatches_by_policy": by_policy, "mismatch_examples": mismatches[:10],
+                       "mismatches_by_policy": _tally(mismatches, "policy"),
+                       "mismatches_by_sampling": _tally(mismatches, "sampling"),
+                       "mismatches_by_phase": _tally(mismatches, "phase"),
+                       "compared_by_policy": _tally(compared, "policy"),
+                       "compared_by_sampling": _tally(compared, "sampling"),
+                       "mismatch_examples": mismatches[:40],
                        "failed": len(rerun_failed), "failed_examples": rerun_failed[:10], "categories": rerun_cats}
 
     snaps = {"before": m_before, "after_load": m_load, "after_alone": m_alone, "after_rerun": m_after}

@@ -353,6 +353,7 @@ def test_clean_server_passes(fake_server):
     assert c["hung"] == c["server_5xx"] == c["client_4xx"] == c["bad_wrong"] == 0
     assert r["eligible"] == c["completed"] == 45 and r["compared"] == 45 and r["alone_sent"] == 8
     assert r["batched_sent"] == 37 and r["mismatches"] == 0
+    assert sum(r["compared_by_sampling"].values()) == sum(r["compared_by_policy"].values()) == 45
     assert rec["compare_by"] == "token_ids"
     assert rec["preemptions"]["load"] > 0 and rec["preemptions"]["mid_verification"] is None  # (the fake server exports no verify_restarts)
     assert rec["metrics"]["cache_config"]["num_gpu_blocks"] == "512"
@@ -375,6 +376,8 @@ def test_hang_5xx_and_mismatch_are_caught(fake_server):
     ex = r["mismatch_examples"][0]
     assert ex["load_len"] == ex["alone_len"] and ex["first_difference"] == ex["load_len"] - 1
     assert ex["policy"] in soak.POLICIES and ex["phase"] in ("alone", "batched")
+    assert r["mismatches_by_sampling"] == {ex["sampling"]: 1} and r["mismatches_by_phase"] == {ex["phase"]: 1}
+    assert r["mismatches_by_policy"] == {ex["policy"]: 1}
     reasons = " ".join(rec["reasons"])
     assert "1 hung" in reasons and "1 server errors" in reasons and "1 re-runs differ" in reasons
     assert rec["failures"] and {f["category"] for f in rec["failures"]} == {"hung", "server_5xx"}
