@@ -2,10 +2,12 @@
 # The GPU suite and the speed records in few device calls, on one warm machine (tests/gpu/results/README.md).
 # Run from the repository root on the GPU host, after `source .gpu_bundle/setup_gpu_host.sh`:
 #
-#   COMMIT=<hash> bash tests/gpu/suite_calls.sh speed|tests1|tests2|tp2 [seconds]
+#   COMMIT=<hash> bash tests/gpu/suite_calls.sh speed|profile|tests1|tests2|tp2 [seconds]
 #
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
+#   profile benchmarks/profile_step.py at SDAR-1.7B shapes: vLLM AR, static, always verify at batch 1 and 64
+#           (GPU-busy fraction, kernels and launches per step; the baseline in the same call)
 #   tests1  test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve, test_soak
 #   tests2  test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
 #   tp2     test_tp2 (a two-GPU host only)
@@ -39,6 +41,11 @@ case $call in
       --out "$dest/offline_throughput.json" > "$dest/offline.log" 2>&1
     echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;
+  profile)
+    timeout -k 10 "$limit" python3 benchmarks/profile_step.py --modes a,c,v --batches 1,64 \
+      --out "$dest/profile_step.json" > "$dest/profile.log" 2>&1
+    echo "profile exit $? after $SECONDS s" >> "$dest/profile.log"
+    tail -n 40 "$dest/profile.log" ;;
   tests1)
     pytest_call 4 tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
       tests/gpu/test_serve.py tests/gpu/test_soak.py ;;
