@@ -1,13 +1,13 @@
 """GPU (#17): the server under pressure -- ``benchmarks/soak.py`` against ``vllm serve`` of the demo checkpoint.
 
 ``vllm serve assets/sdar-stdlib-10m --speculative-config s2d2 --dtype float32 --max-num-seqs 64`` with a KV cache
-far smaller than 64 concurrent requests need (``--num-gpu-blocks-override``, below), so the scheduler preempts requests all run long;
-soak.py sends the mixed load (every S2D2 policy per request, greedy and seeded, streaming and not, stop strings,
-``max_tokens`` 1..512, 10% client aborts mid-stream, the bad-input matrix), re-runs every completed request and
-compares token ids, and reads ``/metrics`` (preemptions, ``vllm:s2d2_*`` = spec-decode counters, nothing left
-running, KV cache released) and the server's RSS and GPU memory.  The test passes when soak.py's verdict is PASS
-(#17's criteria) and the server is still up; the record goes to ``$S2D2_GPU_LOG_DIR/soak.json``
-(``gpu_records.write_record``), the server log next to it.
+far smaller than 64 concurrent requests need (``--num-gpu-blocks-override``, below), so the scheduler preempts
+requests all run long; soak.py sends the mixed load (every S2D2 policy per request, greedy and seeded, streaming
+and not, stop strings, ``max_tokens`` 1..512, 10% client aborts mid-stream, the bad-input matrix), re-runs every
+completed request and compares token ids, and reads ``/metrics`` (preemptions, ``vllm:s2d2_*`` = spec-decode
+counters, nothing left running, KV cache released) and the server's RSS and GPU memory.  The test passes when
+soak.py's verdict is PASS (#17's criteria) and the server is still up; the record goes to
+``$S2D2_GPU_LOG_DIR/soak.json`` (``gpu_records.write_record``), the server log next to it.
 
 Sized to fit one device call (< 10 min: start-up ~1.5 min, soak bounded by ``S2D2_SOAK_MAX_SECONDS``; no request
 starts after it, one in flight ends within its 120 s deadline).  Re-running all ~1,700 completed requests at

@@ -24,6 +24,16 @@ DRAFT, COMMIT, VERIFY = 0, 1, 2
 NO_LIMIT = 2 ** 62  # max_tokens of a request without one
 
 
+def pick_rows(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per row (dim 0): ``new`` where ``keep [R]``, else ``old``."""
+    return torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> PolicyState:
+    """Per row: ``new`` where ``keep``, else ``old``."""
+    return PolicyState(*(pick_rows(keep, getattr(new, f.name), getattr(old, f.name)) for f in fields(PolicyState)))
+
+
 class BlockStates:
     """The open block of every slot, on the device: what a decode step reads and writes."""
 
@@ -77,10 +87,7 @@ class BlockStates:
         """Device copy of the routing state a resumed request continues from: the current one, or for a slot in
         VERIFY the one before the draft step the resume redoes."""
         rows = slice(slot, slot + 1)
-        verifying = self.phase[rows] == VERIFY
-        now, before = self.policy.index(rows), self.policy_before_verify.index(rows)
-        pick = lambda a, b: torch.where(verifying.view(-1, *[1] * (a.dim() - 1)), b, a)  # noqa: E731
-        return PolicyState(*(pick(getattr(now, f.name), getattr(before, f.name)) for f in fields(PolicyState)))
+        return pick_policy(self.policy.index(rows), self.policy_before_verify.index(rows), self.phase[rows] == VERIFY)
 
     def restore_policy(self, slot: int, policy: PolicyState) -> None:
         self.policy.scatter_(slice(slot, slot + 1), policy)

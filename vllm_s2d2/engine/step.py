@@ -8,7 +8,6 @@ and writes the next state.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import NamedTuple
 
 import torch
@@ -20,7 +19,7 @@ from vllm_s2d2.core.step import BlockState, draft_step, finish_step, shifted_nex
 from vllm_s2d2.engine.buffer_utils import gather_rows
 from vllm_s2d2.engine.canvas import write_next
 from vllm_s2d2.engine.draft_store import DraftStore
-from vllm_s2d2.engine.states import COMMIT, DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts
+from vllm_s2d2.engine.states import COMMIT, DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts, pick_policy
 from vllm_s2d2.engine.step_params import PackedStepParams
 
 
@@ -65,16 +64,6 @@ class StepContext(NamedTuple):
     facts: RequestFacts
     params: PackedStepParams
     drafts: DraftStore
-
-
-def pick_rows(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Per row (dim 0): ``new`` where ``keep [R]``, else ``old``."""
-    return torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-
-def pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> PolicyState:
-    """Per row: ``new`` where ``keep``, else ``old``."""
-    return PolicyState(*(pick_rows(keep, getattr(new, f.name), getattr(old, f.name)) for f in fields(PolicyState)))
 
 
 def keep_before_verify(blocks: BlockStates, slots: torch.Tensor, policy: PolicyState,

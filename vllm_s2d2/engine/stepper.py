@@ -96,7 +96,7 @@ class S2D2Stepper:
     def add_request(self, slot: int, *, prompt_len: int, config: S2D2Config, sampling: SamplingSpec,
                     stop_ids: Sequence[int], max_tokens: int | None, saved: SavedRequest | None = None) -> None:
         self.params.set_row(slot, StepParams.build([config], [sampling], self.layout.rules, "cpu"))
-        sampled = sampling.temperature >= 1e-6
+        sampled = not sampling.greedy
         self.facts.add(slot, prompt_len=prompt_len, max_tokens=max_tokens, cache_ver=bool(config.cache_ver),
                        draft_ver=bool(config.draft_ver), max_post_steps=int(config.max_post_steps or 0),
                        editing=config.editing_threshold is not None, stop_ids=stop_ids,
@@ -153,17 +153,18 @@ class S2D2Stepper:
         for k, slot in enumerate(slots_np.tolist()):
             saved = self._restore.pop(int(slot), None)
             if saved is not None:
-                self._resume(int(slot), SnapshotView.of(saved.state, B), P[k])
-                self.blocks.restore_policy(int(slot), saved.policy)
+                self._resume(int(slot), saved, P[k])
         write_next(self.context, slots, P)
         self.export_canvas(slots, draft_tokens)
 
-    def _resume(self, slot: int, snap: SnapshotView, prefill_len: torch.Tensor) -> None:
+    def _resume(self, slot: int, saved: SavedRequest, prefill_len: torch.Tensor) -> None:
         """A request resumed after preemption continues its interrupted block if the re-prefill ends in it; its
         random-number counter (and routing state) continues either way.  An interrupted VERIFY is redone from its
         DRAFT step with the draft's step index, random numbers and routing state (the first two go back one step),
         so the redone draft is the same draft."""
         b = self.blocks
+        b.restore_policy(slot, saved.policy)
+        snap = SnapshotView.of(saved.state, self.B)
         same = (snap.block_start + self.B > prefill_len) & (snap.block_start <= prefill_len)
         verifying = (snap.phase == VERIFY).long()
         b.tokens[slot] = torch.where(same, snap.tokens, b.tokens[slot])

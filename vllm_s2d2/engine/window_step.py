@@ -24,8 +24,9 @@ from vllm_s2d2.core import pipeline
 from vllm_s2d2.core.step import BlockState, draft_step, finish_step, verify_step
 from vllm_s2d2.engine.buffer_utils import gather_rows
 from vllm_s2d2.engine.draft_store import DraftStore
-from vllm_s2d2.engine.states import DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts, WindowStates
-from vllm_s2d2.engine.step import StepBatch, StepFlags, count_step, keep_before_verify, pick_policy, pick_rows
+from vllm_s2d2.engine.states import (DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts, WindowStates,
+                                     pick_policy, pick_rows)
+from vllm_s2d2.engine.step import StepBatch, StepFlags, count_step, keep_before_verify
 from vllm_s2d2.engine.step_params import PackedStepParams
 
 
