@@ -232,19 +232,21 @@ def run_reference(model_path: Path, prompts: list[dict], names: list[str], max_t
 
 
 def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, temperature: float, seed: int,
-                 dtype: str) -> list:
+                 dtype: str, memory: dict) -> list:
     """Inside a subprocess: one engine for block size ``block``; per configuration all prompts in one batch,
     each request's forwards from its S2D2 counters (``vllm_s2d2.request_stats``; a commit is fused into the
     next block's first draft, so ``commit`` forwards are reported as in the reference but cost nothing)."""
     import time
 
+    if dtype == "float32":  # exact fp32 matmuls in Triton too, as the reference decoder computes
+        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     from vllm import LLM, SamplingParams
 
     from vllm_s2d2 import request_stats
     from vllm_s2d2.reference.accounting import reference_forwards
 
     llm = LLM(model=model_path, speculative_config={"method": "s2d2", "verify": False, "block_size": block},
-              dtype=dtype, seed=seed, max_model_len=2048, gpu_memory_utilization=0.5, max_num_seqs=256)
+              dtype=dtype, seed=seed, max_model_len=2048, max_num_seqs=256, **memory)
     out = []
     for name, cfg, items in jobs:
         # per request: everything but the engine-wide block size (verification included)
@@ -266,7 +268,7 @@ def _vllm_worker(model_path: str, block: int, jobs: list, max_tokens: int, tempe
 
 
 def run_vllm(model_path: Path, prompts: list[dict], names: list[str], max_tokens: int, temperature: float,
-             seed: int, dtype: str) -> tuple[list[dict], dict]:
+             seed: int, dtype: str, memory: dict) -> tuple[list[dict], dict]:
     """Every configuration through the plugin's engine, one engine per block size in a subprocess; the
     quality metrics (and the AR NLL) are then computed with the reference model on the CPU."""
     try:
@@ -287,7 +289,7 @@ def run_vllm(model_path: Path, prompts: list[dict], names: list[str], max_tokens
         by_block.setdefault(cfg["block_size"], []).append((n, cfg, items))
     raw: list[dict] = []
     for block, jobs in by_block.items():
-        payload = json.dumps([str(model_path), block, jobs, max_tokens, temperature, seed, dtype])
+        payload = json.dumps([str(model_path), block, jobs, max_tokens, temperature, seed, dtype, memory])
         code = ("import json,sys; sys.path.insert(0, %r); from benchmarks.quality import _vllm_worker; "
                 "a = json.loads(sys.stdin.read()); print('QUALITY_JSON=' + json.dumps(_vllm_worker(*a)))"
                 % str(REPO))
@@ -431,10 +433,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int_arg(1), default=1, help="reference backend: processes")
     ap.add_argument("--threads", type=int_arg(1), default=None, help="reference backend: torch threads per process")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--gpu-memory-utilization", type=float_arg(0, 1, lo_open=True), default=0.5,
+                    help="vllm backend")
+    ap.add_argument("--kv-cache-gib", type=float_arg(0, lo_open=True), default=None,
+                    help="vllm backend: a fixed KV cache (GiB) instead of profiling free memory (a shared GPU)")
+    ap.add_argument("--compare", metavar="JSON", default=None,
+                    help="a record of this harness (e.g. the reference decoder's): count prompts with equal text")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tag", default=None, help="file name suffix (default: the UTC date)")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG (and print the table) of a record")
     return ap
+
+
+def compare_texts(records: list[dict], other_path: str) -> dict:
+    """Per configuration, how many prompts decoded to the same text as in another record of this harness
+    (e.g. the engine against the reference decoder): ``{config: [equal, prompts in both]}``."""
+    other = json.loads(Path(other_path).read_text())
+    theirs = {(r["config"], r["prompt"]): r["text"] for r in other["records"]}
+    equal: dict[str, list[int]] = {}
+    for r in records:
+        key = (r["config"], r["prompt"])
+        if key in theirs:
+            counts = equal.setdefault(r["config"], [0, 0])
+            counts[0] += r["text"] == theirs[key]
+            counts[1] += 1
+    return {"against": other_path, "commit": other.get("commit"), "backend": other.get("backend"),
+            "max_tokens": other.get("max_tokens"), "equal": equal}
 
 
 def _check_inputs(ap: argparse.ArgumentParser, args) -> list[dict]:
@@ -456,6 +480,11 @@ def _check_inputs(ap: argparse.ArgumentParser, args) -> list[dict]:
     if args.num_prompts > len(prompts):
         ap.error(f"argument --num-prompts: {args.num_prompts} is more than the {len(prompts)} prompts of "
                  f"{str(path)!r}; use 0 (all) .. {len(prompts)}")
+    if args.compare:
+        try:
+            json.loads(Path(args.compare).read_text())["records"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"argument --compare: {args.compare!r} is not a record of this harness ({type(e).__name__}: {e})")
     return prompts[:args.num_prompts or None]
 
 
@@ -499,7 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         records = run_reference(model, prompts, names, args.max_tokens, args.temperature, args.seed, args.workers,
                                 threads, args.dtype)
     else:
-        records, skipped = run_vllm(model, prompts, names, args.max_tokens, args.temperature, args.seed, args.dtype)
+        memory = {"gpu_memory_utilization": args.gpu_memory_utilization}
+        if args.kv_cache_gib:  # a fixed KV cache: vLLM then skips its free-memory profile (a shared GPU)
+            memory["kv_cache_memory_bytes"] = int(args.kv_cache_gib * (1 << 30))
+        records, skipped = run_vllm(model, prompts, names, args.max_tokens, args.temperature, args.seed, args.dtype,
+                                    memory)
     summary = summarize(records, names)
     wall = time.time() - t0
 
@@ -528,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "skipped": skipped, "summary": summary, "records": records,
     }
+    if args.compare:
+        record["compare"] = compare_texts(records, args.compare)
     write_record(Path(f"{stem}.json"), record)
     title = (f"{record['model']}: {len(prompts)} held-out stdlib prompts, {args.max_tokens} new tokens, "
              f"T={args.temperature}; backend {args.backend}")
@@ -535,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(summary))
     for n, why in skipped.items():
         print(f"skipped {n}: {why}")
+    if args.compare:
+        cmp = record["compare"]
+        print(f"text equal to {cmp['against']} (commit {cmp['commit']}, backend {cmp['backend']}): " + ", ".join(
+            f"{n} {e}/{c}" for n, (e, c) in cmp["equal"].items()))
     print(f"wrote {stem}.json, {stem}.png ({wall:.0f}s)")
     return 0
 

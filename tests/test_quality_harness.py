@@ -89,3 +89,16 @@ def test_vllm_backend_needs_gpu(quality, tmp_path):
         pytest.skip("GPU host: the vLLM backend is exercised there")
     with pytest.raises(NotImplementedError):
         quality.main(["--backend", "vllm", "--num-prompts", "1", "--configs", "quick", "--out-dir", str(tmp_path)])
+
+
+def test_compare_counts_equal_texts_per_configuration(quality, tmp_path):
+    records = [{"config": c, "prompt": p, "text": f"{c}{p}"} for c in ("ar", "s2d2") for p in range(3)]
+    theirs = [dict(r) for r in records[:5]]  # s2d2 prompt 2 missing from the other record
+    theirs[1]["text"] = "other"  # ar prompt 1 differs
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"commit": "abc1234", "backend": "reference", "max_tokens": 8, "records": theirs}))
+    cmp = quality.compare_texts(records, str(other))
+    assert cmp["equal"] == {"ar": [2, 3], "s2d2": [2, 2]}
+    assert (cmp["commit"], cmp["backend"], cmp["max_tokens"]) == ("abc1234", "reference", 8)
+    with pytest.raises(SystemExit):  # a file that is no record is refused before anything is decoded
+        quality.main(["--compare", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path)])

@@ -9,7 +9,11 @@
 #   profile benchmarks/profile_step.py at SDAR-1.7B shapes: vLLM AR, static, always verify at batch 1 and 64
 #           (GPU-busy fraction, kernels and launches per step; the baseline in the same call)
 #   tests1  test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve, test_soak
-#   tests2  test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
+#   tests2  test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu; first the demo through the engine
+#           (and the reference decoder's columns, on the CPU), and beside the tests benchmarks/quality.py through
+#           the engine on 200 held-out prompts, its text compared with the reference decoder's record
+#   serve   benchmarks/serve_bench.py: vllm-ar (the baseline in the same call), ar, threshold, s2d2 servers of the
+#           demo checkpoint at concurrency 1 / 16 / 64
 #   tp2     test_tp2 (a two-GPU host only)
 #
 # The test calls share the GPU between pytest-xdist workers (tests/gpu/gpu_env.py: own ports, a fixed KV cache
@@ -50,7 +54,23 @@ case $call in
     pytest_call 4 tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
       tests/gpu/test_serve.py tests/gpu/test_soak.py ;;
   tests2)
-    pytest_call 5 tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_lm_eval_gpu.py ;;
+    # the demo alone first (its engine profiles free GPU memory); the reference columns on the CPU meanwhile
+    python3 -m vllm_s2d2.cli demo --backend reference --width 160 > "$dest/demo_reference.txt" 2>&1 &
+    timeout -k 5 150 python3 -m vllm_s2d2.cli demo --backend vllm --width 160 > "$dest/demo_vllm.txt" 2>&1
+    echo "demo exit $? after $SECONDS s" >> "$dest/demo_vllm.txt"
+    # beside the tests: a fixed KV cache and a small utilization, as every engine of a test worker (gpu_env.py)
+    timeout -k 10 "$limit" python3 benchmarks/quality.py --backend vllm --num-prompts 200 --max-tokens 24 \
+      --gpu-memory-utilization 0.08 --kv-cache-gib 2 --tag "vllm-h100-$COMMIT" --out-dir "$dest" \
+      --compare benchmarks/results/quality_reference_2026-11-22-n200.json > "$dest/quality.log" 2>&1 &
+    quality=$!
+    pytest_call 5 tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_lm_eval_gpu.py
+    wait $quality; echo "quality exit $? after $SECONDS s" >> "$dest/quality.log"
+    wait; tail -n 20 "$dest/quality.log" ;;
+  serve)
+    timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --requests 32 --out "$dest/serve_bench.json" \
+      > "$dest/serve.log" 2>&1
+    echo "serve exit $? after $SECONDS s" >> "$dest/serve.log"
+    tail -n 30 "$dest/serve.log" ;;
   tp2)
     pytest_call 1 tests/gpu/test_tp2.py ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
