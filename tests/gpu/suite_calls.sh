@@ -12,8 +12,8 @@
 #   tests2  test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu; first the demo through the engine
 #           (and the reference decoder's columns, on the CPU), and beside the tests benchmarks/quality.py through
 #           the engine on 200 held-out prompts, its text compared with the reference decoder's record
-#   serve   benchmarks/serve_bench.py: vllm-ar (the baseline in the same call), ar, threshold, s2d2 servers of the
-#           demo checkpoint at concurrency 1 / 16 / 64
+#   serve   benchmarks/serve_bench.py: vllm-ar (the baseline, first), ar, threshold, s2d2 servers of the demo
+#           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~6.5 min)
 #   tp2     test_tp2 (a two-GPU host only)
 #
 # The test calls share the GPU between pytest-xdist workers (tests/gpu/gpu_env.py: own ports, a fixed KV cache
@@ -51,8 +51,10 @@ case $call in
     echo "profile exit $? after $SECONDS s" >> "$dest/profile.log"
     tail -n 40 "$dest/profile.log" ;;
   tests1)
-    pytest_call 4 tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
-      tests/gpu/test_serve.py tests/gpu/test_soak.py ;;
+    # the soak first: it is the longest test (~7 min); listed last, xdist handed it out after the others and the
+    # call's limit cut it (9385694)
+    pytest_call 4 tests/gpu/test_soak.py tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py \
+      tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py ;;
   tests2)
     # the demo alone first (its engine profiles free GPU memory); the reference columns on the CPU meanwhile
     python3 -m vllm_s2d2.cli demo --backend reference --width 160 > "$dest/demo_reference.txt" 2>&1 &
@@ -67,7 +69,7 @@ case $call in
     wait $quality; echo "quality exit $? after $SECONDS s" >> "$dest/quality.log"
     wait; tail -n 20 "$dest/quality.log" ;;
   serve)
-    timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --requests 32 --out "$dest/serve_bench.json" \
+    timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --out "$dest/serve_bench.json" \
       > "$dest/serve.log" 2>&1
     echo "serve exit $? after $SECONDS s" >> "$dest/serve.log"
     tail -n 30 "$dest/serve.log" ;;
