@@ -125,7 +125,9 @@ class Emulator:
         req.rows.clear()
         req.kv_tokens.clear()
         req.prefill_tokens = req.prompt + req.output
-        self.add(req, saved)
+        # as the model state does: only a request with outputs resumes from its snapshot; one preempted before
+        # its first token starts afresh (what it drafted is redone with the same random numbers)
+        self.add(req, saved if req.output else None)
 
     def _remove(self, req: EmuRequest) -> None:
         req.stats = self.stepper.host_slot_stats(req.slot)

@@ -214,7 +214,8 @@ def test_s2d2_preemption_during_verification(tiny, case):
     # The interrupted draft is redone with its own step index, random numbers and routing state (the stateful
     # policies: hysteresis on/off, the UCB statistics): the same tokens as the reference.
     policy = {"span": {"verify_policy": "mask_span_length"}}.get(case) or S2D2_CASES[case]
-    reqs, emu = check(tiny, policy, sps, preempt=({2, 5}, (1, 4)))
+    # (steps 4 and 8: requests 1 and 4 have outputs by then, so they resume from their snapshots)
+    reqs, emu = check(tiny, policy, sps, preempt=({4, 8}, (1, 4)))
     assert all(len(r.output) == r.sampling.max_tokens for r in reqs)
     assert emu.stepper.host_totals()["verify_restarts"] > 0  # (vllm:s2d2_verify_restarts)
 

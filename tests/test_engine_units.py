@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +241,26 @@ def test_step_graphs_are_all_captured_at_start_up(monkeypatch):
     monkeypatch.setattr(graphs, "_capture", lambda fn, key: (captured.append(key), graphs._graphs.update({key: 0})))
     assert graphs.capture_all(lambda *a: None, 32, torch.float32) == 50 and set(captured) == set(graphs.keys())
     assert graphs.capture_all(lambda *a: None, 32, torch.float32) == 0  # nothing twice
+
+
+def test_a_commit_canvas_cut_inside_its_block_keeps_the_block():
+    """A COMMIT whose canvas the scheduler cut before the end of its block (a token budget shared with long prefill
+    chunks, or a resumed request scheduled last) commits nothing, keeps its decided block and is retried; the
+    full canvas then emits that block.  (It once replaced the block by the fresh, all-mask next one.)"""
+    from vllm_s2d2.engine.states import COMMIT
+
+    st, _ = _stepper_batch([8], [12], [False], [0])
+    block = torch.tensor([5, 6, 7, 8])
+    st.blocks.tokens[0], st.blocks.block_start[0], st.blocks.phase[0] = block, 12, COMMIT
+    slots, slots_np = torch.tensor([0]), np.array([0], dtype=np.int32)
+    draft_tokens = torch.zeros(4, 8, dtype=torch.int64)
+    for q_len in (1, 3):  # cut: fewer rows than the block's 4 uncached positions
+        out = st.step(torch.zeros(q_len, 512), slots, slots_np, torch.tensor([12]), torch.tensor([q_len]),
+                      torch.tensor([0]), draft_tokens)
+        assert int(out.num_emitted[0]) == 0 and int(out.num_rejected[0]) == q_len
+        assert torch.equal(st.blocks.tokens[0], block) and int(st.blocks.phase[0]) == COMMIT
+        assert int(st.blocks.block_start[0]) == 12 and draft_tokens[0, :4].tolist() == block.tolist()
+    out = st.step(torch.zeros(8, 512), slots, slots_np, torch.tensor([12]), torch.tensor([8]), torch.tensor([0]),
+                  draft_tokens)
+    assert int(out.num_emitted[0]) == 4 and out.tokens[0, :4].tolist() == block.tolist()
+    assert int(st.blocks.block_start[0]) == 16

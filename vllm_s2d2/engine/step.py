@@ -138,7 +138,10 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     starts_verify = draft_ok & draft.do_verify & (draft_block_start + 2 * B <= layout.max_model_len)
     draft.do_verify = starts_verify
     result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
-    new_tokens = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, draft_block)
+    # A step that did not draft keeps its block: the fresh one after a commit, the current one otherwise -- also a
+    # COMMIT whose canvas was cut before the end of its block (it committed nothing and is retried).
+    kept = torch.where((is_commit & ~commit_ok)[:, None], tokens, draft_block)
+    new_tokens = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, kept)
     if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
         ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, draft_step_idx)
         keep_before_verify(blocks, slots, policy, starts_verify)
@@ -167,8 +170,7 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     out_row = torch.cat([torch.where(is_commit[:, None], tokens, new_tokens), new_tokens], dim=1)
     out_tokens = out_row.gather(1, (cached[:, None] + wcols).clamp(max=2 * B - 1))
 
-    # Next state.  The block after this step is new_tokens in every row (a commit that did not draft keeps the
-    # fresh block, a step that did not run keeps the block).
+    # Next state.  The block after this step is new_tokens in every row (see `kept` above).
     blocks.block_start[slots] = torch.where(commit_ok, block_start + B, block_start)
     blocks.tokens[slots] = new_tokens
     blocks.step_idx[slots] = torch.where(commit_ok, draft_ok.long(), step_idx + draft_ok.long())

@@ -105,12 +105,18 @@ class S2D2Stepper:
         self._pending_reset[slot] = saved
 
     def remove_request(self, slot: int, save: bool = False) -> SavedRequest | None:
-        """Deactivate a slot; with ``save`` return a device snapshot of its block and routing state (for a
-        resume)."""
+        """Deactivate a slot; with ``save`` return what a resume needs (a device snapshot of its block and routing
+        state).  A request preempted again before its re-prefill finished never got its saved state back into
+        the slot: it keeps the snapshot of its first preemption."""
         self.facts.active[slot] = False
-        self._pending_reset.pop(slot, None)
-        self._restore.pop(slot, None)
-        return SavedRequest(self.blocks.snapshot(slot), self.blocks.saved_policy(slot)) if save else None
+        pending, unresumed = self._pending_reset.pop(slot, None), self._restore.pop(slot, None)
+        if not save:
+            return None
+        unresumed = unresumed if unresumed is not None else pending
+        return unresumed if unresumed is not None else self._snapshot(slot)
+
+    def _snapshot(self, slot: int) -> SavedRequest:
+        return SavedRequest(self.blocks.snapshot(slot), self.blocks.saved_policy(slot))
 
     def apply_staged_writes(self) -> None:
         self.params.flush()

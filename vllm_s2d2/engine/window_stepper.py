@@ -60,13 +60,11 @@ class WindowStepper(S2D2Stepper):
         room = self.layout.max_model_len - prompt_len
         self.window.max_blocks[slot] = math.ceil(max(0, min(room, max_tokens or room)) / self.block)
 
-    def remove_request(self, slot: int, save: bool = False) -> SavedRequest | None:
-        """Deactivate a slot; with ``save`` return its window, RNG counter, phase and routing state (for a resume)."""
+    def _snapshot(self, slot: int) -> SavedRequest:
+        """The window, RNG counter, phase and routing state of a slot (for a resume)."""
         b = self.blocks
-        saved = SavedRequest(torch.cat([self.window.snapshot(slot), b.rng_counter[slot:slot + 1],
-                                        b.phase[slot:slot + 1]]), b.saved_policy(slot)) if save else None
-        super().remove_request(slot)
-        return saved
+        return SavedRequest(torch.cat([self.window.snapshot(slot), b.rng_counter[slot:slot + 1],
+                                       b.phase[slot:slot + 1]]), b.saved_policy(slot))
 
     def prefill_done(self, slots: torch.Tensor, slots_np: np.ndarray, prefill_len: torch.Tensor,
                      token_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
