@@ -104,10 +104,11 @@ def test_preemption_resumes_the_window(tiny):
     sps = greedy()
     check(tiny, dict(BASE), sps, preempt=((3, 6), (2, 4)))
     seeded = [sampling_params(temperature=1.0, seed=7 + i, max_tokens=m) for i, m in enumerate(MAX_TOKENS)]
-    _, emu = check(tiny, dict(BASE), seeded, preempt=((2, 5, 8), (1, 4)))
+    # (late enough that requests 1 and 4 have outputs: a request preempted before its first token starts afresh)
+    _, emu = check(tiny, dict(BASE), seeded, preempt=((6, 9, 12), (1, 4)))
     assert emu.stepper.host_totals()["verify_restarts"] > 0  # a preemption hit a pending verification
     # A stateful routing policy resumes with its statistics (from before the draft that a restart redoes).
-    check(tiny, dict(BASE, verify_policy="contextual_bandit_ucb"), seeded, preempt=((2, 5, 8), (1, 4)))
+    check(tiny, dict(BASE, verify_policy="contextual_bandit_ucb"), seeded, preempt=((5, 8, 11), (1, 4)))
 
 
 def test_max_model_len_caps_without_hanging(tiny):
