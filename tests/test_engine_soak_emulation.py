@@ -4,7 +4,8 @@ Requests arrive while others run (more requests than slots), each with its own r
 sampling (greedy with and without a seed, seeded sampling with top-k / top-p), mixed prompt and output lengths;
 a small token budget cuts prefills and canvases; at random steps running requests are preempted (mid-block and
 mid-verification: they re-prefill prompt + outputs from their saved state) and a few are aborted.  Every request
-that finishes must equal the reference decoder run alone, token for token.  The CPU has none of the GPU's
+that finishes must equal the reference decoder run alone, token for token.  SDAR (block engine, chunked
+prefills) and D2F on both bases (window engine, whole-prompt prefills).  The CPU has none of the GPU's
 batch-dependent rounding at this size, so a mismatch here is a state that was lost, not a near tie that flipped.
 """
 
@@ -20,6 +21,8 @@ pytest.importorskip("vllm")
 
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_emulator import Emulator, EmuRequest, sampling_params  # noqa: E402
+from test_engine_d2f import BASE as D2F_BASE  # noqa: E402
+from test_engine_d2f import _tiny as d2f_tiny  # noqa: E402
 from test_engine_emulation import reference, tiny  # noqa: E402,F401 - the tiny SDAR checkpoint fixture
 
 POLICIES = {
@@ -33,10 +36,15 @@ POLICIES = {
 }
 
 
-def _request(rng: random.Random, i: int) -> EmuRequest:
-    prompt = [rng.randrange(500) for _ in range(rng.randint(1, 12))]
-    policy = rng.choice(sorted(POLICIES))
-    extra = {"s2d2": POLICIES[policy]} if POLICIES[policy] else None
+# D2F (a window of blocks; whole-prompt prefills): its own engine options, the policies that apply to it
+D2F_POLICIES = {name: POLICIES[name] for name in ("server_default", "threshold_no_verify", "mask_span_length",
+                                                  "contextual_bandit_ucb", "greedy_acceptance")}
+
+
+def _request(rng: random.Random, i: int, policies: dict = POLICIES, vocab: int = 500) -> EmuRequest:
+    prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+    policy = rng.choice(sorted(policies))
+    extra = {"s2d2": policies[policy]} if policies[policy] else None
     kind = rng.choice(["greedy", "greedy_seeded", "sampled"])
     sampling = dict(temperature=0.0) if kind.startswith("greedy") else dict(
         temperature=rng.choice([0.7, 1.0]), top_k=rng.choice([0, 20]), top_p=rng.choice([1.0, 0.9]))
@@ -49,10 +57,21 @@ def _request(rng: random.Random, i: int) -> EmuRequest:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mixed_load_with_preemptions_equals_the_reference(tiny, seed):
+    soak(tiny, {}, POLICIES, 500, seed, budgets=[9, 13, 24])
+
+
+@pytest.mark.parametrize("family", ["d2f_llada", "d2f_dream"])
+def test_d2f_mixed_load_with_preemptions_equals_the_reference(tmp_path_factory, family):
+    # D2F prefills whole prompts (prompt + outputs after a preemption: up to 36 tokens here), so the budget
+    # must hold one; it still cuts canvases (a window canvas is up to 3 blocks of 4, plus the carried row)
+    soak(d2f_tiny(tmp_path_factory, family), dict(D2F_BASE), D2F_POLICIES, 400, 0, budgets=[40, 48])
+
+
+def soak(tiny, engine: dict, policies: dict, vocab: int, seed: int, budgets: list[int]) -> None:
     model, _, hf, _ = tiny
     rng = random.Random(seed)
-    emu = Emulator(model, hf, {}, max_num_reqs=6, token_budget=rng.choice([9, 13, 24]), max_model_len=64)
-    waiting = [_request(rng, i) for i in range(14)]
+    emu = Emulator(model, hf, engine, max_num_reqs=6, token_budget=rng.choice(budgets), max_model_len=64)
+    waiting = [_request(rng, i, policies, vocab) for i in range(14)]
     done: list[EmuRequest] = []
     preemptions = steps = aborts = 0
     while waiting or emu.running:
@@ -75,5 +94,5 @@ def test_mixed_load_with_preemptions_equals_the_reference(tiny, seed):
     finished = [r for r in done if r.finish_reason != "abort"]
     assert len(finished) == 14 - aborts
     mismatched = [(r.req_id, r.policy, r.kind) for r in finished
-                  if r.output != reference(tiny, {}, r.prompt, r.sampling)]
+                  if r.output != reference(tiny, engine, r.prompt, r.sampling)]
     assert not mismatched, mismatched
