@@ -70,12 +70,14 @@ def sampling_params(temperature=0.0, top_k=0, top_p=1.0, seed=None, max_tokens=1
 
 class Emulator:
     def __init__(self, model, hf_config: dict, s2d2: dict, *, max_num_reqs=8, max_model_len=256,
-                 token_budget=4096, static_shapes=False):
+                 token_budget=4096, static_shapes=False, prefix_cache_block: int | None = None):
         self.model = model
         self.settings = resolve_engine_settings(hf_config, s2d2)
         self.W = self.settings.canvas_length
         self.max_model_len = max_model_len
         self.budget = token_budget
+        self.prefix_cache_block = prefix_cache_block  # vLLM's prefix cache on resumes (block size), or None
+        self.prefix_hits = 0  # resumes that found cached blocks
         pipelined = self.settings.info.pipelined
         # as the config hook sets it (D2F: never, its prompt is one bidirectional segment)
         self.chunked_prefill = bool(self.settings.config.cache_ver) and not pipelined
@@ -121,9 +123,17 @@ class Emulator:
         saved = self.stepper.remove_request(req.slot, save=True)
         self.running.remove(req)
         self.free.append(req.slot)
-        req.num_computed = 0
-        req.rows.clear()
-        req.kv_tokens.clear()
+        keep = 0
+        if self.prefix_cache_block and self.chunked_prefill:  # as the config hook allows it (cache_ver, no D2F)
+            # vLLM's prefix cache: the whole cached blocks of prompt + outputs come back without a forward (never
+            # the last token, which vLLM always computes); the re-prefill starts after them
+            size = self.prefix_cache_block
+            keep = min(req.num_computed, len(req.prompt) + len(req.output) - 1) // size * size
+        req.num_computed = keep
+        self.prefix_hits += keep > 0
+        for cached in (req.rows, req.kv_tokens):
+            for k in [k for k in cached if k >= keep]:
+                del cached[k]
         req.prefill_tokens = req.prompt + req.output
         # as the model state does: only a request with outputs resumes from its snapshot; one preempted before
         # its first token starts afresh (what it drafted is redone with the same random numbers)

@@ -2,11 +2,13 @@
 
 Requests arrive while others run (more requests than slots), each with its own routing policy, acceptance and
 sampling (greedy with and without a seed, seeded sampling with top-k / top-p), mixed prompt and output lengths;
-a small token budget cuts prefills and canvases; at random steps running requests are preempted (mid-block and
+a small token budget cuts prefills and canvases; a resume finds its cached prefix blocks (vLLM's prefix cache,
+SDAR); at random steps running requests are preempted (mid-block and
 mid-verification: they re-prefill prompt + outputs from their saved state) and a few are aborted.  Every request
 that finishes must equal the reference decoder run alone, token for token.  SDAR (block engine, chunked
-prefills) and D2F on both bases (window engine, whole-prompt prefills).  The CPU has none of the GPU's
-batch-dependent rounding at this size, so a mismatch here is a state that was lost, not a near tie that flipped.
+prefills) and D2F on both bases (window engine, whole-prompt prefills).  The emulator computes every request's
+forward on its own, so nothing depends on the batch: a mismatch here is a lost state, not a near tie that flipped
+(as on a GPU).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _request(rng: random.Random, i: int, policies: dict = POLICIES, vocab: int =
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mixed_load_with_preemptions_equals_the_reference(tiny, seed):
-    soak(tiny, {}, POLICIES, 500, seed, budgets=[9, 13, 24])
+    soak(tiny, {}, POLICIES, 500, seed, budgets=[9, 13, 24], prefix_cache_block=4)
 
 
 @pytest.mark.parametrize("family", ["d2f_llada", "d2f_dream"])
@@ -67,10 +69,12 @@ def test_d2f_mixed_load_with_preemptions_equals_the_reference(tmp_path_factory, 
     soak(d2f_tiny(tmp_path_factory, family), dict(D2F_BASE), D2F_POLICIES, 400, 0, budgets=[40, 48])
 
 
-def soak(tiny, engine: dict, policies: dict, vocab: int, seed: int, budgets: list[int]) -> None:
+def soak(tiny, engine: dict, policies: dict, vocab: int, seed: int, budgets: list[int],
+         prefix_cache_block: int | None = None) -> None:
     model, _, hf, _ = tiny
     rng = random.Random(seed)
-    emu = Emulator(model, hf, engine, max_num_reqs=6, token_budget=rng.choice(budgets), max_model_len=64)
+    emu = Emulator(model, hf, engine, max_num_reqs=6, token_budget=rng.choice(budgets), max_model_len=64,
+                   prefix_cache_block=prefix_cache_block)
     waiting = [_request(rng, i, policies, vocab) for i in range(14)]
     done: list[EmuRequest] = []
     preemptions = steps = aborts = 0
@@ -91,6 +95,7 @@ def soak(tiny, engine: dict, policies: dict, vocab: int, seed: int, budgets: lis
             aborts += 1
     assert preemptions >= 5
     assert emu.stepper.host_totals()["verify_restarts"] > 0  # some preemption interrupted a verification
+    assert (emu.prefix_hits > 0) == bool(prefix_cache_block)
     finished = [r for r in done if r.finish_reason != "abort"]
     assert len(finished) == 14 - aborts
     mismatched = [(r.req_id, r.policy, r.kind) for r in finished
