@@ -140,7 +140,7 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
     # A step that did not draft keeps its block: the fresh one after a commit, the current one otherwise -- also a
     # COMMIT whose canvas was cut before the end of its block (it committed nothing and is retried).
-    kept = torch.where((is_commit & ~commit_ok)[:, None], tokens, draft_block)
+    kept = torch.where(commit_ok[:, None], fresh, tokens)
     new_tokens = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, kept)
     if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
         ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, draft_step_idx)

@@ -109,11 +109,13 @@ class S2D2Stepper:
         state).  A request preempted again before its re-prefill finished never got its saved state back into
         the slot: it keeps the snapshot of its first preemption."""
         self.facts.active[slot] = False
-        pending, unresumed = self._pending_reset.pop(slot, None), self._restore.pop(slot, None)
+        staged = self._pending_reset.pop(slot, None)  # not yet applied to the slot
+        unresumed = self._restore.pop(slot, None)  # applied, waiting for the re-prefill to finish
         if not save:
             return None
-        unresumed = unresumed if unresumed is not None else pending
-        return unresumed if unresumed is not None else self._snapshot(slot)
+        if unresumed is None:
+            unresumed = staged
+        return self._snapshot(slot) if unresumed is None else unresumed
 
     def _snapshot(self, slot: int) -> SavedRequest:
         return SavedRequest(self.blocks.snapshot(slot), self.blocks.saved_policy(slot))
