@@ -421,8 +421,8 @@ async def settled_metrics(session, base: str, settle_s: float) -> dict[str, Any]
     return last
 
 
-def process_tree_rss(pid: int) -> int | None:
-    """Resident bytes of ``pid`` and all its descendants (Linux /proc), None if it is gone."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc); empty if it is gone."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -433,30 +433,59 @@ def process_tree_rss(pid: int) -> int | None:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry))
-    total, todo, found = 0, [pid], False
-    page = os.sysconf("SC_PAGE_SIZE")
+    if not Path(f"/proc/{pid}").exists():
+        return []
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def process_tree_rss(pid: int) -> int | None:
+    """Resident bytes of ``pid`` and all its descendants, None if it is gone."""
+    total, found = 0, False
+    page = os.sysconf("SC_PAGE_SIZE")
+    for p in process_tree(pid):
         try:
             total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
             found = True
         except (OSError, IndexError, ValueError):
             continue
-        todo.extend(children.get(p, []))
     return total if found else None
 
 
-async def gpu_used_mib() -> float | None:
-    """Device memory in use (MiB, all visible GPUs) from nvidia-smi, None without it."""
+async def _nvidia_smi(*query: str) -> list[list[str]] | None:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
     try:
-        proc = await asyncio.create_subprocess_exec(exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+        proc = await asyncio.create_subprocess_exec(exe, *query, "--format=csv,noheader,nounits",
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
-        return sum(float(x) for x in out.decode().split())
-    except (OSError, ValueError, asyncio.TimeoutError):
+    except (OSError, asyncio.TimeoutError):
+        return None
+    return [[f.strip() for f in line.split(",")] for line in out.decode().splitlines() if line.strip()]
+
+
+async def gpu_used_mib(server_pid: int | None = None) -> tuple[float, str] | None:
+    """Device memory in use (MiB) and its scope: the server's own processes (``"server"``: nvidia-smi's compute
+    apps whose pid is in the server's process tree), else every visible GPU's (``"gpu"``: shared with whatever
+    else runs there, e.g. other test workers).  None without nvidia-smi."""
+    if server_pid is not None:
+        apps = await _nvidia_smi("--query-compute-apps=pid,used_memory")
+        tree = set(await asyncio.to_thread(process_tree, server_pid))
+        try:
+            mine = [float(mib) for pid, mib in (apps or []) if int(pid) in tree]
+        except ValueError:
+            mine = []
+        if mine:
+            return sum(mine), "server"
+    rows = await _nvidia_smi("--query-gpu=memory.used")
+    try:
+        return (sum(float(r[0]) for r in rows), "gpu") if rows else None
+    except ValueError:
         return None
 
 
@@ -476,7 +505,9 @@ async def sampler(session, base: str, interval: float, t_start: float, samples: 
         if server_pid is not None:
             s["rss_bytes"] = await asyncio.to_thread(process_tree_rss, server_pid)
         if gpu:
-            s["gpu_used_mib"] = await gpu_used_mib()
+            used = await gpu_used_mib(server_pid)
+            if used is not None:
+                s["gpu_used_mib"], s["gpu_scope"] = used
         samples.append(s)
         await asyncio.sleep(interval)
 
@@ -484,13 +515,22 @@ async def sampler(session, base: str, interval: float, t_start: float, samples: 
 def memory_summary(samples: list[dict]) -> dict[str, Any]:
     """Per series: first / last / max and the growth from the start of the run (after the first fifth of the
     samples, the warm-up) to its end (medians of three); ``flat`` against MEMORY_GROWTH, None when too few
-    samples."""
+    samples.  GPU memory: one ``scope`` only, the one most samples have -- the server's own processes (where
+    nvidia-smi names them) or the whole GPU's."""
     out: dict[str, Any] = {}
     for key, (frac, absolute) in MEMORY_GROWTH.items():
-        xs = [s[key] for s in samples if s.get(key) is not None]
+        rows = [s for s in samples if s.get(key) is not None]
+        scope = None
+        if key == "gpu_used_mib" and rows:
+            n_server = sum(s.get("gpu_scope") == "server" for s in rows)
+            scope = "server" if 2 * n_server >= len(rows) else "gpu"
+            rows = [s for s in rows if s.get("gpu_scope", "gpu") == scope]
+        xs = [s[key] for s in rows]
         if not xs:
             continue
         entry: dict[str, Any] = {"samples": len(xs), "first": xs[0], "last": xs[-1], "max": max(xs)}
+        if scope is not None:
+            entry["scope"] = scope
         if len(xs) >= 6:
             warm = xs[len(xs) // 5:]
             start, end = statistics.median(warm[:3]), statistics.median(warm[-3:])

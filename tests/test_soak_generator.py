@@ -449,3 +449,30 @@ def test_cli_missing_argument_and_unreachable_server(tmp_path):
     p = _cli("--base-url", "http://127.0.0.1:9", "--model", "m", "--out", str(tmp_path / "x.json"),
              "--deadline", "2", timeout=60)
     assert p.returncode == 1 and "probe request failed" in p.stderr, p.stderr
+
+
+def test_gpu_memory_is_judged_on_one_scope():
+    """The server's own GPU memory where nvidia-smi names its processes (a shared GPU's total moves with other
+    test workers), the whole GPU's otherwise; never a mix of the two."""
+    server = [{"gpu_used_mib": 1000.0 + (400 if i >= 10 else 0), "gpu_scope": "server"} for i in range(20)]
+    shared = [{"gpu_used_mib": 9000.0 - 50 * i, "gpu_scope": "gpu"} for i in range(4)]
+    mem = soak.memory_summary(shared + server)["gpu_used_mib"]
+    assert mem["scope"] == "server" and mem["samples"] == 20 and mem["growth"] == 400 and mem["flat"] is False
+    mem = soak.memory_summary([dict(s, gpu_scope="gpu") for s in server[:8]])["gpu_used_mib"]
+    assert mem["scope"] == "gpu" and mem["flat"] is True  # growth 0 over the samples after the warm-up
+    assert "gpu_used_mib" not in soak.memory_summary([{"rss_bytes": 1}] * 8)
+
+
+def test_process_tree_holds_the_children():
+    import os
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        tree = soak.process_tree(os.getpid())
+        assert os.getpid() in tree and child.pid in tree
+        assert soak.process_tree(child.pid) == [child.pid]
+        assert soak.process_tree_rss(os.getpid()) > soak.process_tree_rss(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()
+    assert soak.process_tree(child.pid) == [] and soak.process_tree_rss(child.pid) is None

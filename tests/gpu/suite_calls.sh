@@ -8,11 +8,11 @@
 #           batch 1/16/64/256 (the baseline in the same call)
 #   profile benchmarks/profile_step.py at SDAR-1.7B shapes: vLLM AR, static, always verify at batch 1 and 64
 #           (GPU-busy fraction, kernels and launches per step; the baseline in the same call)
-#   tests1  test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve (~5 min); first the demo
-#           through the engine (and the reference decoder's columns, on the CPU), and beside the tests
-#           benchmarks/quality.py through the engine on 200 held-out prompts, its text compared with the
-#           reference decoder's record
-#   tests2  test_soak (first: ~7.5 min on its own), test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
+#   tests1  the batch-invariant soak (first: ~7.5 min), test_canvas_kernel_gpu, test_engine_sdar,
+#           test_engine_s2d2, test_serve (~5 min on 4 workers); first the demo through the engine (and the
+#           reference decoder's columns, on the CPU), and beside the tests benchmarks/quality.py through the engine
+#           on 200 held-out prompts, its text compared with the reference decoder's record
+#   tests2  the default-kernel soak (first), test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
 #           (-n 6: 542 s at 9385694)
 #   serve   benchmarks/serve_bench.py: vllm-ar (the baseline, first), ar, threshold, s2d2 servers of the demo
 #           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~6.5 min)
@@ -33,9 +33,9 @@ rm -rf "$dest"; mkdir -p "$dest"
 export S2D2_GPU_LOG_DIR=$dest COMMIT=${COMMIT:-unknown}
 nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
 
-pytest_call() {  # workers, files...
+pytest_call() {  # workers, files...  (stops at [seconds] from the start of the call)
   local workers=$1; shift
-  timeout -k 10 "$limit" python3 -m pytest -v -rs -p no:cacheprovider -m gpu -n "$workers" "$@" \
+  timeout -k 10 $((limit - SECONDS)) python3 -m pytest -v -rs -p no:cacheprovider -m gpu -n "$workers" "$@" \
     > "$dest/pytest.log" 2>&1
   echo "pytest exit $? after $SECONDS s" >> "$dest/pytest.log"
   tail -n 25 "$dest/pytest.log"
@@ -58,18 +58,19 @@ case $call in
     timeout -k 5 150 python3 -m vllm_s2d2.cli demo --backend vllm --width 160 > "$dest/demo_vllm.txt" 2>&1
     echo "demo exit $? after $SECONDS s" >> "$dest/demo_vllm.txt"
     # beside the tests: a fixed KV cache and a small utilization, as every engine of a test worker (gpu_env.py)
-    timeout -k 10 "$limit" python3 benchmarks/quality.py --backend vllm --num-prompts 200 --max-tokens 24 \
+    timeout -k 10 $((limit - SECONDS)) python3 benchmarks/quality.py --backend vllm --num-prompts 200 --max-tokens 24 \
       --gpu-memory-utilization 0.08 --kv-cache-gib 2 --tag "vllm-h100-$COMMIT" --out-dir "$dest" \
       --compare benchmarks/results/quality_reference_2026-11-22-n200.json > "$dest/quality.log" 2>&1 &
     quality=$!
-    pytest_call 4 tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
+    pytest_call 5 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
+      tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
       tests/gpu/test_serve.py
     wait $quality; echo "quality exit $? after $SECONDS s" >> "$dest/quality.log"
     wait; tail -n 20 "$dest/quality.log" ;;
   tests2)
     # the soak first: the longest test; listed last, xdist handed it out after the others and the call's limit
     # cut it (9385694, tests1 of that run)
-    pytest_call 6 tests/gpu/test_soak.py tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py \
+    pytest_call 6 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py \
       tests/gpu/test_lm_eval_gpu.py ;;
   serve)
     timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --out "$dest/serve_bench.json" \

@@ -5,9 +5,22 @@ far smaller than 64 concurrent requests need (``--num-gpu-blocks-override``, bel
 requests all run long; soak.py sends the mixed load (every S2D2 policy per request, greedy and seeded, streaming
 and not, stop strings, ``max_tokens`` 1..512, 10% client aborts mid-stream, the bad-input matrix), re-runs every
 completed request and compares token ids, and reads ``/metrics`` (preemptions, ``vllm:s2d2_*`` = spec-decode
-counters, nothing left running, KV cache released) and the server's RSS and GPU memory.  The test passes when
-soak.py's verdict is PASS (#17's criteria) and the server is still up; the record goes to
-``$S2D2_GPU_LOG_DIR/soak.json`` (``gpu_records.write_record``), the server log next to it.
+counters, nothing left running, KV cache released) and the server's RSS and GPU memory (its own processes).
+
+Two servers, the same load (``kernels``):
+
+* ``batch_invariant`` (``VLLM_BATCH_INVARIANT=1``: vLLM's batch-invariant kernels; the plugin's attention backend
+  is vLLM's Triton backend, which supports it, plus the canvas kernel, which computes each row alone): every
+  #17 criterion, **each re-run equal token for token to the run under load** included.  Only in this mode does vLLM
+  make a request's logits independent of the batch around it, so only here is equality a property to demand.
+* ``default`` (vLLM's default kernels, what ``vllm serve`` runs): every criterion but equality, which is counted
+  and recorded, not asserted.  With default kernels the logits of a request move in their last bits with the batch
+  around it (GEMM kernels are chosen by the number of rows), and S2D2's threshold and acceptance rules flip on
+  such differences now and then: 13 of 1,700 re-runs at 9385694.
+
+The test passes when soak.py finds no fault but those allowed above and the server is still up; the records go to
+``$S2D2_GPU_LOG_DIR/soak.json`` / ``soak_batch_invariant.json`` (``gpu_records.write_record``), the server logs
+next to them.
 
 Sized to fit one device call (< 10 min: start-up ~1.5 min, soak bounded by ``S2D2_SOAK_MAX_SECONDS``; no request
 starts after it, one in flight ends within its 120 s deadline).  Re-running all ~1,700 completed requests at
@@ -71,7 +84,12 @@ SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "1024", *serve_memory_ar
                "--num-gpu-blocks-override", str(GPU_BLOCKS)]
 
 
-def test_soak_under_kv_pressure(tmp_path):
+KERNELS = {"batch_invariant": {"VLLM_BATCH_INVARIANT": "1"}, "default": {}}
+MISMATCH_REASON = "re-runs differ from the run under load"  # soak.verdict's wording
+
+
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_soak_under_kv_pressure(tmp_path, monkeypatch, kernels):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from serve_bench import start_server, stop_server  # served model name "bench", VLLM_LOG_STATS_INTERVAL=1
 
@@ -79,10 +97,14 @@ def test_soak_under_kv_pressure(tmp_path):
     log_dir = Path(LOG_DIR) if LOG_DIR else tmp_path
     log_dir.mkdir(parents=True, exist_ok=True)
     soak_out = tmp_path / "soak_run.json"
-    payload: dict = {"server_args": ["--speculative-config", "s2d2", *SERVER_ARGS], "model": str(MODEL)}
+    name = "soak" if kernels == "default" else f"soak_{kernels}"
+    payload: dict = {"server_args": ["--speculative-config", "s2d2", *SERVER_ARGS], "model": str(MODEL),
+                     "kernels": kernels, "server_env": KERNELS[kernels]}
     t0 = time.time()
-    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # (the server inherits it)
-    proc = start_server(str(MODEL), "s2d2", PORT, log_dir / "soak_server.log", SERVER_ARGS)
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")  # (the server inherits the environment)
+    for key, value in KERNELS[kernels].items():
+        monkeypatch.setenv(key, value)
+    proc = start_server(str(MODEL), "s2d2", PORT, log_dir / f"{name}_server.log", SERVER_ARGS)
     payload["startup_s"] = round(time.time() - t0, 1)
     cmd = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--base-url", f"http://127.0.0.1:{PORT}",
            "--model", "bench", "--requests", str(REQUESTS), "--concurrency", str(CONCURRENCY),
@@ -103,13 +125,16 @@ def test_soak_under_kv_pressure(tmp_path):
         stop_server(proc)
         record = json.loads(soak_out.read_text()) if soak_out.exists() else None
         payload["soak"] = record
-        write_record("soak", "test_soak.py::test_soak_under_kv_pressure", payload)
+        write_record(name, f"test_soak.py::test_soak_under_kv_pressure[{kernels}]", payload)
     assert record is not None, f"soak.py wrote no record: {payload.get('soak_stderr')}"
     c, r = record["counts"], record["rerun"]
     summary = payload.get("soak_stdout", "")
     assert payload["server_running_after"], "the server died during the soak"
     assert c["hung"] == 0 and c["server_5xx"] == 0 and c["stream_error"] == 0, summary
     assert c["bad_input_4xx"] == c["bad_input_planned"] and c["bad_wrong"] == 0, record["failures"]
-    assert r["mismatches"] == 0, r["mismatch_examples"]
     assert (record["preemptions"]["load"] or 0) > 0, "no preemption: the KV cache was not small enough"
-    assert record["verdict"] == "PASS", record["reasons"]
+    if kernels == "batch_invariant":
+        assert r["mismatches"] == 0, r["mismatch_examples"]
+        assert record["verdict"] == "PASS", record["reasons"]
+    else:  # equality is counted (record["rerun"]), not demanded
+        assert [x for x in record["reasons"] if MISMATCH_REASON not in x] == [], record["reasons"]
