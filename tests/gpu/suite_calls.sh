@@ -2,7 +2,7 @@
 # The GPU suite and the speed records in few device calls, on one warm machine (tests/gpu/results/README.md).
 # Run from the repository root on the GPU host, after `source .gpu_bundle/setup_gpu_host.sh`:
 #
-#   COMMIT=<hash> bash tests/gpu/suite_calls.sh speed|profile|tests1|tests2|tp2 [seconds]
+#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|profile|tests1|tests2|tp2 [seconds]
 #
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
@@ -53,10 +53,13 @@ case $call in
     echo "profile exit $? after $SECONDS s" >> "$dest/profile.log"
     tail -n 40 "$dest/profile.log" ;;
   tests1)
-    # the demo alone first (its engine profiles free GPU memory); the reference columns on the CPU meanwhile
-    python3 -m vllm_s2d2.cli demo --backend reference --width 160 > "$dest/demo_reference.txt" 2>&1 &
-    timeout -k 5 150 python3 -m vllm_s2d2.cli demo --backend vllm --width 160 > "$dest/demo_vllm.txt" 2>&1
-    echo "demo exit $? after $SECONDS s" >> "$dest/demo_vllm.txt"
+    # the demo alone first (its engine profiles free GPU memory); the reference columns on the CPU meanwhile.
+    # DEMO=0 skips it (~100 s) when the session's device time is short.
+    if [[ ${DEMO:-1} != 0 ]]; then
+      python3 -m vllm_s2d2.cli demo --backend reference --width 160 > "$dest/demo_reference.txt" 2>&1 &
+      timeout -k 5 150 python3 -m vllm_s2d2.cli demo --backend vllm --width 160 > "$dest/demo_vllm.txt" 2>&1
+      echo "demo exit $? after $SECONDS s" >> "$dest/demo_vllm.txt"
+    fi
     # beside the tests: a fixed KV cache and a small utilization, as every engine of a test worker (gpu_env.py)
     timeout -k 10 $((limit - SECONDS)) python3 benchmarks/quality.py --backend vllm --num-prompts 200 --max-tokens 24 \
       --gpu-memory-utilization 0.08 --kv-cache-gib 2 --tag "vllm-h100-$COMMIT" --out-dir "$dest" \
