@@ -81,17 +81,18 @@ case $call in
     pytest_call 6 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py \
       tests/gpu/test_lm_eval_gpu.py ;;
   suite_a)
+    # xdist hands each worker two consecutive tests first: a short test between the soaks keeps them apart
     pytest_call 6 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
-      "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" tests/gpu/test_engine_sdar.py \
-      tests/gpu/test_engine_s2d2.py tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_serve.py ;;
+      tests/gpu/test_canvas_kernel_gpu.py "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" \
+      tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py ;;
   suite_b)
     pytest_call 8 tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_lm_eval_gpu.py ;;
   suite_all)
     S2D2_SOAK_MAX_SECONDS=${S2D2_SOAK_MAX_SECONDS:-420} pytest_call 12 \
-      "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
+      "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" tests/gpu/test_canvas_kernel_gpu.py \
       "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" tests/gpu/test_engine_families.py \
       tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
-      tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_serve.py tests/gpu/test_lm_eval_gpu.py ;;
+      tests/gpu/test_serve.py tests/gpu/test_lm_eval_gpu.py ;;
   serve)
     timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --out "$dest/serve_bench.json" \
       > "$dest/serve.log" 2>&1
