@@ -285,15 +285,17 @@ async def _read_stream(resp, req: PlannedRequest, out: Outcome, t0: float) -> No
         out.category = "abort_missed" if req.kind == "abort" else "completed"
 
 
-async def send_request(session, url: str, req: PlannedRequest, deadline_s: float) -> Outcome:
-    """One request with its deadline; the outcome's category says how it ended."""
+async def send_request(session, url: str, req: PlannedRequest, deadline_s: float, tag: str | None = None) -> Outcome:
+    """One request with its deadline; the outcome's category says how it ended.  ``tag``: the request goes out with
+    ``X-Request-Id: soak-<tag>-<index>`` (vLLM then names it ``cmpl-soak-<tag>-<index>-0``)."""
     import aiohttp
 
     t0 = time.perf_counter()
     out = Outcome(req.index, "connection_error", 0.0)
 
     async def go():
-        async with session.post(url, json=req.body) as resp:
+        headers = {"X-Request-Id": f"soak-{tag}-{req.index}"} if tag else None
+        async with session.post(url, json=req.body, headers=headers) as resp:
             out.status = resp.status
             if resp.status >= 500:
                 out.category, out.message = "server_5xx", _error_message(await resp.read())[:500]
@@ -328,9 +330,9 @@ async def send_request(session, url: str, req: PlannedRequest, deadline_s: float
 
 
 async def run_phase(session, url: str, requests: list[PlannedRequest], concurrency: int, deadline_s: float,
-                    stop_at: float | None) -> dict[int, Outcome]:
+                    stop_at: float | None, tag: str | None = None) -> dict[int, Outcome]:
     """Send ``requests`` in order with ``concurrency`` workers; none is started after ``stop_at``
-    (time.monotonic) -- those are missing from the result."""
+    (time.monotonic) -- those are missing from the result.  ``tag``: see :func:`send_request`."""
     results: dict[int, Outcome] = {}
     pending = iter(requests)
 
@@ -338,7 +340,7 @@ async def run_phase(session, url: str, requests: list[PlannedRequest], concurren
         for req in pending:
             if stop_at is not None and time.monotonic() > stop_at:
                 return
-            results[req.index] = await send_request(session, url, req, deadline_s)
+            results[req.index] = await send_request(session, url, req, deadline_s, tag)
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(requests))))))
     return results
@@ -666,9 +668,19 @@ class SoakConfig:
     max_seconds: float = 0.0  # 0 = no bound on the whole run
     require_preemption: bool = False
     server_pid: int | None = None
+    server_log: str | None = None  # the server's log, read after the run for the requests it resumed
     gpu_memory: bool = False
     sample_interval_s: float = 2.0
     settle_s: float = 1.5
+
+
+_RESUMED = re.compile(r"S2D2 resume after preemption: request cmpl-soak-load-(\d+)-0\b")
+
+
+def resumed_load_requests(log_text: str) -> set[int]:
+    """Indices of the load requests the server resumed from a preemption snapshot, from the lines the plugin logs
+    with ``VLLM_S2D2_LOG_RESUMES=1`` (``vllm_s2d2.engine.stats.resume_message``)."""
+    return {int(m.group(1)) for m in _RESUMED.finditer(log_text)}
 
 
 def server_root(base_url: str) -> str:
@@ -716,7 +728,7 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         try:
             m_before = await settled_metrics(session, base, cfg.settle_s)
             t0 = time.monotonic()
-            load = await run_phase(session, url, plan, cfg.concurrency, cfg.deadline_s, stop_at)
+            load = await run_phase(session, url, plan, cfg.concurrency, cfg.deadline_s, stop_at, "load")
             load_s = time.monotonic() - t0
             # one request after the load: the gauges (running / waiting / KV usage) are refreshed by a step
             probes = 1
@@ -731,11 +743,12 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
             random.Random(cfg.seed + 1).shuffle(order)
             n_alone = len(order) if cfg.alone == 0 else min(cfg.alone, len(order))
             t1 = time.monotonic()
-            alone = await run_phase(session, url, order[:n_alone], 1, cfg.deadline_s, stop_at)
+            alone = await run_phase(session, url, order[:n_alone], 1, cfg.deadline_s, stop_at, "alone")
             alone_s = time.monotonic() - t1
             m_alone = await settled_metrics(session, base, cfg.settle_s)
             t2 = time.monotonic()
-            batched = await run_phase(session, url, order[n_alone:], cfg.rerun_concurrency, cfg.deadline_s, stop_at)
+            batched = await run_phase(session, url, order[n_alone:], cfg.rerun_concurrency, cfg.deadline_s, stop_at,
+                                      "rerun")
             batched_s = time.monotonic() - t2
             m_after = await settled_metrics(session, base, cfg.settle_s)
             health = await _health(session, base)
@@ -775,6 +788,15 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
                                "seed": p.body.get("seed"), "stop": p.body.get("stop"), **diff})
     compared = [{"policy": by_index[i].policy, "sampling": by_index[i].sampling, "phase": phase}
                 for i, (phase, o) in reruns.items() if o.category == "completed"]
+    resumed = None
+    if cfg.server_log:  # which load requests were preempted after emitting tokens (and resumed)
+        try:
+            resumed = resumed_load_requests(Path(cfg.server_log).read_text(errors="replace"))
+        except OSError:
+            resumed = None
+    if resumed is not None:
+        for m in mismatches:
+            m["resumed"] = m["index"] in resumed
     rerun_cats = _categories({i: o for i, (_, o) in reruns.items()})
     record["rerun"] = {"eligible": len(eligible), "alone_sent": len(alone), "batched_sent": len(batched),
                        "rerun_concurrency": cfg.rerun_concurrency, "not_sent": len(eligible) - len(reruns),
@@ -784,6 +806,10 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
                        "mismatches_by_phase": _tally(mismatches, "phase"),
                        "compared_by_policy": _tally(compared, "policy"),
                        "compared_by_sampling": _tally(compared, "sampling"),
+                       "resumed_under_load": None if resumed is None else {
+                           "requests": len(resumed),
+                           "compared": sum(i in resumed for i, (_, o) in reruns.items() if o.category == "completed"),
+                           "mismatches": sum(m["index"] in resumed for m in mismatches)},
                        "mismatch_examples": mismatches[:40],
                        "failed": len(rerun_failed), "failed_examples": rerun_failed[:10], "categories": rerun_cats}
 
@@ -908,6 +934,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "not sent and fails the run")
     ap.add_argument("--require-preemption", action="store_true", help="fail unless the server preempted")
     ap.add_argument("--server-pid", type=int_arg(1), default=None, help="sample this process tree's RSS")
+    ap.add_argument("--server-log", default=None,
+                    help="the server's log (run with VLLM_S2D2_LOG_RESUMES=1): which load requests were resumed after "
+                         "a preemption, counted among the compared and the mismatching re-runs")
     ap.add_argument("--gpu-memory", action="store_true", help="sample GPU memory in use (nvidia-smi)")
     ap.add_argument("--sample-interval", type=float_arg(0, lo_open=True), default=2.0)
     ap.add_argument("--settle", type=float_arg(0), default=1.5,
@@ -937,6 +966,8 @@ def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> S
                      f"({type(e).__name__}: {e})")
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
             ap.error(f"argument --prompts: no non-empty prompt strings in {args.prompts!r}")
+    if args.server_log is not None and not Path(args.server_log).is_file():
+        ap.error(f"argument --server-log: no such file {args.server_log!r} (the server's log, written as it runs)")
     out = Path(args.out)
     if out.is_dir():
         ap.error(f"argument --out: {args.out!r} is a directory; give a file name")
@@ -945,6 +976,7 @@ def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> S
                       max_tokens=args.max_tokens, deadline_s=args.deadline, policies=policies, prompts=prompts,
                       alone=args.alone, rerun_concurrency=args.rerun_concurrency, max_seconds=args.max_seconds,
                       require_preemption=args.require_preemption, server_pid=args.server_pid,
+                      server_log=args.server_log,
                       gpu_memory=args.gpu_memory, sample_interval_s=args.sample_interval, settle_s=args.settle)
 
 

@@ -91,3 +91,27 @@ def test_config_hook_installs_the_worker_extension():
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
     assert resolve_obj_by_qualname(QUALNAME).__name__ == "S2D2WorkerExtension"
+
+
+@pytest.mark.parametrize("log_resumes", [True, False])
+def test_model_state_logs_a_resume_from_a_preemption_snapshot(log_resumes, monkeypatch):
+    """With ``VLLM_S2D2_LOG_RESUMES=1`` a request that comes back with its snapshot (prefill longer than the prompt:
+    it had emitted tokens) is named in one INFO line, which ``benchmarks/soak.py --server-log`` reads; a new
+    request is not."""
+    pytest.importorskip("vllm")
+    from vllm_s2d2.engine import model_state
+    from vllm_s2d2.engine.stats import resume_message
+
+    lines: list[str] = []
+    monkeypatch.setattr(model_state, "logger", SimpleNamespace(info=lines.append))
+    ms = model_state.S2D2ModelState.__new__(model_state.S2D2ModelState)
+    ms._req_to_slot, ms._saved, ms._log_resumes = {}, OrderedDict(), log_resumes
+    ms._sampler = SimpleNamespace(next_request_id={}, next_saved={})
+    ms._saved["cmpl-soak-load-7-0-0123abcd"] = "snapshot"
+    new = SimpleNamespace(req_id="cmpl-soak-load-3-0-89abcdef", prompt_token_ids=[1, 2], prefill_token_ids=[1, 2])
+    resumed = SimpleNamespace(req_id="cmpl-soak-load-7-0-0123abcd", prompt_token_ids=[1, 2],
+                              prefill_token_ids=[1, 2, 3, 4, 5])
+    ms.add_request(0, new)
+    ms.add_request(1, resumed)
+    assert ms._sampler.next_saved == {1: "snapshot"}
+    assert lines == ([resume_message("cmpl-soak-load-7-0", 5)] if log_resumes else [])

@@ -44,6 +44,7 @@ class FakeServer:
         self.faults = {"hang_nth": None, "error_nth": None, "diverge_repeat": False, "accept_bad": False,
                        "spec_drift": False, "preempt_every": 3, **faults}
         self.valid_seen = 0
+        self.request_ids: list[str | None] = []
         self.bodies: dict[str, int] = {}
         self.diverged = 0
         self.disconnects = 0
@@ -142,6 +143,7 @@ class FakeServer:
 
     async def completions(self, request):
         body = await request.json()
+        self.request_ids.append(request.headers.get("X-Request-Id"))
         msg = self._bad(body)
         if msg is not None and not (self.faults["accept_bad"] and "logprobs" in msg):
             return web.json_response({"error": {"message": msg, "type": "BadRequestError", "code": 400}}, status=400)
@@ -432,6 +434,7 @@ def test_cli_end_to_end(fake_server, tmp_path):
     (["--base-url", "localhost:8000"], "--base-url"),
     (["--prompts", "/nonexistent/prompts.jsonl"], "--prompts"),
     (["--deadline", "0"], "--deadline"),
+    (["--server-log", "/nonexistent/server.log"], "--server-log"),
 ])
 def test_cli_bad_arguments(args, name, tmp_path):
     base = {"--base-url": "http://127.0.0.1:9", "--model": "m", "--out": str(tmp_path / "x.json")}
@@ -476,3 +479,38 @@ def test_process_tree_holds_the_children():
         child.kill()
         child.wait()
     assert soak.process_tree(child.pid) == [] and soak.process_tree_rss(child.pid) is None
+
+
+def test_requests_are_named_and_resumed_ones_counted_from_the_server_log(fake_server, tmp_path):
+    """Each request goes out as ``soak-<phase>-<index>``; with ``--server-log`` the run counts which load requests
+    the server resumed after a preemption (the plugin's ``VLLM_S2D2_LOG_RESUMES`` lines) among the compared and the
+    mismatching re-runs."""
+    from vllm_s2d2.engine.stats import resume_message
+
+    log = tmp_path / "server.log"
+    log.write_text("".join(f"(EngineCore pid=1) INFO 12-07 [model_state.py:98] "
+                           f"{resume_message(f'cmpl-soak-load-{i}-0', 40)}\n" for i in range(60))
+                   + resume_message("cmpl-soak-rerun-3-0", 9) + "\n")  # a re-run's resume is not the load's
+    srv = fake_server(diverge_repeat=True)
+    rec = run(srv, server_log=str(log))
+    r = rec["rerun"]
+    assert r["mismatches"] == 1 and r["mismatch_examples"][0]["resumed"] is True
+    assert r["resumed_under_load"] == {"requests": 60, "compared": r["compared"], "mismatches": 1}
+    ids = [i for i in srv.request_ids if i is not None]
+    assert {i.split("-")[1] for i in ids} == {"load", "alone", "rerun"} and None in srv.request_ids  # (the probe)
+    assert sorted(int(i.split("-")[2]) for i in ids if i.startswith("soak-load-")) == list(range(60))
+
+    log.write_text("no resumes\n")
+    rec = run(fake_server(diverge_repeat=True), server_log=str(log))
+    assert rec["rerun"]["resumed_under_load"] == {"requests": 0, "compared": 0, "mismatches": 0}
+    assert rec["rerun"]["mismatch_examples"][0]["resumed"] is False
+    assert run(fake_server())["rerun"]["resumed_under_load"] is None  # no --server-log
+
+
+def test_resume_lines_are_parsed_exactly():
+    from vllm_s2d2.engine.stats import resume_message
+
+    text = "\n".join([resume_message("cmpl-soak-load-12-0", 3), resume_message("cmpl-soak-load-120-0", 3),
+                      resume_message("cmpl-soak-alone-5-0", 3), resume_message("cmpl-other-7-0", 3),
+                      "S2D2 resume after preemption: request cmpl-soak-load-8-1, 3 tokens re-prefilled"])
+    assert soak.resumed_load_requests(text) == {12, 120}

@@ -4,7 +4,8 @@
 far smaller than 64 concurrent requests need (``--num-gpu-blocks-override``, below), so the scheduler preempts
 requests all run long; soak.py sends the mixed load (every S2D2 policy per request, greedy and seeded, streaming
 and not, stop strings, ``max_tokens`` 1..512, 10% client aborts mid-stream, the bad-input matrix), re-runs every
-completed request and compares token ids, and reads ``/metrics`` (preemptions, ``vllm:s2d2_*`` = spec-decode
+completed request and compares token ids (and, from the server log, which of them were resumed after a
+preemption: ``VLLM_S2D2_LOG_RESUMES=1``), and reads ``/metrics`` (preemptions, ``vllm:s2d2_*`` = spec-decode
 counters, nothing left running, KV cache released) and the server's RSS and GPU memory (its own processes).
 
 Two servers, the same load (``kernels``):
@@ -102,15 +103,17 @@ def test_soak_under_kv_pressure(tmp_path, monkeypatch, kernels):
                      "kernels": kernels, "server_env": KERNELS[kernels]}
     t0 = time.time()
     monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")  # (the server inherits the environment)
+    monkeypatch.setenv("VLLM_S2D2_LOG_RESUMES", "1")  # the log names each request resumed after a preemption
     for key, value in KERNELS[kernels].items():
         monkeypatch.setenv(key, value)
-    proc = start_server(str(MODEL), "s2d2", PORT, log_dir / f"{name}_server.log", SERVER_ARGS)
+    server_log = log_dir / f"{name}_server.log"
+    proc = start_server(str(MODEL), "s2d2", PORT, server_log, SERVER_ARGS)
     payload["startup_s"] = round(time.time() - t0, 1)
     cmd = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--base-url", f"http://127.0.0.1:{PORT}",
            "--model", "bench", "--requests", str(REQUESTS), "--concurrency", str(CONCURRENCY),
            "--out", str(soak_out), "--seed", str(SEED), "--prompts", str(PROMPTS), "--deadline", str(DEADLINE_S),
            "--alone", str(ALONE), "--rerun-concurrency", str(RERUN_CONCURRENCY), "--max-seconds", str(MAX_SECONDS),
-           "--require-preemption", "--server-pid", str(proc.pid), "--gpu-memory"]
+           "--require-preemption", "--server-pid", str(proc.pid), "--gpu-memory", "--server-log", str(server_log)]
     payload["soak_command"] = " ".join(cmd[1:])
     try:
         try:

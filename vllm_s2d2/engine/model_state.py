@@ -20,6 +20,7 @@ vLLM's runner stays stock; this class plugs the block-diffusion state machine in
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -36,10 +37,13 @@ from vllm.v1.worker.gpu.model_states.interface import ModelState
 from vllm_s2d2.engine.attention import canvas_positions, plan_canvas_rows, prefill_ranges, write_prefill_tables
 from vllm_s2d2.engine.attention_inputs import CanvasInputs
 from vllm_s2d2.engine.states import SavedRequest
-from vllm_s2d2.engine.stats import external_request_id
+from vllm_s2d2.engine.stats import RESUME_LOG_ENV, external_request_id, resume_message
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
 from vllm_s2d2.engine.stepper import S2D2Stepper
 from vllm_s2d2.engine.window_stepper import WindowStepper
+from vllm_s2d2.log import get_logger
+
+logger = get_logger(__name__)
 
 _MAX_SAVED = 4096
 
@@ -66,6 +70,7 @@ class S2D2ModelState(ModelState):
         self._req_to_slot: dict[str, int] = {}
         self._saved: OrderedDict[str, SavedRequest] = OrderedDict()
         self._finished_stats: OrderedDict[str, dict[str, int]] = OrderedDict()
+        self._log_resumes = os.environ.get(RESUME_LOG_ENV) == "1"
         self._positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
         # Slot of each batch row's canvas table (-1: stock attention); persistent, read by FULL graphs.
         self._row_slot = torch.full((self.max_num_reqs,), -1, dtype=torch.int32, device=device)
@@ -89,6 +94,8 @@ class S2D2ModelState(ModelState):
             self._sampler.next_request_id[req_index] = req_id  # (unseeded requests: the seed every rank derives)
             if saved is not None and resumed:
                 self._sampler.next_saved[req_index] = saved
+                if self._log_resumes:
+                    logger.info(resume_message(external_request_id(req_id), len(new_req_data.prefill_token_ids)))
 
     def remove_request(self, req_id: str) -> None:
         slot = self._req_to_slot.pop(req_id, None)

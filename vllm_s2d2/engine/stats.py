@@ -42,6 +42,15 @@ VERIFY_RESTARTS = STAT_NAMES.index("verify_restarts")
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 
+RESUME_LOG_ENV = "VLLM_S2D2_LOG_RESUMES"  # "1": one INFO line per request resumed from its preemption snapshot
+
+
+def resume_message(request_id: str, num_tokens: int) -> str:
+    """The line the model state logs (with ``VLLM_S2D2_LOG_RESUMES=1``) when a request that had emitted tokens comes
+    back after a preemption: which requests a run preempted (``benchmarks/soak.py --server-log`` reads it)."""
+    return f"S2D2 resume after preemption: request {request_id}, {num_tokens} tokens re-prefilled"
+
+
 def external_request_id(req_id: str) -> str:
     """vLLM 0.26 makes engine-internal ids unique as ``f"{request_id}-{8 hex}"``
     (``v1/engine/input_processor.py:assign_request_id``); the user sees ``request_id``."""
