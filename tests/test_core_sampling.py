@@ -284,3 +284,15 @@ def test_rng_mul32_and_fmix32_match_python_integers():
 
     assert rng._fmix32(_t(xs, torch.long)).tolist() == [fmix(x) for x in xs]
     assert fmix(0) == 0  # sanity of the oracle
+
+
+@pytest.mark.parametrize("n_a, n_b", [(4, 1), (1, 1), (32, 5)])
+def test_uniform_pair_equals_two_uniform_calls(n_a, n_b):
+    """One hash pass over both streams gives exactly the numbers of the two separate draws (the verify step's
+    acceptance and resampling uniforms), for seeds and counters above 2**32 too."""
+    seed = torch.tensor([0, 1234, 2 ** 40 + 5, 7], dtype=torch.long)
+    counter = torch.tensor([0, 3, 9, 2 ** 33 + 1], dtype=torch.long)
+    a, b = rng.uniform_pair(seed, counter, rng.STREAM_ACCEPT, n_a, rng.STREAM_RESAMPLE, n_b)
+    assert a.shape == (4, n_a) and b.shape == (4, n_b)
+    assert torch.equal(a, rng.uniform(seed, counter, rng.STREAM_ACCEPT, n_a))
+    assert torch.equal(b, rng.uniform(seed, counter, rng.STREAM_RESAMPLE, n_b))

@@ -35,9 +35,12 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def hash32(seed: torch.Tensor, counter: torch.Tensor, stream: int, index: torch.Tensor) -> torch.Tensor:
-    """32-bit hash of (seed, counter, stream, index); all int64 tensors broadcast together."""
-    h = _fmix32((index & _M32) ^ _mul32(torch.full_like(index, stream & _M32), 0x9E3779B1))
+def hash32(seed: torch.Tensor, counter: torch.Tensor, stream: int | torch.Tensor, index: torch.Tensor
+           ) -> torch.Tensor:
+    """32-bit hash of (seed, counter, stream, index); all int64 tensors broadcast together (``stream`` an int or,
+    per column, a tensor)."""
+    streams = stream if isinstance(stream, torch.Tensor) else torch.full_like(index, stream)
+    h = _fmix32((index & _M32) ^ _mul32(streams & _M32, 0x9E3779B1))
     h = _fmix32(h ^ (counter & _M32))
     h = _fmix32(h ^ ((counter >> 32) & _M32))
     h = _fmix32(h ^ (seed & _M32))
@@ -47,6 +50,22 @@ def hash32(seed: torch.Tensor, counter: torch.Tensor, stream: int, index: torch.
 def uniform(seed: torch.Tensor, counter: torch.Tensor, stream: int, n: int) -> torch.Tensor:
     """Uniform floats in (0, 1), shape ``[R, n]`` for ``seed``/``counter`` of shape ``[R]`` (int64)."""
     index = torch.arange(n, device=seed.device, dtype=torch.int64)
-    h = hash32(seed[:, None], counter[:, None], stream, index[None, :])
+    return _to_unit(hash32(seed[:, None], counter[:, None], stream, index[None, :]))
+
+
+def uniform_pair(seed: torch.Tensor, counter: torch.Tensor, stream_a: int, n_a: int, stream_b: int, n_b: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uniform(seed, counter, stream_a, n_a), uniform(seed, counter, stream_b, n_b))``, the same numbers, from
+    one pass of the hash over ``n_a + n_b`` columns (the hash is elementwise; on a GPU each of its ~100 integer ops
+    is a kernel launch, so one pass instead of two saves about as many launches per step)."""
+    col = torch.arange(n_a + n_b, device=seed.device, dtype=torch.int64)
+    first = col < n_a
+    index = torch.where(first, col, col - n_a)
+    streams = torch.where(first, stream_a, stream_b)
+    u = _to_unit(hash32(seed[:, None], counter[:, None], streams[None, :], index[None, :]))
+    return u[:, :n_a], u[:, n_a:]
+
+
+def _to_unit(h: torch.Tensor) -> torch.Tensor:
     # 23 random bits + 0.5 fit fp32's 24-bit significand exactly: values lie in [2**-24, 1 - 2**-24].
     return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))

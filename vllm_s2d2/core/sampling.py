@@ -72,11 +72,11 @@ def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
-def sample(probs: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor, any_sampled: bool = True
+def sample(probs: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor | None, any_sampled: bool = True
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[R, L]`` and their probabilities p0 under ``probs``; argmax for greedy requests ``[R]``.
     ``any_sampled=False`` (a host-side fact: every request is greedy) skips the inverse-CDF draw, two passes
-    over the vocabulary whose result no greedy row uses."""
+    over the vocabulary whose result no greedy row uses (``u`` may then be None)."""
     tokens = probs.argmax(dim=-1)
     if any_sampled:
         tokens = torch.where(greedy[:, None], tokens, categorical(probs, u))

@@ -105,8 +105,8 @@ def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rule
     (every request greedy: no inverse-CDF draw)."""
     R, B, _ = logits.shape
     probs = draft_probs(logits, params, rules)
-    x0, p0 = sample(probs, params.greedy, rng.uniform(params.seed, block.counter, rng.STREAM_DRAFT, B),
-                    any_sampled)
+    u = rng.uniform(params.seed, block.counter, rng.STREAM_DRAFT, B) if any_sampled else None  # (greedy: unused)
+    x0, p0 = sample(probs, params.greedy, u, any_sampled)
     is_mask = block.tokens == rules.mask_token_id
     eligible = is_mask & block.region
     edits = editing_positions(x0, p0, block.tokens, is_mask, block.editable, params.editing_threshold)
@@ -188,10 +188,9 @@ def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules:
     run = params.partial_accept_run
     if run is not None:  # later accepted runs count from a request's second step on
         run = torch.where(counter > 0, run, torch.zeros_like(run))
+    u_accept, u_resample = rng.uniform_pair(params.seed, counter, rng.STREAM_ACCEPT, B, rng.STREAM_RESAMPLE, 1)
     verdict = accept_span(
-        draft.x0, draft.probs, q, draft.span,
-        rng.uniform(params.seed, counter, rng.STREAM_ACCEPT, B),
-        rng.uniform(params.seed, counter, rng.STREAM_RESAMPLE, 1)[:, 0],
+        draft.x0, draft.probs, q, draft.span, u_accept, u_resample[:, 0],
         greedy=params.greedy_accept, ratio_tempering=params.ratio_tempering,
         allow_resample=params.allow_resample, ratio_threshold=params.ratio_threshold,
         keep_rejected_draft=rules.keep_rejected_draft, min_draft_confidence=params.min_draft_confidence,
