@@ -481,3 +481,24 @@ def test_ucb_context_fast_uses_sub_block_window():
                         region=[[0, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]])
     draft, _ = draft_step(logits, block, params, rules, PolicyState.zeros(2))
     assert draft.bucket.tolist() == [4, 4]
+
+
+def test_unrouted_draft_skips_routing_and_the_bandit_update_without_changing_anything():
+    """``route_any=False`` (a batch where no request may verify) gives the draft, commits and policy state of a
+    full step whose requests have verification off: UCB statistics from earlier steps stay as they were."""
+    cfgs = [dict(verify=False, verify_policy="contextual_bandit_ucb"), dict(verify=False)]
+    params, rules = build("sdar", 4, cfgs, [SamplingSpec(0.0, seed=0), SamplingSpec(0.7, seed=3)])
+    d = ft([[peaked(1, 0.9), peaked(2, 0.6), peaked(3, 0.95), peaked(4, 0.3)]] * 2)
+    block = block_state([[M, M, M, M], [5, M, M, M]])
+    state = PolicyState.zeros(2)
+    state.ucb_n[0, 1] = ft([2.0, 3.0])
+    state.ucb_mu[0, 1] = ft([0.5, 1.5])
+    full_draft, full_state = draft_step(d, block, params, rules, state)
+    full, full_state = finish_step(block, full_draft, None, None, None, params, full_state)
+    fast_draft, fast_state = draft_step(d, block, params, rules, state, route_any=False)
+    fast, fast_state = finish_step(block, fast_draft, None, None, None, params, fast_state, route_any=False)
+    assert not full_draft.routed.any() and not fast_draft.routed.any()
+    assert torch.equal(full.tokens, fast.tokens) and torch.equal(full.committed, fast.committed)
+    for f in fields(PolicyState):
+        assert torch.equal(getattr(full_state, f.name), getattr(fast_state, f.name)), f.name
+        assert torch.equal(getattr(fast_state, f.name), getattr(state, f.name)), f.name

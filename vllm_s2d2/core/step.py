@@ -222,11 +222,12 @@ def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules:
 
 def finish_step(block: BlockState, draft: Draft, verified_commit: torch.Tensor | None,
                 verified_tokens: torch.Tensor | None, num_accepted: torch.Tensor | None, params: StepParams,
-                policy_state: PolicyState) -> tuple[StepResult, PolicyState]:
+                policy_state: PolicyState, *, route_any: bool = True) -> tuple[StepResult, PolicyState]:
     """Apply each row's commit (verified rows: the verifier's; others: the baseline) and the edits.
 
     ``verified_*`` are full-batch ``[R, B]`` tensors whose rows matter only where ``draft.do_verify``
-    (pass None when nothing verified)."""
+    (pass None when nothing verified).  ``route_any=False``: the draft came from ``draft_step(route_any=False)``,
+    so no row was routed and the bandit update, which changes only routed rows, is skipped."""
     v = draft.do_verify[:, None]
     if verified_commit is None:
         commit, tokens = draft.baseline_commit, draft.x0
@@ -237,5 +238,6 @@ def finish_step(block: BlockState, draft: Draft, verified_commit: torch.Tensor |
         accepted = torch.where(draft.do_verify, num_accepted, torch.zeros_like(num_accepted))
     new_tokens = torch.where(commit | draft.edits, tokens, block.tokens)
     n = commit.sum(dim=1)
-    policy_state = ucb_update(policy_state, params.policy, draft.routed, draft.bucket, draft.do_verify, n)
+    if route_any:
+        policy_state = ucb_update(policy_state, params.policy, draft.routed, draft.bucket, draft.do_verify, n)
     return StepResult(new_tokens, commit, n, accepted), policy_state

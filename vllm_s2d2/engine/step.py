@@ -137,7 +137,8 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     # baseline rule (the routing state already counted the decision).
     starts_verify = draft_ok & draft.do_verify & (draft_block_start + 2 * B <= layout.max_model_len)
     draft.do_verify = starts_verify
-    result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
+    result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted,
+                                           route_any=flags.verify)
     # A step that did not draft keeps its block: the fresh one after a commit, the current one otherwise -- also a
     # COMMIT whose canvas was cut before the end of its block (it committed nothing and is retried).
     kept = torch.where(commit_ok[:, None], fresh, tokens)

@@ -92,7 +92,8 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, flags: StepFlags
     fits = start + cache_rows + verify_rows <= layout.max_model_len
     starts_verify = draft_ok & draft.do_verify & fits
     draft.do_verify = starts_verify
-    result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted)
+    result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted,
+                                           route_any=flags.verify)
     if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
         ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, torch.zeros_like(rng_counter))
         keep_before_verify(blocks, slots, policy, starts_verify)
