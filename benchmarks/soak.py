@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_records  # noqa: E402
@@ -445,11 +445,11 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def process_tree_rss(pid: int) -> int | None:
-    """Resident bytes of ``pid`` and all its descendants, None if it is gone."""
+def tree_rss(pids: Iterable[int]) -> int | None:
+    """Resident bytes of the processes ``pids`` (a :func:`process_tree`), None if none of them is left."""
     total, found = 0, False
     page = os.sysconf("SC_PAGE_SIZE")
-    for p in process_tree(pid):
+    for p in pids:
         try:
             total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
             found = True
@@ -471,13 +471,12 @@ async def _nvidia_smi(*query: str) -> list[list[str]] | None:
     return [[f.strip() for f in line.split(",")] for line in out.decode().splitlines() if line.strip()]
 
 
-async def gpu_used_mib(server_pid: int | None = None) -> tuple[float, str] | None:
+async def gpu_used_mib(tree: set[int] | None = None) -> tuple[float, str] | None:
     """Device memory in use (MiB) and its scope: the server's own processes (``"server"``: nvidia-smi's compute
-    apps whose pid is in the server's process tree), else every visible GPU's (``"gpu"``: shared with whatever
-    else runs there, e.g. other test workers).  None without nvidia-smi."""
-    if server_pid is not None:
+    apps whose pid is in ``tree``, the server's process tree), else every visible GPU's (``"gpu"``: shared with
+    whatever else runs there, e.g. other test workers).  None without nvidia-smi."""
+    if tree:
         apps = await _nvidia_smi("--query-compute-apps=pid,used_memory")
-        tree = set(await asyncio.to_thread(process_tree, server_pid))
         try:
             mine = [float(mib) for pid, mib in (apps or []) if int(pid) in tree]
         except ValueError:
@@ -504,10 +503,11 @@ async def sampler(session, base: str, interval: float, t_start: float, samples: 
                               ("preemptions", "vllm:num_preemptions_total")):
                 if name in tot:
                     s[key] = tot[name]
-        if server_pid is not None:
-            s["rss_bytes"] = await asyncio.to_thread(process_tree_rss, server_pid)
+        tree = None if server_pid is None else set(await asyncio.to_thread(process_tree, server_pid))
+        if tree is not None:
+            s["rss_bytes"] = tree_rss(tree)
         if gpu:
-            used = await gpu_used_mib(server_pid)
+            used = await gpu_used_mib(tree)
             if used is not None:
                 s["gpu_used_mib"], s["gpu_scope"] = used
         samples.append(s)
@@ -793,7 +793,7 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         try:
             resumed = resumed_load_requests(Path(cfg.server_log).read_text(errors="replace"))
         except OSError:
-            resumed = None
+            pass
     if resumed is not None:
         for m in mismatches:
             m["resumed"] = m["index"] in resumed

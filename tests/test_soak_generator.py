@@ -474,11 +474,11 @@ def test_process_tree_holds_the_children():
         tree = soak.process_tree(os.getpid())
         assert os.getpid() in tree and child.pid in tree
         assert soak.process_tree(child.pid) == [child.pid]
-        assert soak.process_tree_rss(os.getpid()) > soak.process_tree_rss(child.pid) > 0
+        assert soak.tree_rss(tree) > soak.tree_rss(soak.process_tree(child.pid)) > 0
     finally:
         child.kill()
         child.wait()
-    assert soak.process_tree(child.pid) == [] and soak.process_tree_rss(child.pid) is None
+    assert soak.process_tree(child.pid) == [] and soak.tree_rss(soak.process_tree(child.pid)) is None
 
 
 def test_requests_are_named_and_resumed_ones_counted_from_the_server_log(fake_server, tmp_path):
