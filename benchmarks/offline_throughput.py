@@ -13,6 +13,8 @@ A random-weight checkpoint (vLLM ``load_format="dummy"``, bf16) with a real mode
   * ``s h u m v``  S2D2 on the same engine as ``c`` (dynamic 0.85 + verification, per request): Config-A
     (``score_threshold``), ``score_hysteresis``, ``contextual_bandit_ucb``, ``mask_span_length`` (min span 2)
     and always-verify (min span 1);
+  * ``C D V``  ``c``, ``d`` and ``v`` with the decode step's integer stages compiled (``VLLM_S2D2_COMPILE_STEP=1``,
+    ``vllm_s2d2/engine/compiled_step.py``): group them as ``CDV`` (one engine of their own);
 
 * ``fast-1.5b`` / ``fast-7b`` / ``llada2-mini``: Fast-dLLM v2 1.5B / 7B and LLaDA2-mini shapes, modes ``a`` (vLLM
   AR of the base architecture: ``Qwen2ForCausalLM`` / ``BailingMoeV2ForCausalLM``), ``t`` (threshold baseline =
@@ -87,6 +89,10 @@ for _key, _label, _opts in (
         ("v", "S2D2 always verify (min span 1)", {"verify_policy": "mask_span_length", "min_span_length": 1})):
     MODES[_key] = {"arch": "bd", "spec": MODES["c"]["spec"], "extra": {"s2d2": {**_S2D2, **_opts}},
                    "label": _label}
+# The same engines with the step's integer stages compiled (VLLM_S2D2_COMPILE_STEP=1, vllm_s2d2/engine/compiled_step.py).
+for _key in "cdv":
+    MODES[_key.upper()] = {**MODES[_key], "env": {"VLLM_S2D2_COMPILE_STEP": "1"},
+                           "label": MODES[_key]["label"] + ", compiled step"}
 
 
 # The other families at their real shapes (docs/families.md), next to vLLM's AR decode of the base
@@ -142,6 +148,11 @@ def modes_of(family: str) -> dict:
     return MODES if family == "sdar-1.7b" else _FAMILY_MODES
 
 
+def mode_env(mode: dict) -> dict | None:
+    """The environment of a mode's engine process: this one's plus the mode's ``env`` (None: inherit as is)."""
+    return {**os.environ, **mode["env"]} if mode.get("env") else None
+
+
 def write_checkpoints(root: str, family: str = "sdar-1.7b") -> dict[str, str]:
     fam = FAMILIES[family]
     paths = {}
@@ -178,7 +189,7 @@ def groups_of(modes_arg: str | None, family: str) -> list[str]:
         archs = {table[m]["arch"] for m in g}
         if len(archs) != 1:
             raise ValueError(f"group {g!r} mixes architectures {sorted(archs)}: modes of one group share an engine")
-        specs = {json.dumps(table[m]["spec"], sort_keys=True) for m in g}
+        specs = {json.dumps([table[m]["spec"], table[m].get("env")], sort_keys=True) for m in g}
         if len(specs) != 1:
             raise ValueError(f"group {g!r} mixes engine configurations: its modes must share one engine")
     return groups
@@ -356,7 +367,7 @@ def new_record(args, groups: list[str], call: dict) -> dict:
         "model": f"random weights, {FAMILIES[args.family]['model']} (bf16, load_format=dummy)",
         "family": args.family, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "batches": rec.parse_int_list(args.batches), "groups": groups, "baseline": rec.BASELINE_MODE,
-        "modes": {m: {k: table[m][k] for k in ("label", "spec", "extra")} for g in groups for m in g},
+        "modes": {m: {k: table[m].get(k) for k in ("label", "spec", "extra", "env")} for g in groups for m in g},
         "capture_sizes": rec.parse_int_list(args.capture_sizes),
         "target_step_time_ratio": {"mode": "c", "max": TARGET_STEP_TIME_RATIO} if args.family == "sdar-1.7b"
         else None,
@@ -408,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--family", args.family, "--batches", args.batches,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                "--capture-sizes", args.capture_sizes, "--_worker", model, group, call_id]
-        res, err = rec.run_worker_process(cmd, args.timeout)
+        res, err = rec.run_worker_process(cmd, args.timeout, mode_env(modes_of(args.family)[group[0]]))
         if res is None:
             record["errors"][group] = err
         else:

@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_records as rec  # noqa: E402
-from offline_throughput import FAMILIES, modes_of, replot, require_gpu, write_checkpoints  # noqa: E402
+from offline_throughput import FAMILIES, mode_env, modes_of, replot, require_gpu, write_checkpoints  # noqa: E402
 
 from vllm_s2d2.log import ArgumentParser, int_arg, int_list_arg  # noqa: E402 - stdlib only
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
               "family": args.family, "baseline": rec.BASELINE_MODE, "batches": batches,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "skip_steps": args.skip_steps,
               "profile_steps": args.profile_steps, "eager": args.eager,
-              "modes": {m: {k: table[m][k] for k in ("label", "spec", "extra")} for m in modes},
+              "modes": {m: {k: table[m].get(k) for k in ("label", "spec", "extra", "env")} for m in modes},
               "engines": {}, "runs": {}, "ratios_vs_baseline": {}, "per_batch": {}, "errors": {}}
     call_id = record["call"]["call_id"]
     paths = write_checkpoints(tempfile.mkdtemp(prefix="s2d2_profile_"), args.family)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode in modes:  # one fresh engine per mode, in its own process
         cmd = [sys.executable, os.path.abspath(__file__), *passthrough,
                "--_worker", paths[table[mode]["arch"]], mode, call_id]
-        res, err = rec.run_worker_process(cmd, args.timeout)
+        res, err = rec.run_worker_process(cmd, args.timeout, mode_env(table[mode]))
         if res is None:
             record["errors"][mode] = err
         else:

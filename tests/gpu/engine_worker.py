@@ -69,6 +69,7 @@ def run(spec: dict) -> dict:
 
     if spec.get("count_cudagraph_modes"):
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # (collective_rpc with a function)
+    os.environ.update(spec.get("env", {}))  # e.g. VLLM_S2D2_COMPILE_STEP (the engine core inherits it)
     t0 = time.time()
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, speculative_config=spec.get("speculative_config"),
               enforce_eager=spec.get("enforce_eager", True), dtype=spec.get("dtype", "float32"),

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from engine_helpers import EOS_ID, build_tiny_checkpoint  # noqa: E402
 
 from vllm_s2d2.configs import load_family_info  # noqa: E402
+from vllm_s2d2.engine.compiled_step import ON_MESSAGE as COMPILED_LINE  # noqa: E402
 from vllm_s2d2.core.params import SamplingSpec  # noqa: E402
 from vllm_s2d2.reference import generate  # noqa: E402
 from vllm_s2d2.reference.models import ReferenceModel  # noqa: E402
@@ -205,18 +206,21 @@ def graph_jobs(prompts, W: int, policies: list[dict], seed: int, vocab: int) -> 
 
 
 def graphs_vs_eager(model: str, s2d2: dict, jobs: list[dict], tmp_path, record: str, test: str,
-                    refs=None, variant: str | None = None) -> dict:
+                    refs=None, variant: str | None = None, graph_env: dict | None = None) -> dict:
     """Run ``jobs`` on the default engine (FULL_AND_PIECEWISE) and with ``enforce_eager=True``: the same tokens
     per request; every uniform step (all queries W long) of the graph engine replayed a FULL graph, and mixed
-    steps ran PIECEWISE.  With ``refs``, the graph engine's tokens also equal the reference decoder's."""
+    steps ran PIECEWISE.  With ``refs``, the graph engine's tokens also equal the reference decoder's.
+    ``graph_env``: environment of the graph engine only (the eager one runs the plain step)."""
     res = {}
     for eager in (False, True):
         d = tmp_path / ("eager" if eager else "graphs")
         d.mkdir()
         res[eager] = run_engine({"model": model, "speculative_config": s2d2, "enforce_eager": eager, "jobs": jobs,
-                                 "count_cudagraph_modes": True}, d, timeout=400)
+                                 "count_cudagraph_modes": True, "env": {} if eager else (graph_env or {})}, d,
+                                timeout=400)
     g, e = res[False], res[True]
-    write_record(record, test, {"s2d2": s2d2, "graphs": {k: v for k, v in g.items() if not isinstance(v, list)},
+    write_record(record, test, {"s2d2": s2d2, "graph_env": graph_env or {},
+                                "graphs": {k: v for k, v in g.items() if not isinstance(v, list)},
                                 "eager": {k: v for k, v in e.items() if not isinstance(v, list)}})
     assert "FULL_AND_PIECEWISE" in g["cudagraph_mode"] and "NONE" in e["cudagraph_mode"], (g["cudagraph_mode"],
                                                                                           e["cudagraph_mode"])
@@ -251,3 +255,15 @@ def test_full_graphs_equal_eager(ckpts, ref_models, tmp_path, request, variant, 
     jobs = graph_jobs(_prompts, 2 * B, policies, 61, 500)
     graphs_vs_eager(ckpts[variant], s2d2, jobs, tmp_path, f"full_graphs_{request.node.callspec.id}",
                     request.node.nodeid, refs=ref_models, variant=variant)
+
+
+def test_compiled_step_equals_eager(ckpts, ref_models, tmp_path, request):
+    """``VLLM_S2D2_COMPILE_STEP=1`` (the step's integer stages compiled by Inductor, inside FULL graphs) gives the
+    tokens of the plain eager engine and of the reference decoder (``engine/compiled_step.py``); the record's
+    ``graphs.startup_s`` includes the compile time."""
+    jobs = graph_jobs(_prompts, 2 * B, SDAR_POLICIES, 62, 500)
+    graphs_vs_eager(ckpts["sdar"], {"method": "s2d2"}, jobs, tmp_path, "compiled_step", request.node.nodeid,
+                    refs=ref_models, variant="sdar", graph_env={"VLLM_S2D2_COMPILE_STEP": "1"})
+    log_dir = os.environ.get("S2D2_GPU_LOG_DIR") or str(tmp_path / "graphs")
+    with open(os.path.join(log_dir, "graphs.log")) as f:
+        assert COMPILED_LINE in f.read()  # the graph engine really ran the compiled stages

@@ -34,6 +34,7 @@ from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.interface import ModelState
 
+from vllm_s2d2.engine import compiled_step
 from vllm_s2d2.engine.attention import canvas_positions, plan_canvas_rows, prefill_ranges, write_prefill_tables
 from vllm_s2d2.engine.attention_inputs import CanvasInputs
 from vllm_s2d2.engine.states import SavedRequest
@@ -61,12 +62,16 @@ class S2D2ModelState(ModelState):
         if dc is None or dc.canvas_length != W:
             raise ValueError(f"S2D2 needs diffusion_config.canvas_length == {W} (the engine's canvas width), got "
                              f"{None if dc is None else dc.canvas_length}")
-        stepper_cls = WindowStepper if self.settings.info.pipelined else S2D2Stepper  # D2F: a window of blocks
+        pipelined = self.settings.info.pipelined
+        stepper_cls = WindowStepper if pipelined else S2D2Stepper  # D2F: a window of blocks
+        compiled = {} if pipelined else {"compile_step": compiled_step.wanted(device)}  # (D2F: not yet)
         self.stepper = stepper_cls(
             max_num_reqs=self.max_num_reqs, block_size=self.settings.block_size,
             family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
             engine_config=self.settings.config, max_model_len=self.max_model_len, device=device,
-            use_cuda_graphs=vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE)
+            use_cuda_graphs=vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE, **compiled)
+        if compiled.get("compile_step"):
+            logger.info(compiled_step.ON_MESSAGE)
         self._req_to_slot: dict[str, int] = {}
         self._saved: OrderedDict[str, SavedRequest] = OrderedDict()
         self._finished_stats: OrderedDict[str, dict[str, int]] = OrderedDict()

@@ -17,9 +17,11 @@ from vllm_s2d2.core.params import StepParams
 from vllm_s2d2.core.policies import PolicyState
 from vllm_s2d2.core.step import BlockState, draft_step, finish_step, shifted_next_token, verify_step
 from vllm_s2d2.engine.buffer_utils import gather_rows
+from vllm_s2d2.engine import compiled_step
 from vllm_s2d2.engine.canvas import write_next
 from vllm_s2d2.engine.draft_store import DraftStore
-from vllm_s2d2.engine.states import COMMIT, DRAFT, VERIFY, BlockLayout, BlockStates, RequestFacts, pick_policy
+from vllm_s2d2.engine.states import (COMMIT, DRAFT, VERIFY, BlockLayout, BlockStates, FactsView, RequestFacts,
+                                     pick_policy)
 from vllm_s2d2.engine.step_params import PackedStepParams
 
 
@@ -64,6 +66,7 @@ class StepContext(NamedTuple):
     facts: RequestFacts
     params: PackedStepParams
     drafts: DraftStore
+    compiled: bool = False  # run the step's integer stages compiled (engine.compiled_step)
 
 
 def keep_before_verify(blocks: BlockStates, slots: torch.Tensor, policy: PolicyState,
@@ -73,22 +76,91 @@ def keep_before_verify(blocks: BlockStates, slots: torch.Tensor, policy: PolicyS
     before.scatter_(slots, pick_policy(before.index(slots), policy, starts_verify))
 
 
+class Prepared(NamedTuple):
+    """What a step knows before any model math: the slots' block state and the phase rules of their canvases
+    (integer and boolean work, and the gather of each block's logits)."""
+
+    block_start: torch.Tensor  # [R]
+    tokens: torch.Tensor  # [R, B] the block as stored
+    phase: torch.Tensor  # [R]
+    step_idx: torch.Tensor  # [R]
+    rng_counter: torch.Tensor  # [R]
+    post_steps: torch.Tensor  # [R]
+    facts: FactsView
+    cached: torch.Tensor  # [R] block positions already in the KV cache
+    uncached: torch.Tensor  # [R]
+    is_commit: torch.Tensor  # [R] bool
+    clipped: torch.Tensor  # [R] bool, the canvas was cut at max_model_len
+    commit_ok: torch.Tensor  # [R] bool, the COMMIT half of the canvas is complete
+    draft_ok: torch.Tensor  # [R] bool, a draft step runs
+    verify_ok: torch.Tensor  # [R] bool, a verify step runs
+    fresh: torch.Tensor  # [R, B] the next block as it opens (COMMIT rows)
+    draft_block: torch.Tensor  # [R, B] the block this step denoises
+    draft_cached: torch.Tensor  # [R]
+    draft_block_start: torch.Tensor  # [R]
+    draft_step_idx: torch.Tensor  # [R]
+    available: torch.Tensor  # [R, B] bool
+    region: torch.Tensor  # [R, B] bool
+    editable: torch.Tensor  # [R, B] bool
+    block_logits: torch.Tensor  # [R, B, V] position-aligned draft logits
+
+
 def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``."""
+    """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``.
+
+    Three stages: :func:`prepare` (phase rules, block logits), the model math of ``core.step`` (draft, route,
+    verify: floating point, always eager), :func:`settle` (lifecycle bookkeeping, the next state and canvas).
+    With ``ctx.compiled`` the first and last run as compiled kernels (:mod:`.compiled_step`)."""
+    blocks = ctx.blocks
+    prep = compiled_step.stage(prepare, ctx.compiled)(ctx, batch)
+    B = ctx.layout.block_size
+    slots, tokens, cached, row0 = batch.slots, prep.tokens, prep.cached, batch.logits_row0
+    draft_ok, commit_ok, verify_ok = prep.draft_ok, prep.commit_ok, prep.verify_ok
+
+    params = ctx.params.gather(slots, flags.top_k, flags.top_p)
+    policy = blocks.policy.index(slots)
+    state = BlockState(prep.draft_block, prep.editable, prep.region, prep.draft_step_idx, prep.rng_counter)
+    draft, policy_drafted = draft_step(prep.block_logits, state, params, ctx.layout.rules, policy,
+                                       route_any=flags.verify, any_sampled=flags.sampled)
+    # A verify canvas needs 2B slots from the block start: near max_model_len the step falls back to the
+    # baseline rule (the routing state already counted the decision).
+    starts_verify = draft_ok & draft.do_verify & (prep.draft_block_start + 2 * B <= ctx.layout.max_model_len)
+    draft.do_verify = starts_verify
+    result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted,
+                                           route_any=flags.verify)
+    # A step that did not draft keeps its block: the fresh one after a commit, the current one otherwise -- also a
+    # COMMIT whose canvas was cut before the end of its block (it committed nothing and is retried).
+    kept = torch.where(commit_ok[:, None], prep.fresh, tokens)
+    new_tokens = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, kept)
+    if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
+        ctx.drafts.save(slots, starts_verify, draft, prep.block_logits, prep.rng_counter, prep.draft_step_idx)
+        keep_before_verify(blocks, slots, policy, starts_verify)
+    policy_next = pick_policy(policy, policy_finished, draft_ok & ~starts_verify)
+    policy_next = pick_policy(policy_next, policy_drafted, starts_verify)  # reward recorded when verified
+
+    num_accepted = torch.zeros_like(batch.start)
+    if flags.verify:
+        v_tokens, v_policy, num_accepted = _verify(ctx, batch.logits, slots, tokens, prep.editable, cached, row0,
+                                                   prep.rng_counter, prep.step_idx, params, policy)
+        new_tokens = torch.where(verify_ok[:, None], v_tokens, new_tokens)
+        policy_next = pick_policy(policy_next, v_policy, verify_ok)
+    blocks.policy.scatter_(slots, policy_next)
+    return compiled_step.stage(settle, ctx.compiled)(ctx, batch, prep, new_tokens, starts_verify, num_accepted)
+
+
+def prepare(ctx: StepContext, batch: StepBatch) -> Prepared:
+    """The slots' state, the phase rules of this step's canvases and each block's logits (no model math)."""
     layout, blocks = ctx.layout, ctx.blocks
     B, mask_id, shift = layout.block_size, layout.mask_token_id, int(layout.shifted)
     logits, slots, start, query_len, row0 = batch.logits, batch.slots, batch.start, batch.query_len, \
         batch.logits_row0
     cols = torch.arange(B, device=slots.device)[None, :]
-    wcols = torch.arange(2 * B, device=slots.device)[None, :]
 
     block_start = blocks.block_start[slots]
     tokens = blocks.tokens[slots]
     phase = blocks.phase[slots]
     step_idx = blocks.step_idx[slots]
-    rng_counter = blocks.rng_counter[slots]
-    post_steps = blocks.post_steps[slots]
     facts = ctx.facts.gather(slots)
 
     cached = (start - block_start).clamp(0, B)  # block positions already in the KV cache
@@ -127,61 +199,49 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     has_logit = (cols >= (draft_cached + shift)[:, None]) & (cols < (draft_cached + draft_rows.clamp(min=0))[:, None])
     rows = (row0[:, None] + torch.where(is_commit, uncached, 0)[:, None] + (cols - draft_cached[:, None] - shift))
     block_logits = gather_rows(logits, rows, has_logit)
+    return Prepared(block_start, tokens, phase, step_idx, blocks.rng_counter[slots], blocks.post_steps[slots], facts,
+                    cached, uncached, is_commit, clipped, commit_ok, draft_ok, verify_ok, fresh, draft_block,
+                    draft_cached, draft_block_start, draft_step_idx, available, region, editable, block_logits)
 
-    params = ctx.params.gather(slots, flags.top_k, flags.top_p)
-    policy = blocks.policy.index(slots)
-    state = BlockState(draft_block, editable, region, draft_step_idx, rng_counter)
-    draft, policy_drafted = draft_step(block_logits, state, params, layout.rules, policy, route_any=flags.verify,
-                                       any_sampled=flags.sampled)
-    # A verify canvas needs 2B slots from the block start: near max_model_len the step falls back to the
-    # baseline rule (the routing state already counted the decision).
-    starts_verify = draft_ok & draft.do_verify & (draft_block_start + 2 * B <= layout.max_model_len)
-    draft.do_verify = starts_verify
-    result, policy_finished = finish_step(state, draft, None, None, None, params, policy_drafted,
-                                           route_any=flags.verify)
-    # A step that did not draft keeps its block: the fresh one after a commit, the current one otherwise -- also a
-    # COMMIT whose canvas was cut before the end of its block (it committed nothing and is retried).
-    kept = torch.where(commit_ok[:, None], fresh, tokens)
-    new_tokens = torch.where((draft_ok & ~starts_verify)[:, None], result.tokens, kept)
-    if flags.verify:  # (otherwise no row starts a verification: nothing to keep)
-        ctx.drafts.save(slots, starts_verify, draft, block_logits, rng_counter, draft_step_idx)
-        keep_before_verify(blocks, slots, policy, starts_verify)
-    policy_next = pick_policy(policy, policy_finished, draft_ok & ~starts_verify)
-    policy_next = pick_policy(policy_next, policy_drafted, starts_verify)  # reward recorded when verified
 
-    num_accepted = torch.zeros_like(start)
-    if flags.verify:
-        v_tokens, v_policy, num_accepted = _verify(ctx, logits, slots, tokens, editable, cached, row0,
-                                                   rng_counter, step_idx, params, policy)
-        new_tokens = torch.where(verify_ok[:, None], v_tokens, new_tokens)
-        policy_next = pick_policy(policy_next, v_policy, verify_ok)
-    blocks.policy.scatter_(slots, policy_next)
-    ran = draft_ok | verify_ok
+def settle(ctx: StepContext, batch: StepBatch, prep: Prepared, new_tokens: torch.Tensor,
+           starts_verify: torch.Tensor, num_accepted: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After the model math: LLaDA2.1 editing passes, early finish, the emitted tokens, the next block state,
+    the counters and the next canvas.  ``new_tokens [R, B]``: the block after this step."""
+    layout, blocks = ctx.layout, ctx.blocks
+    B, mask_id = layout.block_size, layout.mask_token_id
+    slots, start, query_len = batch.slots, batch.start, batch.query_len
+    p = prep
+    ran = p.draft_ok | p.verify_ok
 
     # LLaDA2.1 editing passes after the block's last mask, and whether its tokens are settled.
-    life = lifecycle.post_steps(torch.where(commit_ok, 0, post_steps), ran, draft_block, new_tokens, mask_id,
-                                facts.max_post_steps, facts.editing)
+    life = lifecycle.post_steps(torch.where(p.commit_ok, 0, p.post_steps), ran, p.draft_block, new_tokens, mask_id,
+                                p.facts.max_post_steps, p.facts.editing)
     # Early finish: a final prefix (from draft_cached) that already ends the request is emitted now.
-    prefix = lifecycle.final_prefix(new_tokens, mask_id, draft_block_start, draft_cached, facts.prompt_len,
-                                    facts.stop_ids, facts.max_tokens, available)
-    finish = ran & ~starts_verify & lifecycle.early_finish(prefix, life.settled, clipped)
+    prefix = lifecycle.final_prefix(new_tokens, mask_id, p.draft_block_start, p.draft_cached, p.facts.prompt_len,
+                                    p.facts.stop_ids, p.facts.max_tokens, p.available)
+    finish = ran & ~starts_verify & lifecycle.early_finish(prefix, life.settled, p.clipped)
 
-    num_emitted = torch.where(commit_ok, uncached, 0) + torch.where(finish, prefix.length, 0)
+    num_emitted = torch.where(p.commit_ok, p.uncached, 0) + torch.where(finish, prefix.length, 0)
     # Emitted tokens: [current block (final for COMMIT, drafted for DRAFT) | drafted next block] from `cached`.
-    out_row = torch.cat([torch.where(is_commit[:, None], tokens, new_tokens), new_tokens], dim=1)
-    out_tokens = out_row.gather(1, (cached[:, None] + wcols).clamp(max=2 * B - 1))
+    wcols = torch.arange(2 * B, device=slots.device)[None, :]
+    out_row = torch.cat([torch.where(p.is_commit[:, None], p.tokens, new_tokens), new_tokens], dim=1)
+    out_tokens = out_row.gather(1, (p.cached[:, None] + wcols).clamp(max=2 * B - 1))
 
-    # Next state.  The block after this step is new_tokens in every row (see `kept` above).
-    blocks.block_start[slots] = torch.where(commit_ok, block_start + B, block_start)
+    # Next state.  The block after this step is new_tokens in every row (see `kept` in decode_step).
+    commit_ok, draft_ok = p.commit_ok, p.draft_ok
+    blocks.block_start[slots] = torch.where(commit_ok, p.block_start + B, p.block_start)
     blocks.tokens[slots] = new_tokens
-    blocks.step_idx[slots] = torch.where(commit_ok, draft_ok.long(), step_idx + draft_ok.long())
-    blocks.rng_counter[slots] = rng_counter + draft_ok.long()
+    blocks.step_idx[slots] = torch.where(commit_ok, draft_ok.long(), p.step_idx + draft_ok.long())
+    blocks.rng_counter[slots] = p.rng_counter + draft_ok.long()
     blocks.post_steps[slots] = life.post
     phase_next = torch.where(life.again, DRAFT, COMMIT)
-    phase_next = torch.where(ran | commit_ok, phase_next, phase)  # a step that did not run keeps its phase
-    stay = starts_verify | (is_verify & ~verify_ok)  # a truncated verify step is retried
+    phase_next = torch.where(ran | commit_ok, phase_next, p.phase)  # a step that did not run keeps its phase
+    is_verify = p.phase == VERIFY
+    stay = starts_verify | (is_verify & ~p.verify_ok)  # a truncated verify step is retried
     blocks.phase[slots] = torch.where(stay, VERIFY, phase_next)
-    count_step(blocks, ctx.drafts, batch, draft_ok, verify_ok, num_accepted, commit_ok)
+    count_step(blocks, ctx.drafts, batch, draft_ok, p.verify_ok, num_accepted, commit_ok)
     write_next(ctx, slots, start + num_emitted)
     return out_tokens, num_emitted.to(torch.int32), (query_len - num_emitted).to(torch.int32)
 

@@ -1,0 +1,65 @@
+"""The decode step with its integer stages compiled (``vllm_s2d2/engine/compiled_step.py``) equals the reference
+decoder, for each family's step path: SDAR (position-aligned, 2L verify), Fast-dLLM v2 (shift-aligned: a block's
+first token from the previous forward's last logit) and LLaDA2.1 (editing passes after the last mask).
+
+On CPU Inductor compiles the stages to C++; on a CUDA device the same graphs become Triton kernels (the GPU
+suite's ``VLLM_S2D2_COMPILE_STEP=1`` runs).  Integer work gives the same bits however it is fused, so any
+difference here is a wrong split between the stages, not rounding."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from engine_emulator import sampling_params  # noqa: E402
+from test_engine_emulation import MAX_TOKENS, check, tiny  # noqa: E402,F401 - the SDAR fixture
+from test_engine_families import EDIT, fast, llada  # noqa: E402,F401 - the Fast-dLLM v2 / LLaDA2 fixtures
+
+from vllm_s2d2.engine import compiled_step  # noqa: E402
+
+
+def mixed(bandit: bool = True):
+    """Greedy and sampled rows, top-k / top-p, always-verify and threshold rows in one batch (``bandit``: one row
+    routed by the contextual bandit, which LLaDA2 does not define)."""
+    policies = [{"verify_policy": "mask_span_length"}, {"verify": False}, {"verify_policy": "score_hysteresis"},
+                {"verify_policy": "contextual_bandit_ucb" if bandit else "score_threshold"},
+                {"acceptance": "greedy"}, {}]
+    return [sampling_params(max_tokens=m, seed=i, temperature=1.0 if i % 2 else 0.0, top_k=20 if i == 1 else 0,
+                            top_p=0.9 if i == 3 else 1.0, extra_args={"s2d2": pol})
+            for i, (m, pol) in enumerate(zip(MAX_TOKENS, policies))]
+
+
+# fixture, engine config, token budget (one more than the canvas W: canvases cut at the budget)
+FAMILIES = {"sdar": ("tiny", {}, 9), "fast_dllm_v2": ("fast", {}, 17),
+            "llada2": ("llada", dict(EDIT, confidence_threshold=0.7), 9)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_step_equals_the_reference(family, request):
+    """Static shapes (the CUDA-graph path), canvases cut by the token budget, each family's fixture."""
+    fixture, s2d2, budget = FAMILIES[family]
+    sps = mixed(bandit=family != "llada2")
+    reqs, emu = check(request.getfixturevalue(fixture), s2d2, sps, budget=budget, static=True, compile_step=True)
+    assert emu.stepper.context.compiled and emu.verify_forwards > 0
+    assert all(r.output for r in reqs)
+
+
+def test_compile_switch(monkeypatch):
+    """``VLLM_S2D2_COMPILE_STEP``: "1" compiles on a CUDA device only; unset or "0" never; anything else is an
+    error that names the variable."""
+    monkeypatch.delenv(compiled_step.COMPILE_ENV, raising=False)
+    assert not compiled_step.wanted(torch.device("cuda"))
+    monkeypatch.setenv(compiled_step.COMPILE_ENV, "1")
+    assert compiled_step.wanted(torch.device("cuda"))
+    assert not compiled_step.wanted(torch.device("cpu"))
+    monkeypatch.setenv(compiled_step.COMPILE_ENV, "0")
+    assert not compiled_step.wanted(torch.device("cuda"))
+    monkeypatch.setenv(compiled_step.COMPILE_ENV, "yes")
+    with pytest.raises(ValueError, match=compiled_step.COMPILE_ENV):
+        compiled_step.wanted(torch.device("cuda"))

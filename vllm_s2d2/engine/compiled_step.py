@@ -1,0 +1,54 @@
+"""The decode step's integer stages as compiled kernels.
+
+A decode step is a few hundred small tensor operations around the model math: phase rules, the block
+lifecycle, the next state and canvas, the counters (:func:`.step.prepare` and :func:`.step.settle`).  Inside the
+step's CUDA graph each is its own kernel, and at small batches their launches, not the model, set the step's
+time.  ``torch.compile`` (Inductor) fuses each stage into a few kernels.
+
+Only stages without floating-point arithmetic are compiled: integer and boolean operations, comparisons,
+selections and gathers give the same bits however they are fused, so the compiled step still equals the
+reference decoder.  The sampling transform, the estimators, the acceptance test and the bandit (``core.step``)
+stay eager, where fusing could change a rounding.
+
+Off by default until a GPU record shows it equal and faster; ``VLLM_S2D2_COMPILE_STEP=1`` turns it on for the
+SDAR, Fast-dLLM v2 and LLaDA2 engines on a CUDA device (``docs/architecture.md``, "Stepper").  Compiling takes place in the
+warm-up before each step graph is captured, at start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+COMPILE_ENV = "VLLM_S2D2_COMPILE_STEP"
+ON_MESSAGE = "S2D2 decode step: prepare and settle stages compiled (VLLM_S2D2_COMPILE_STEP=1)"
+
+# Graph variants a stage may need: batch size 1 and >1 (Inductor specialises size 1), each family layout.
+_RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def _compiled(fn: F) -> F:
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def stage(fn: F, compiled: bool) -> F:
+    """``fn`` itself, or its compiled version when ``compiled`` (built once per function, on first use)."""
+    return _compiled(fn) if compiled else fn
+
+
+def wanted(device: torch.device) -> bool:
+    """Whether ``$VLLM_S2D2_COMPILE_STEP`` asks for the compiled stages ("1"; "0" or unset: no).  Only a CUDA
+    device compiles them; any other value is a ``ValueError`` naming the variable."""
+    value = os.environ.get(COMPILE_ENV, "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{COMPILE_ENV} must be 0 or 1, got {value!r}")
+    return value == "1" and torch.device(device).type == "cuda"
