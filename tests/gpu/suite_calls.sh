@@ -2,10 +2,12 @@
 # The GPU suite and the speed records in few device calls, on one warm machine (tests/gpu/results/README.md).
 # Run from the repository root on the GPU host, after `source .gpu_bundle/setup_gpu_host.sh`:
 #
-#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|profile|tests1|tests2|suite_a|suite_b|tp2 [seconds]
+#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|compiled|profile|tests1|tests2|suite_a|suite_b|serve|tp2 [seconds]
 #
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
+#   compiled benchmarks/offline_throughput.py: vLLM AR, the plugin's static / dynamic / always-verify modes plain
+#           (cdv) and with VLLM_S2D2_COMPILE_STEP=1 (CDV), batch 1/16/64 (the baseline in the same call)
 #   profile benchmarks/profile_step.py at SDAR-1.7B shapes: vLLM AR, static, always verify at batch 1 and 64
 #           (GPU-busy fraction, kernels and launches per step; the baseline in the same call)
 #   tests1  the batch-invariant soak (first: ~7.5 min), test_canvas_kernel_gpu, test_engine_sdar,
@@ -49,6 +51,11 @@ case $call in
   speed)
     timeout -k 10 "$limit" python3 benchmarks/offline_throughput.py --modes a,cdshumv --batches 1,16,64,256 \
       --out "$dest/offline_throughput.json" > "$dest/offline.log" 2>&1
+    echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
+    tail -n 40 "$dest/offline.log" ;;
+  compiled)
+    timeout -k 10 "$limit" python3 benchmarks/offline_throughput.py --modes a,cdv,CDV --batches 1,16,64 \
+      --out "$dest/offline_compiled.json" > "$dest/offline.log" 2>&1
     echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;
   profile)
