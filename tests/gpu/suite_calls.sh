@@ -2,7 +2,7 @@
 # The GPU suite and the speed records in few device calls, on one warm machine (tests/gpu/results/README.md).
 # Run from the repository root on the GPU host, after `source .gpu_bundle/setup_gpu_host.sh`:
 #
-#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|compiled|profile|tests1|tests2|suite_a|suite_b|serve|tp2 [seconds]
+#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|compiled|profile|tests1|tests2|suite_a|suite_b|serve|tp2|pick [seconds]
 #
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
@@ -23,6 +23,7 @@
 #   serve   benchmarks/serve_bench.py: vllm-ar (the baseline, first), ar, threshold, s2d2 servers of the demo
 #           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~6.5 min)
 #   tp2     test_tp2 (a two-GPU host only)
+#   pick    TESTS="<pytest node ids>" [WORKERS=2]: the named GPU tests only (a short device budget)
 #
 # The test calls share the GPU between pytest-xdist workers (tests/gpu/gpu_env.py: own ports, a fixed KV cache
 # per engine) and stop at [seconds] (default 560, under a device call's 10 minutes); the controller's
@@ -100,6 +101,9 @@ case $call in
     tail -n 30 "$dest/serve.log" ;;
   tp2)
     pytest_call 1 tests/gpu/test_tp2.py ;;
+  pick)
+    # shellcheck disable=SC2086  (TESTS is a list of node ids)
+    pytest_call "${WORKERS:-2}" ${TESTS:?set TESTS to pytest node ids} ;;
   *) echo "unknown call $call" >&2; exit 2 ;;
 esac
 nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
