@@ -289,13 +289,17 @@ def plot_modes(path: str | os.PathLike, title: str, panels: list[tuple[str, dict
         print("matplotlib missing: no plot", file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    # one colour per mode label in every panel (a panel without the baseline must not shift the colours)
+    labels = list(dict.fromkeys(label for _, series in panels for label in series))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {label: cycle[k % len(cycle)] for k, label in enumerate(labels)}
     for i, (ax, (ylabel, series)) in enumerate(zip(axes[0], panels)):
         ticks: set[int] = set()
         for label, points in series.items():
             xs = sorted(b for b, v in points.items() if v is not None)
             ticks.update(xs)
             if xs:
-                ax.plot(xs, [points[b] for b in xs], "o-", label=label)
+                ax.plot(xs, [points[b] for b in xs], "o-", label=label, color=colour[label])
         if hline and i in hline:
             ax.axhline(hline[i], color="gray", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)

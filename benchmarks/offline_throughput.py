@@ -13,8 +13,10 @@ A random-weight checkpoint (vLLM ``load_format="dummy"``, bf16) with a real mode
   * ``s h u m v``  S2D2 on the same engine as ``c`` (dynamic 0.85 + verification, per request): Config-A
     (``score_threshold``), ``score_hysteresis``, ``contextual_bandit_ucb``, ``mask_span_length`` (min span 2)
     and always-verify (min span 1);
-  * ``C D V``  ``c``, ``d`` and ``v`` with the decode step's integer stages compiled (``VLLM_S2D2_COMPILE_STEP=1``,
-    ``vllm_s2d2/engine/compiled_step.py``): group them as ``CDV`` (one engine of their own);
+  * ``C D V``  ``c``, ``d`` and ``v`` with the plain decode step (``VLLM_S2D2_COMPILE_STEP=0``; by default the
+    step's integer stages are compiled, ``vllm_s2d2/engine/compiled_step.py``): group them as ``CDV`` (one engine
+    of their own).  Records before that default (df7db22) have ``C D V`` the other way round, compiled with ``=1``
+    against a plain default; every record lists each mode's ``env``;
 
 * ``fast-1.5b`` / ``fast-7b`` / ``llada2-mini``: Fast-dLLM v2 1.5B / 7B and LLaDA2-mini shapes, modes ``a`` (vLLM
   AR of the base architecture: ``Qwen2ForCausalLM`` / ``BailingMoeV2ForCausalLM``), ``t`` (threshold baseline =
@@ -89,10 +91,10 @@ for _key, _label, _opts in (
         ("v", "S2D2 always verify (min span 1)", {"verify_policy": "mask_span_length", "min_span_length": 1})):
     MODES[_key] = {"arch": "bd", "spec": MODES["c"]["spec"], "extra": {"s2d2": {**_S2D2, **_opts}},
                    "label": _label}
-# The same engines with the step's integer stages compiled (VLLM_S2D2_COMPILE_STEP=1, vllm_s2d2/engine/compiled_step.py).
+# The same engines with the plain step: its integer stages not compiled (vllm_s2d2/engine/compiled_step.py).
 for _key in "cdv":
-    MODES[_key.upper()] = {**MODES[_key], "env": {"VLLM_S2D2_COMPILE_STEP": "1"},
-                           "label": MODES[_key]["label"] + ", compiled step"}
+    MODES[_key.upper()] = {**MODES[_key], "env": {"VLLM_S2D2_COMPILE_STEP": "0"},
+                           "label": MODES[_key]["label"] + ", plain step (not compiled)"}
 
 
 # The other families at their real shapes (docs/families.md), next to vLLM's AR decode of the base

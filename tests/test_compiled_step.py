@@ -2,9 +2,9 @@
 decoder, for each family's step path: SDAR (position-aligned, 2L verify), Fast-dLLM v2 (shift-aligned: a block's
 first token from the previous forward's last logit) and LLaDA2.1 (editing passes after the last mask).
 
-On CPU Inductor compiles the stages to C++; on a CUDA device the same graphs become Triton kernels (the GPU
-suite's ``VLLM_S2D2_COMPILE_STEP=1`` runs).  Integer work gives the same bits however it is fused, so any
-difference here is a wrong split between the stages, not rounding."""
+On CPU Inductor compiles the stages to C++; on a CUDA device the same graphs become Triton kernels (GPU:
+``tests/gpu/test_engine_sdar.py::test_compiled_step_equals_eager``).  Integer work gives the same bits however it
+is fused, so any difference here is a wrong split between the stages, not rounding."""
 
 from __future__ import annotations
 
@@ -51,15 +51,16 @@ def test_compiled_step_equals_the_reference(family, request):
 
 
 def test_compile_switch(monkeypatch):
-    """``VLLM_S2D2_COMPILE_STEP``: "1" compiles on a CUDA device only; unset or "0" never; anything else is an
-    error that names the variable."""
+    """``VLLM_S2D2_COMPILE_STEP`` unset follows vLLM's compilation mode; "1" / "0" force it; only a CUDA device
+    compiles; any other value is an error that names the variable."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv(compiled_step.COMPILE_ENV, raising=False)
-    assert not compiled_step.wanted(torch.device("cuda"))
+    assert compiled_step.wanted(cuda, True) and not compiled_step.wanted(cuda, False)
+    assert not compiled_step.wanted(cpu, True)
     monkeypatch.setenv(compiled_step.COMPILE_ENV, "1")
-    assert compiled_step.wanted(torch.device("cuda"))
-    assert not compiled_step.wanted(torch.device("cpu"))
+    assert compiled_step.wanted(cuda, False) and not compiled_step.wanted(cpu, True)
     monkeypatch.setenv(compiled_step.COMPILE_ENV, "0")
-    assert not compiled_step.wanted(torch.device("cuda"))
+    assert not compiled_step.wanted(cuda, True)
     monkeypatch.setenv(compiled_step.COMPILE_ENV, "yes")
     with pytest.raises(ValueError, match=compiled_step.COMPILE_ENV):
-        compiled_step.wanted(torch.device("cuda"))
+        compiled_step.wanted(cuda, True)

@@ -6,8 +6,8 @@
 #
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
-#   compiled benchmarks/offline_throughput.py: vLLM AR, the plugin's static / dynamic / always-verify modes plain
-#           (cdv) and with VLLM_S2D2_COMPILE_STEP=1 (CDV), batch 1/16/64 (the baseline in the same call)
+#   compiled benchmarks/offline_throughput.py: vLLM AR, the plugin's static / dynamic / always-verify modes with
+#           the compiled step (cdv, the default) and the plain one (CDV: VLLM_S2D2_COMPILE_STEP=0), batch 1/16/64
 #   profile benchmarks/profile_step.py at SDAR-1.7B shapes: vLLM AR, static, always verify at batch 1 and 64
 #           (GPU-busy fraction, kernels and launches per step; the baseline in the same call)
 #   tests1  the batch-invariant soak (first: ~7.5 min), test_canvas_kernel_gpu, test_engine_sdar,

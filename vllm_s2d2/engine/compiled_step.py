@@ -10,9 +10,11 @@ selections and gathers give the same bits however they are fused, so the compile
 reference decoder.  The sampling transform, the estimators, the acceptance test and the bandit (``core.step``)
 stay eager, where fusing could change a rounding.
 
-Off by default until a GPU record shows it equal and faster; ``VLLM_S2D2_COMPILE_STEP=1`` turns it on for the
-SDAR, Fast-dLLM v2 and LLaDA2 engines on a CUDA device (``docs/architecture.md``, "Stepper").  Compiling takes place in the
-warm-up before each step graph is captured, at start-up.
+On a CUDA device the SDAR, Fast-dLLM v2 and LLaDA2 engines compile the stages whenever vLLM compiles the model
+(its compilation mode is not NONE: ``enforce_eager=True``, ``-cc.mode=none`` and ``TORCH_COMPILE_DISABLE=1`` turn
+both off); ``VLLM_S2D2_COMPILE_STEP=0`` / ``=1`` forces the step's choice either way (``docs/architecture.md``,
+"Stepper").  Compiling happens in the warm-up before each step graph is captured, at start-up.  D2F's window step
+is not split this way yet.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 COMPILE_ENV = "VLLM_S2D2_COMPILE_STEP"
-ON_MESSAGE = "S2D2 decode step: prepare and settle stages compiled (VLLM_S2D2_COMPILE_STEP=1)"
+ON_MESSAGE = "S2D2 decode step: prepare and settle stages compiled (VLLM_S2D2_COMPILE_STEP=0 turns it off)"
 
 # Graph variants a stage may need: batch size 1 and >1 (Inductor specialises size 1), each family layout.
 _RECOMPILE_LIMIT = 64
@@ -45,10 +47,12 @@ def stage(fn: F, compiled: bool) -> F:
     return _compiled(fn) if compiled else fn
 
 
-def wanted(device: torch.device) -> bool:
-    """Whether ``$VLLM_S2D2_COMPILE_STEP`` asks for the compiled stages ("1"; "0" or unset: no).  Only a CUDA
-    device compiles them; any other value is a ``ValueError`` naming the variable."""
-    value = os.environ.get(COMPILE_ENV, "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{COMPILE_ENV} must be 0 or 1, got {value!r}")
-    return value == "1" and torch.device(device).type == "cuda"
+def wanted(device: torch.device, model_compiled: bool) -> bool:
+    """Whether the step compiles its integer stages: only on a CUDA device; ``$VLLM_S2D2_COMPILE_STEP`` "1" / "0"
+    forces yes / no, unset (or empty) follows ``model_compiled`` (vLLM compiles the model).  Any other value is a
+    ``ValueError`` naming the variable."""
+    value = os.environ.get(COMPILE_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{COMPILE_ENV} must be 0 or 1 (or unset: follow vLLM's compilation mode), got {value!r}")
+    on = model_compiled if value == "" else value == "1"
+    return on and torch.device(device).type == "cuda"

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from vllm.config import VllmConfig
-from vllm.config.compilation import CUDAGraphMode
+from vllm.config.compilation import CompilationMode, CUDAGraphMode
 from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.interface import ModelState
@@ -64,7 +64,8 @@ class S2D2ModelState(ModelState):
                              f"{None if dc is None else dc.canvas_length}")
         pipelined = self.settings.info.pipelined
         stepper_cls = WindowStepper if pipelined else S2D2Stepper  # D2F: a window of blocks
-        compiled = {} if pipelined else {"compile_step": compiled_step.wanted(device)}  # (D2F: not yet)
+        model_compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
+        compiled = {} if pipelined else {"compile_step": compiled_step.wanted(device, model_compiled)}  # (D2F: not yet)
         self.stepper = stepper_cls(
             max_num_reqs=self.max_num_reqs, block_size=self.settings.block_size,
             family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
