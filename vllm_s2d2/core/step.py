@@ -93,19 +93,34 @@ def draft_probs(logits: torch.Tensor, params: StepParams, rules: FamilyRules) ->
     return transform_probs(logits, params.temperature, params.top_k, params.top_p, exclude_id=rules.mask_token_id)
 
 
+def draft_uniforms(seed: torch.Tensor, counter: torch.Tensor, B: int) -> torch.Tensor:
+    """``[R, B]`` the draft's inverse-CDF uniforms at RNG ``counter`` (:func:`draft_step` computes them unless
+    given)."""
+    return rng.uniform(seed, counter, rng.STREAM_DRAFT, B)
+
+
+def verify_uniforms(seed: torch.Tensor, counter: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([R, B], [R, 1])`` the acceptance and resampling uniforms of a verification whose draft had ``counter``
+    (:func:`verify_step` computes them unless given)."""
+    return rng.uniform_pair(seed, counter, rng.STREAM_ACCEPT, B, rng.STREAM_RESAMPLE, 1)
+
+
 def draft_step(logits: torch.Tensor, block: BlockState, params: StepParams, rules: FamilyRules,
-               policy_state: PolicyState, *, route_any: bool = True, any_sampled: bool = True
-               ) -> tuple[Draft, PolicyState]:
+               policy_state: PolicyState, *, route_any: bool = True, any_sampled: bool = True,
+               uniforms: torch.Tensor | None = None) -> tuple[Draft, PolicyState]:
     """Everything decided from the draft forward alone: sample, edits, span, K-hat, score, route, baseline
     commit (``docs/algorithm.md``).
 
     Two host-side facts of the batch let the engine skip work whose result no row uses: ``route_any=False``
     (no request may verify: the estimators, K-hat, score and routing are skipped -- zeros, no row routed, the
     policy state unchanged, exactly what routing with ``params.verify`` off gives) and ``any_sampled=False``
-    (every request greedy: no inverse-CDF draw)."""
+    (every request greedy: no inverse-CDF draw).  ``uniforms``: :func:`draft_uniforms`, computed by the caller
+    (the engine fuses the integer hash into an earlier stage; the same numbers)."""
     R, B, _ = logits.shape
     probs = draft_probs(logits, params, rules)
-    u = rng.uniform(params.seed, block.counter, rng.STREAM_DRAFT, B) if any_sampled else None  # (greedy: unused)
+    u = None  # (greedy: unused)
+    if any_sampled:
+        u = uniforms if uniforms is not None else draft_uniforms(params.seed, block.counter, B)
     x0, p0 = sample(probs, params.greedy, u, any_sampled)
     is_mask = block.tokens == rules.mask_token_id
     eligible = is_mask & block.region
@@ -175,20 +190,22 @@ def _route_draft(probs, p0, block: BlockState, params: StepParams, policy_state:
 
 
 def verify_step(draft: Draft, q_logits: torch.Tensor, params: StepParams, rules: FamilyRules,
-                counter: torch.Tensor, window: pipeline.Window | None = None
+                counter: torch.Tensor, window: pipeline.Window | None = None,
+                uniforms: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accept the span against the verifier and top up to the quota (rows = verifying requests only).
 
     ``q_logits [R, B, V]``: the verifier's logits aligned to block positions (SDAR/LLaDA2: the mask half of
     the 2L forward; Fast-dLLM v2 / D2F Dream: the shifted causal forward).  ``window``: the D2F window the
-    block flattens (then every fully activated block is topped up to ``min_tokens_per_step``).  Returns
-    (commit [R, B], tokens [R, B], num_accepted [R])."""
+    block flattens (then every fully activated block is topped up to ``min_tokens_per_step``).  ``uniforms``:
+    :func:`verify_uniforms` of ``counter``, when the caller computed them.  Returns (commit [R, B], tokens [R, B],
+    num_accepted [R])."""
     R, B, _ = q_logits.shape
     q = draft_probs(q_logits, params, rules)  # the same transform as the draft's p
     run = params.partial_accept_run
     if run is not None:  # later accepted runs count from a request's second step on
         run = torch.where(counter > 0, run, torch.zeros_like(run))
-    u_accept, u_resample = rng.uniform_pair(params.seed, counter, rng.STREAM_ACCEPT, B, rng.STREAM_RESAMPLE, 1)
+    u_accept, u_resample = uniforms if uniforms is not None else verify_uniforms(params.seed, counter, B)
     verdict = accept_span(
         draft.x0, draft.probs, q, draft.span, u_accept, u_resample[:, 0],
         greedy=params.greedy_accept, ratio_tempering=params.ratio_tempering,

@@ -15,7 +15,8 @@ import torch
 from vllm_s2d2.core import block as lifecycle
 from vllm_s2d2.core.params import StepParams
 from vllm_s2d2.core.policies import PolicyState
-from vllm_s2d2.core.step import BlockState, draft_step, finish_step, shifted_next_token, verify_step
+from vllm_s2d2.core.step import (BlockState, draft_step, draft_uniforms, finish_step, shifted_next_token,
+                                 verify_step, verify_uniforms)
 from vllm_s2d2.engine.buffer_utils import gather_rows
 from vllm_s2d2.engine import compiled_step
 from vllm_s2d2.engine.canvas import write_next
@@ -103,6 +104,8 @@ class Prepared(NamedTuple):
     region: torch.Tensor  # [R, B] bool
     editable: torch.Tensor  # [R, B] bool
     block_logits: torch.Tensor  # [R, B, V] position-aligned draft logits
+    draft_uniforms: torch.Tensor | None  # [R, B] (a batch with a sampled request)
+    verify_uniforms: tuple[torch.Tensor, torch.Tensor] | None  # [R, B], [R, 1] (a batch that may verify)
 
 
 def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
@@ -113,7 +116,7 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     verify: floating point, always eager), :func:`settle` (lifecycle bookkeeping, the next state and canvas).
     With ``ctx.compiled`` the first and last run as compiled kernels (:mod:`.compiled_step`)."""
     blocks = ctx.blocks
-    prep = compiled_step.stage(prepare, ctx.compiled)(ctx, batch)
+    prep = compiled_step.stage(prepare, ctx.compiled)(ctx, batch, flags.sampled, flags.verify)
     B = ctx.layout.block_size
     slots, tokens, cached, row0 = batch.slots, prep.tokens, prep.cached, batch.logits_row0
     draft_ok, commit_ok, verify_ok = prep.draft_ok, prep.commit_ok, prep.verify_ok
@@ -122,7 +125,8 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     policy = blocks.policy.index(slots)
     state = BlockState(prep.draft_block, prep.editable, prep.region, prep.draft_step_idx, prep.rng_counter)
     draft, policy_drafted = draft_step(prep.block_logits, state, params, ctx.layout.rules, policy,
-                                       route_any=flags.verify, any_sampled=flags.sampled)
+                                       route_any=flags.verify, any_sampled=flags.sampled,
+                                       uniforms=prep.draft_uniforms)
     # A verify canvas needs 2B slots from the block start: near max_model_len the step falls back to the
     # baseline rule (the routing state already counted the decision).
     starts_verify = draft_ok & draft.do_verify & (prep.draft_block_start + 2 * B <= ctx.layout.max_model_len)
@@ -142,15 +146,17 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     num_accepted = torch.zeros_like(batch.start)
     if flags.verify:
         v_tokens, v_policy, num_accepted = _verify(ctx, batch.logits, slots, tokens, prep.editable, cached, row0,
-                                                   prep.rng_counter, prep.step_idx, params, policy)
+                                                   prep.rng_counter, prep.step_idx, params, policy,
+                                                   prep.verify_uniforms)
         new_tokens = torch.where(verify_ok[:, None], v_tokens, new_tokens)
         policy_next = pick_policy(policy_next, v_policy, verify_ok)
     blocks.policy.scatter_(slots, policy_next)
     return compiled_step.stage(settle, ctx.compiled)(ctx, batch, prep, new_tokens, starts_verify, num_accepted)
 
 
-def prepare(ctx: StepContext, batch: StepBatch) -> Prepared:
-    """The slots' state, the phase rules of this step's canvases and each block's logits (no model math)."""
+def prepare(ctx: StepContext, batch: StepBatch, sampled: bool, verify: bool) -> Prepared:
+    """The slots' state, the phase rules of this step's canvases, each block's logits and the step's random
+    numbers (the counter hash: integer work; ``sampled`` / ``verify``: the batch's :class:`StepFlags`)."""
     layout, blocks = ctx.layout, ctx.blocks
     B, mask_id, shift = layout.block_size, layout.mask_token_id, int(layout.shifted)
     logits, slots, start, query_len, row0 = batch.logits, batch.slots, batch.start, batch.query_len, \
@@ -199,9 +205,15 @@ def prepare(ctx: StepContext, batch: StepBatch) -> Prepared:
     has_logit = (cols >= (draft_cached + shift)[:, None]) & (cols < (draft_cached + draft_rows.clamp(min=0))[:, None])
     rows = (row0[:, None] + torch.where(is_commit, uncached, 0)[:, None] + (cols - draft_cached[:, None] - shift))
     block_logits = gather_rows(logits, rows, has_logit)
-    return Prepared(block_start, tokens, phase, step_idx, blocks.rng_counter[slots], blocks.post_steps[slots], facts,
+    rng_counter = blocks.rng_counter[slots]
+    seed = ctx.params.seed(slots)
+    u_draft = draft_uniforms(seed, rng_counter, B) if sampled else None
+    # a VERIFY step accepts against the uniforms of its saved draft's counter (engine.draft_store)
+    u_verify = verify_uniforms(seed, ctx.drafts.counter[slots], B) if verify else None
+    return Prepared(block_start, tokens, phase, step_idx, rng_counter, blocks.post_steps[slots], facts,
                     cached, uncached, is_commit, clipped, commit_ok, draft_ok, verify_ok, fresh, draft_block,
-                    draft_cached, draft_block_start, draft_step_idx, available, region, editable, block_logits)
+                    draft_cached, draft_block_start, draft_step_idx, available, region, editable, block_logits,
+                    u_draft, u_verify)
 
 
 def settle(ctx: StepContext, batch: StepBatch, prep: Prepared, new_tokens: torch.Tensor,
@@ -266,7 +278,7 @@ def count_step(blocks: BlockStates, drafts: DraftStore, batch: StepBatch, draft_
 
 
 def _verify(ctx: StepContext, logits, slots, tokens, editable, cached, row0, rng_counter, step_idx,
-            params: StepParams, policy: PolicyState):
+            params: StepParams, policy: PolicyState, uniforms=None):
     """Verification over every row (the caller keeps the rows whose step is a VERIFY): q from the verifier's
     rows (2L mask half at canvas row B + i, or the causal pass's row i - 1 for shifted models),
     ``core.step.verify_step`` against the saved draft, then ``finish_step``.  Rows are independent, so
@@ -279,7 +291,8 @@ def _verify(ctx: StepContext, logits, slots, tokens, editable, cached, row0, rng
     base, shift = (0, 1) if layout.shifted else (B, 0)
     known = cols >= (cached + shift)[:, None]
     q_logits = gather_rows(logits, row0[:, None] + base + (cols - cached[:, None] - shift), known)
-    commit, v_tokens, accepted = verify_step(draft, q_logits, params, layout.rules, ctx.drafts.counter[slots])
+    commit, v_tokens, accepted = verify_step(draft, q_logits, params, layout.rules, ctx.drafts.counter[slots],
+                                             uniforms=uniforms)
     vstate = BlockState(tokens, editable, torch.ones_like(editable), step_idx, rng_counter)
     result, v_policy = finish_step(vstate, draft, commit, v_tokens, accepted, params, policy)
     return result.tokens, v_policy, result.num_accepted

@@ -57,6 +57,10 @@ class PackedStepParams:
         for table in (self.floats, self.ints, self.bools, self.quota):
             table.apply()
 
+    def seed(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[R]`` the slots' RNG seeds (what ``gather(slots).seed`` holds)."""
+        return self.ints.gpu[slots, self.int_names.index("seed")]
+
     def gather(self, slots: torch.Tensor, use_top_k: bool, use_top_p: bool) -> StepParams:
         f, i, b = self.floats.gpu[slots], self.ints.gpu[slots], self.bools.gpu[slots]
         kw = {n: f[:, j] for j, n in enumerate(self.float_names)}
