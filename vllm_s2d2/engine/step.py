@@ -112,7 +112,7 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``.
 
-    Three stages: :func:`prepare` (phase rules, block logits), the model math of ``core.step`` (draft, route,
+    Three stages: :func:`prepare` (phase rules, block logits, random numbers), the model math of ``core.step`` (draft, route,
     verify: floating point, always eager), :func:`settle` (lifecycle bookkeeping, the next state and canvas).
     With ``ctx.compiled`` the first and last run as compiled kernels (:mod:`.compiled_step`)."""
     blocks = ctx.blocks
@@ -208,7 +208,8 @@ def prepare(ctx: StepContext, batch: StepBatch, sampled: bool, verify: bool) -> 
     rng_counter = blocks.rng_counter[slots]
     seed = ctx.params.seed(slots)
     u_draft = draft_uniforms(seed, rng_counter, B) if sampled else None
-    # a VERIFY step accepts against the uniforms of its saved draft's counter (engine.draft_store)
+    # A VERIFY step accepts against the uniforms of its saved draft's counter (engine.draft_store), read before
+    # this step saves new drafts: a row that saves one now starts its verification next step, not this one.
     u_verify = verify_uniforms(seed, ctx.drafts.counter[slots], B) if verify else None
     return Prepared(block_start, tokens, phase, step_idx, rng_counter, blocks.post_steps[slots], facts,
                     cached, uncached, is_commit, clipped, commit_ok, draft_ok, verify_ok, fresh, draft_block,
