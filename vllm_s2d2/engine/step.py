@@ -112,8 +112,9 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``.
 
-    Three stages: :func:`prepare` (phase rules, block logits, random numbers), the model math of ``core.step`` (draft, route,
-    verify: floating point, always eager), :func:`settle` (lifecycle bookkeeping, the next state and canvas).
+    Three stages: :func:`prepare` (phase rules, block logits, random numbers), the model math of ``core.step``
+    (draft, route, verify: floating point, always eager), :func:`settle` (lifecycle bookkeeping, the next state
+    and canvas).
     With ``ctx.compiled`` the first and last run as compiled kernels (:mod:`.compiled_step`)."""
     blocks = ctx.blocks
     prep = compiled_step.stage(prepare, ctx.compiled)(ctx, batch, flags.sampled, flags.verify)
