@@ -64,14 +64,16 @@ class S2D2ModelState(ModelState):
                              f"{None if dc is None else dc.canvas_length}")
         pipelined = self.settings.info.pipelined
         stepper_cls = WindowStepper if pipelined else S2D2Stepper  # D2F: a window of blocks
-        model_compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
-        compiled = {} if pipelined else {"compile_step": compiled_step.wanted(device, model_compiled)}  # (D2F: not yet)
+        # (D2F's window step is not split into compiled stages yet)
+        compile_step = not pipelined and compiled_step.wanted(
+            device, model_compiled=vllm_config.compilation_config.mode != CompilationMode.NONE)
         self.stepper = stepper_cls(
             max_num_reqs=self.max_num_reqs, block_size=self.settings.block_size,
             family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
             engine_config=self.settings.config, max_model_len=self.max_model_len, device=device,
-            use_cuda_graphs=vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE, **compiled)
-        if compiled.get("compile_step"):
+            use_cuda_graphs=vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE,
+            **({} if pipelined else {"compile_step": compile_step}))
+        if compile_step:
             logger.info(compiled_step.ON_MESSAGE)
         self._req_to_slot: dict[str, int] = {}
         self._saved: OrderedDict[str, SavedRequest] = OrderedDict()
