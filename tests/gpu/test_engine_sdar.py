@@ -91,12 +91,17 @@ def ref_models(ckpts):
             for k, p in ckpts.items()}
 
 
+def engine_log_path(tmp_path) -> str:
+    """Where ``run_engine`` writes the log of the engine run in ``tmp_path``: ``$S2D2_GPU_LOG_DIR`` if set."""
+    log_dir = os.environ.get("S2D2_GPU_LOG_DIR") or str(tmp_path)
+    return os.path.join(log_dir, f"{tmp_path.name}.log")
+
+
 def run_engine(spec: dict, tmp_path, timeout: int = 200) -> dict:
-    """Run one engine in its own process; its log goes to ``$S2D2_GPU_LOG_DIR`` (if set) as it runs."""
+    """Run one engine in its own process; its log goes to ``engine_log_path(tmp_path)`` as it runs."""
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
-    log_dir = os.environ.get("S2D2_GPU_LOG_DIR") or str(tmp_path)
-    log_path = os.path.join(log_dir, f"{tmp_path.name}.log")
+    log_path = engine_log_path(tmp_path)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "engine_worker.py"), str(spec_path),
                                  str(out_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -264,6 +269,5 @@ def test_compiled_step_equals_eager(ckpts, ref_models, tmp_path, request):
     jobs = graph_jobs(_prompts, 2 * B, SDAR_POLICIES, 62, 500)
     graphs_vs_eager(ckpts["sdar"], {"method": "s2d2"}, jobs, tmp_path, "compiled_step", request.node.nodeid,
                     refs=ref_models, variant="sdar", graph_env={"VLLM_S2D2_COMPILE_STEP": "1"})
-    log_dir = os.environ.get("S2D2_GPU_LOG_DIR") or str(tmp_path / "graphs")
-    with open(os.path.join(log_dir, "graphs.log")) as f:
+    with open(engine_log_path(tmp_path / "graphs")) as f:
         assert COMPILED_LINE in f.read()  # the graph engine really ran the compiled stages
