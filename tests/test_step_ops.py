@@ -18,6 +18,8 @@ from engine_helpers import build_tiny_checkpoint  # noqa: E402
 
 
 def test_step_ops_by_stage(tmp_path):
+    from vllm_s2d2.engine.stepper import S2D2Stepper
+    step_fn = S2D2Stepper.__dict__["step_fn"]
     model = build_tiny_checkpoint(str(tmp_path / "sdar"), "sdar")
     static = step_ops.count_mode(model, *step_ops.MODES["static"], max_tokens=8)
     verify = step_ops.count_mode(model, *step_ops.MODES["verify"], max_tokens=8)
@@ -29,6 +31,7 @@ def test_step_ops_by_stage(tmp_path):
     assert verify["by_stage"]["settle"] == static["by_stage"]["settle"]
     assert verify["by_stage"]["core"] > static["by_stage"]["core"]
     assert verify["by_stage"]["prepare"] > static["by_stage"]["prepare"]
+    assert S2D2Stepper.__dict__["step_fn"] is step_fn  # the counting wrapper is gone (later tests step for real)
 
 
 def test_step_ops_refuses_unknown_modes(capsys):

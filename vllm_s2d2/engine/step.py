@@ -91,6 +91,7 @@ class Prepared(NamedTuple):
     cached: torch.Tensor  # [R] block positions already in the KV cache
     uncached: torch.Tensor  # [R]
     is_commit: torch.Tensor  # [R] bool
+    is_verify: torch.Tensor  # [R] bool
     clipped: torch.Tensor  # [R] bool, the canvas was cut at max_model_len
     commit_ok: torch.Tensor  # [R] bool, the COMMIT half of the canvas is complete
     draft_ok: torch.Tensor  # [R] bool, a draft step runs
@@ -213,7 +214,7 @@ def prepare(ctx: StepContext, batch: StepBatch, sampled: bool, verify: bool) -> 
     # this step saves new drafts: a row that saves one now starts its verification next step, not this one.
     u_verify = verify_uniforms(seed, ctx.drafts.counter[slots], B) if verify else None
     return Prepared(block_start, tokens, phase, step_idx, rng_counter, blocks.post_steps[slots], facts,
-                    cached, uncached, is_commit, clipped, commit_ok, draft_ok, verify_ok, fresh, draft_block,
+                    cached, uncached, is_commit, is_verify, clipped, commit_ok, draft_ok, verify_ok, fresh, draft_block,
                     draft_cached, draft_block_start, draft_step_idx, available, region, editable, block_logits,
                     u_draft, u_verify)
 
@@ -252,8 +253,7 @@ def settle(ctx: StepContext, batch: StepBatch, prep: Prepared, new_tokens: torch
     blocks.post_steps[slots] = life.post
     phase_next = torch.where(life.again, DRAFT, COMMIT)
     phase_next = torch.where(ran | commit_ok, phase_next, p.phase)  # a step that did not run keeps its phase
-    is_verify = p.phase == VERIFY
-    stay = starts_verify | (is_verify & ~p.verify_ok)  # a truncated verify step is retried
+    stay = starts_verify | (p.is_verify & ~p.verify_ok)  # a truncated verify step is retried
     blocks.phase[slots] = torch.where(stay, VERIFY, phase_next)
     count_step(blocks, ctx.drafts, batch, draft_ok, p.verify_ok, num_accepted, commit_ok)
     write_next(ctx, slots, start + num_emitted)
