@@ -42,21 +42,26 @@ class StepFlags(NamedTuple):
     """Host-side facts of a batch (read from :class:`RequestFacts`' host arrays, never from the device) that let a
     step skip work no row of the batch needs.  Each combination is its own CUDA graph (:meth:`combinations`)."""
 
-    verify: bool  # some request may verify: routing, the draft store and the verify math run
+    verify: bool  # some request may verify: routing and the draft store run
     sampled: bool  # some request samples (temperature > 0): the inverse-CDF draw runs
     top_k: bool  # some sampled request filters by top-k
     top_p: bool  # some sampled request filters by top-p
+    verifying: bool = False  # some row may be in its VERIFY phase (implies verify): the verify math runs
 
     @classmethod
-    def of(cls, facts: RequestFacts, slots_np) -> "StepFlags":
-        return cls(bool(facts.verify_on[slots_np].any()), bool(facts.sampled_on[slots_np].any()),
-                   bool(facts.top_k_on[slots_np].any()), bool(facts.top_p_on[slots_np].any()))
+    def of(cls, facts: RequestFacts, slots_np, in_verify_np) -> "StepFlags":
+        """``in_verify_np``: per row of ``slots_np``, whether its slot was in VERIFY after the last step
+        (:meth:`HostMirror.in_verify`; only a decode step enters VERIFY, so this never misses a verifying row)."""
+        verify = bool(facts.verify_on[slots_np].any())
+        return cls(verify, bool(facts.sampled_on[slots_np].any()), bool(facts.top_k_on[slots_np].any()),
+                   bool(facts.top_p_on[slots_np].any()), verify and bool(in_verify_np.any()))
 
     @classmethod
     def combinations(cls) -> list["StepFlags"]:
-        """Every combination a batch can have (top-k / top-p are only ever on for sampled requests)."""
-        return [cls(v, s, k, p) for v in (False, True) for s in (False, True) for k in (False, True)
-                for p in (False, True) if s or not (k or p)]
+        """Every combination a batch can have (top-k / top-p are only ever on for sampled requests, a row
+        verifies only in a batch that may verify)."""
+        return [cls(v, s, k, p, g) for v in (False, True) for s in (False, True) for k in (False, True)
+                for p in (False, True) for g in ((False, True) if v else (False,)) if s or not (k or p)]
 
 
 class StepContext(NamedTuple):
@@ -106,7 +111,7 @@ class Prepared(NamedTuple):
     editable: torch.Tensor  # [R, B] bool
     block_logits: torch.Tensor  # [R, B, V] position-aligned draft logits
     draft_uniforms: torch.Tensor | None  # [R, B] (a batch with a sampled request)
-    verify_uniforms: tuple[torch.Tensor, torch.Tensor] | None  # [R, B], [R, 1] (a batch that may verify)
+    verify_uniforms: tuple[torch.Tensor, torch.Tensor] | None  # [R, B], [R, 1] (a batch with a row in VERIFY)
 
 
 def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
@@ -118,7 +123,7 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     and canvas).
     With ``ctx.compiled`` the first and last run as compiled kernels (:mod:`.compiled_step`)."""
     blocks = ctx.blocks
-    prep = compiled_step.stage(prepare, ctx.compiled)(ctx, batch, flags.sampled, flags.verify)
+    prep = compiled_step.stage(prepare, ctx.compiled)(ctx, batch, flags.sampled, flags.verifying)
     B = ctx.layout.block_size
     slots, tokens, cached, row0 = batch.slots, prep.tokens, prep.cached, batch.logits_row0
     draft_ok, commit_ok, verify_ok = prep.draft_ok, prep.commit_ok, prep.verify_ok
@@ -146,7 +151,7 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     policy_next = pick_policy(policy_next, policy_drafted, starts_verify)  # reward recorded when verified
 
     num_accepted = torch.zeros_like(batch.start)
-    if flags.verify:
+    if flags.verifying:  # (otherwise no row is in VERIFY: verify_ok is False everywhere)
         v_tokens, v_policy, num_accepted = _verify(ctx, batch.logits, slots, tokens, prep.editable, cached, row0,
                                                    prep.rng_counter, prep.step_idx, params, policy,
                                                    prep.verify_uniforms)
@@ -156,9 +161,9 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
     return compiled_step.stage(settle, ctx.compiled)(ctx, batch, prep, new_tokens, starts_verify, num_accepted)
 
 
-def prepare(ctx: StepContext, batch: StepBatch, sampled: bool, verify: bool) -> Prepared:
+def prepare(ctx: StepContext, batch: StepBatch, sampled: bool, verifying: bool) -> Prepared:
     """The slots' state, the phase rules of this step's canvases, each block's logits and the step's random
-    numbers (the counter hash: integer work; ``sampled`` / ``verify``: the batch's :class:`StepFlags`)."""
+    numbers (the counter hash: integer work; ``sampled`` / ``verifying``: the batch's :class:`StepFlags`)."""
     layout, blocks = ctx.layout, ctx.blocks
     B, mask_id, shift = layout.block_size, layout.mask_token_id, int(layout.shifted)
     logits, slots, start, query_len, row0 = batch.logits, batch.slots, batch.start, batch.query_len, \
@@ -212,7 +217,7 @@ def prepare(ctx: StepContext, batch: StepBatch, sampled: bool, verify: bool) -> 
     u_draft = draft_uniforms(seed, rng_counter, B) if sampled else None
     # A VERIFY step accepts against the uniforms of its saved draft's counter (engine.draft_store), read before
     # this step saves new drafts: a row that saves one now starts its verification next step, not this one.
-    u_verify = verify_uniforms(seed, ctx.drafts.counter[slots], B) if verify else None
+    u_verify = verify_uniforms(seed, ctx.drafts.counter[slots], B) if verifying else None
     return Prepared(block_start, tokens, phase, step_idx, rng_counter, blocks.post_steps[slots], facts,
                     cached, uncached, is_commit, is_verify, clipped, commit_ok, draft_ok, verify_ok, fresh, draft_block,
                     draft_cached, draft_block_start, draft_step_idx, available, region, editable, block_logits,

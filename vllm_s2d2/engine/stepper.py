@@ -198,8 +198,9 @@ class S2D2Stepper:
         ``logits [N, V]``: the canvas logits of the batch; request r's canvas rows are
         ``row0[r] .. row0[r] + q_len[r] - 1`` (query positions ``p[r] ..``).  ``slots``: their state rows.
         Writes the next canvas into ``draft_tokens[slot, :W]``; returns the emitted tokens."""
-        # Host facts only (no wait on the device): e.g. a batch with no request that may verify skips the verify math.
-        flags = StepFlags.of(self.facts, slots_np)
+        # Host facts only: e.g. a batch with no request that may verify skips routing, one with no row in VERIFY the
+        # verify math (the phase copy waited for here finished before the runner received the last step's tokens).
+        flags = StepFlags.of(self.facts, slots_np, self.mirror.in_verify(slots_np))
         self._ensure_drafts(logits.shape[-1], logits.dtype)
         batch = StepBatch(logits, slots, p.to(torch.int64), q_len.to(torch.int64), row0.to(torch.int64), None)
         ctx, step_fn = self.context, self.step_fn
@@ -207,6 +208,7 @@ class S2D2Stepper:
             tokens, emitted, rejected = self.graphs.run(lambda b, f: step_fn(ctx, b, f), batch, flags)
         else:
             tokens, emitted, rejected = step_fn(ctx, batch, flags)
+        self.mirror.copy_phases()  # which rows verify next step (StepFlags.verifying)
         self.export_canvas(slots, draft_tokens)
         return StepOutput(tokens, emitted, rejected)
 

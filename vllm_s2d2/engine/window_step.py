@@ -106,7 +106,7 @@ def decode_window_step(ctx: WindowContext, batch: StepBatch, flags: StepFlags
     num_accepted = torch.zeros_like(start)
     verify_ok = is_verify & (query_len >= verify_rows)
     new_window = _pick_window(draft_ok, after_draft, window)
-    if flags.verify:
+    if flags.verifying:  # (otherwise no row is in VERIFY)
         vdraft = ctx.drafts.load(slots, params, layout.rules)
         q_logits = _window_logits(logits, row0 + (0 if shifted else AB), cols, L, shifted, carried)
         v_commit, v_tokens, v_acc = verify_step(vdraft, q_logits, params, layout.rules, ctx.drafts.counter[slots],
