@@ -221,6 +221,43 @@ def test_s2d2_preemption_during_verification(tiny, case):
     assert emu.stepper.host_totals()["verify_restarts"] > 0  # (vllm:s2d2_verify_restarts)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-shapes"])
+def test_verify_math_runs_only_in_steps_with_a_verifying_row(tiny, monkeypatch, static):
+    """``StepFlags.verifying`` (the host's copy of the phases after the last step): never False in a step where a
+    row is in VERIFY, and False in steps where none is, so those skip the verify math; under mixed policies,
+    truncated canvases and preemption during verification, still equal to the reference."""
+    import vllm_s2d2.engine.stepper as stepper_mod
+    from vllm_s2d2.engine.states import VERIFY
+
+    real = stepper_mod.S2D2Stepper.__dict__["step_fn"].__func__
+    seen = []  # (flags.verify, flags.verifying, a row of the batch in VERIFY on the device)
+
+    def observed(ctx, batch, flags):
+        rows = batch.slots if batch.valid is None else batch.slots[batch.valid]
+        seen.append((flags.verify, flags.verifying, bool((ctx.blocks.phase[rows] == VERIFY).any())))
+        return real(ctx, batch, flags)
+
+    monkeypatch.setattr(stepper_mod.S2D2Stepper, "step_fn", staticmethod(observed))
+    policies = [{"verify_policy": "mask_span_length"}, {"verify": False}, {"verify_policy": "score_hysteresis"},
+                {"verify_policy": "contextual_bandit_ucb"}, {"acceptance": "greedy"}, {}]
+    sps = [sampling_params(max_tokens=m, seed=i, temperature=1.0 if i % 2 else 0.0, extra_args={"s2d2": pol})
+           for i, (m, pol) in enumerate(zip(MAX_TOKENS, policies))]
+    check(tiny, {}, sps, budget=9, static=static, preempt=({4, 8}, (1, 4)))
+    assert not [s for s in seen if s[2] and not s[1]]  # no verifying row ever missed
+    assert any(s[1] and s[2] for s in seen)  # the verify math ran
+    assert any(s[0] and not s[1] for s in seen)  # and was skipped in steps that may verify but had no such row
+
+
+def test_step_flag_combinations():
+    """One CUDA graph per combination: 5 sampling combinations, each without verification, with routing only, and
+    with a row in VERIFY (15); ``verifying`` never without ``verify``."""
+    from vllm_s2d2.engine.step import StepFlags
+
+    combos = StepFlags.combinations()
+    assert len(combos) == len(set(combos)) == 15
+    assert all(f.verify or not f.verifying for f in combos)
+
+
 def test_s2d2_engine_statistics(tiny):
     """Engine counters: verify steps <= draft steps = forwards that verified, accepted <= proposed, and the log
     line the sampler prints."""
