@@ -229,17 +229,17 @@ def test_canvas_positions_add_slot_offsets_on_canvas_rows_only():
 
 def test_step_graphs_are_all_captured_at_start_up(monkeypatch):
     """The profile run captures one graph per (padded batch size, step flags: verify, sampled, top-k, top-p --
-    the last two only with sampled), so serving never captures; on CPU nothing is captured but the static
+    the last two only with sampled --, verifying -- only with verify), so serving never captures; on CPU nothing is captured but the static
     logits buffer is allocated."""
     from vllm_s2d2.engine.cudagraph_utils import StepGraphs
 
     graphs = StepGraphs(max_num_reqs=12, canvas_length=8, scratch_slot=12, device=torch.device("cpu"))
-    assert sorted({k[0] for k in graphs.keys()}) == [1, 2, 4, 8, 12] and len(graphs.keys()) == 5 * 10
+    assert sorted({k[0] for k in graphs.keys()}) == [1, 2, 4, 8, 12] and len(graphs.keys()) == 5 * 15
     assert graphs.capture_all(lambda *a: None, 32, torch.float32) == 0 and graphs.logits.shape == (96, 32)
     captured = []
     graphs.device = torch.device("cuda")  # pretend: record what would be captured
     monkeypatch.setattr(graphs, "_capture", lambda fn, key: (captured.append(key), graphs._graphs.update({key: 0})))
-    assert graphs.capture_all(lambda *a: None, 32, torch.float32) == 50 and set(captured) == set(graphs.keys())
+    assert graphs.capture_all(lambda *a: None, 32, torch.float32) == 75 and set(captured) == set(graphs.keys())
     assert graphs.capture_all(lambda *a: None, 32, torch.float32) == 0  # nothing twice
 
 
