@@ -10,9 +10,8 @@ step's tokens since).
 
 from __future__ import annotations
 
-import torch
-
 import numpy as np
+import torch
 
 from vllm_s2d2.engine.states import VERIFY, BlockStates
 from vllm_s2d2.engine.stats import STAT_NAMES

@@ -39,14 +39,15 @@ class StepBatch(NamedTuple):
 
 
 class StepFlags(NamedTuple):
-    """Host-side facts of a batch (read from :class:`RequestFacts`' host arrays, never from the device) that let a
-    step skip work no row of the batch needs.  Each combination is its own CUDA graph (:meth:`combinations`)."""
+    """Host-side facts of a batch (read from :class:`RequestFacts`' host arrays and the host mirror's copy of the
+    phases, never from the device) that let a step skip work no row of the batch needs.  Each combination is its
+    own CUDA graph (:meth:`combinations`)."""
 
     verify: bool  # some request may verify: routing and the draft store run
     sampled: bool  # some request samples (temperature > 0): the inverse-CDF draw runs
     top_k: bool  # some sampled request filters by top-k
     top_p: bool  # some sampled request filters by top-p
-    verifying: bool = False  # some row may be in its VERIFY phase (implies verify): the verify math runs
+    verifying: bool  # some row may be in its VERIFY phase (implies verify): the verify math runs
 
     @classmethod
     def of(cls, facts: RequestFacts, slots_np, in_verify_np) -> "StepFlags":
