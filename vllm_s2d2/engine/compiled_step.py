@@ -30,7 +30,7 @@ F = TypeVar("F", bound=Callable)
 COMPILE_ENV = "VLLM_S2D2_COMPILE_STEP"
 ON_MESSAGE = "S2D2 decode step: prepare and settle stages compiled (VLLM_S2D2_COMPILE_STEP=0 turns it off)"
 
-# Graph variants a stage may need: batch size 1 and >1 (Inductor specialises size 1), the sampled / verify
+# Graph variants a stage may need: batch size 1 and >1 (Inductor specialises size 1), the sampled / verifying
 # flags (prepare), each family layout.
 _RECOMPILE_LIMIT = 64
 
