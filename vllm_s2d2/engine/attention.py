@@ -103,6 +103,43 @@ def plan_canvas_rows(stepper, input_batch) -> CanvasPlan:
     return CanvasPlan(row_slot.astype(np.int32), canvas_only, prefill_rows)
 
 
+EXACT_PREFILL_ENV = "VLLM_S2D2_EXACT_PREFILL"
+
+
+def exact_prefill_wanted(batch_invariant: bool, env: str | None) -> bool:
+    """Whether token-causal prefill rows go through the canvas kernel too (:func:`plan_prefill_chunks`): on with
+    vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``) unless ``VLLM_S2D2_EXACT_PREFILL=0``; ``=1`` turns
+    it on without them."""
+    value = (env or "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{EXACT_PREFILL_ENV}={env!r}: use 0 or 1")
+    return batch_invariant if value == "" else value == "1"
+
+
+def plan_prefill_chunks(stepper, input_batch, canvas_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(chunk_row, chunk_offset)``: the token-causal prefill rows of a mixed step cut into W-token chunks for the
+    canvas kernel (each with the causal table).
+
+    Why: a committed token's K/V is written by the canvas kernel when its block commits, but by the stock Triton
+    launch when the same token is prefilled again (a resumed preemption, a prompt that missed the prefix cache).
+    The two kernels add up the keys in different orders, so the same token can get K/V that differ in the last
+    bits, and a near-tie downstream flips.  The canvas kernel walks every query's keys in the same position-aligned
+    tiles whatever the step, so with vLLM's batch-invariant matmuls a token's K/V no longer depends on how it was
+    scheduled.  Block-causal (no ``cache_ver``) and D2F prompts keep the stock launch with ranges."""
+    st = stepper
+    R = input_batch.num_reqs
+    slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
+    scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
+    prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
+    token_causal = st.facts.cache_ver[slots] & (not st.layout.rules.pipelined)
+    rows = np.nonzero(st.facts.active[slots] & prefilling & token_causal & (scheduled > 0) & (canvas_rows < 0))[0]
+    counts = -(-scheduled[rows] // st.W)
+    chunk_row = np.repeat(rows, counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    chunk_offset = (np.arange(chunk_row.size) - first) * st.W
+    return chunk_row.astype(np.int32), chunk_offset.astype(np.int32)
+
+
 def write_prefill_tables(stepper, input_batch, rows: np.ndarray) -> None:
     """Prefill tables of the W-token prefill chunks of a uniform batch (batch indices ``rows``), into their slots."""
     st = stepper

@@ -21,3 +21,8 @@ class CanvasInputs:
     #                       key j (every key below the request's committed length is visible)
     row_slot: torch.Tensor  # [R] int32: the slot of batch row r, -1 if row r is no canvas (prefill, padding)
     canvas_only: bool  # every row that needs attention is a canvas row (uniform batch): no stock launch
+    # Token-causal prefill rows cut into W-token chunks for the canvas kernel too (mixed steps with exact prefill,
+    # vllm_s2d2.engine.attention.plan_prefill_chunks): (chunk_row, chunk_offset, chunk_table) int32 [C] each, and
+    # the tables they index ([1, W, W] int8, causal).  None: the stock launch serves the prefill rows.
+    prefill_chunks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    prefill_tables: torch.Tensor | None = None

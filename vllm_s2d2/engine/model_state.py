@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from vllm import envs as vllm_envs
 from vllm.config import VllmConfig
 from vllm.config.compilation import CompilationMode, CUDAGraphMode
 from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
@@ -35,7 +36,8 @@ from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.interface import ModelState
 
 from vllm_s2d2.engine import compiled_step
-from vllm_s2d2.engine.attention import canvas_positions, plan_canvas_rows, prefill_ranges, write_prefill_tables
+from vllm_s2d2.engine.attention import (EXACT_PREFILL_ENV, canvas_positions, exact_prefill_wanted, plan_canvas_rows,
+                                        plan_prefill_chunks, prefill_ranges, write_prefill_tables)
 from vllm_s2d2.engine.attention_inputs import CanvasInputs
 from vllm_s2d2.engine.states import SavedRequest
 from vllm_s2d2.engine.stats import RESUME_LOG_ENV, external_request_id, resume_message
@@ -87,6 +89,13 @@ class S2D2ModelState(ModelState):
                                for _ in range(2)]
         self._row_slot_turn = 0
         self._sampler = None
+        # Exact prefill (token-causal prefill rows through the canvas kernel): with batch-invariant kernels.
+        self._exact_prefill = exact_prefill_wanted(bool(vllm_envs.VLLM_BATCH_INVARIANT),
+                                                   os.environ.get(EXACT_PREFILL_ENV))
+        self._causal_table = torch.ones(W, W, dtype=torch.int8, device=device).tril()[None].contiguous()
+        if self._exact_prefill:
+            logger.info("S2D2: token-causal prefill rows go through the canvas kernel (exact prefill: a token's "
+                        "K/V does not depend on how the step cut its row; %s=0 turns it off)", EXACT_PREFILL_ENV)
 
     # -- requests ---------------------------------------------------------------------------------------
     def get_supported_generation_tasks(self):
@@ -215,9 +224,22 @@ class S2D2ModelState(ModelState):
             causal=True,
         )
         canvas = CanvasInputs(self.stepper.blocks.canvas_tables, self._row_slot[:num_reqs], canvas_only)
+        if self._exact_prefill and not canvas_only:
+            canvas.prefill_chunks = self._prefill_chunks(input_batch, plan.row_slot)
+            canvas.prefill_tables = self._causal_table
         for md in {id(m): m for m in metadata.values()}.values():
             md.s2d2_canvas = canvas
         return metadata
+
+    def _prefill_chunks(self, input_batch: InputBatch, row_slot: np.ndarray
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The step's W-token prefill chunks on the device (None if it has no token-causal prefill row)."""
+        chunk_row, chunk_offset = plan_prefill_chunks(self.stepper, input_batch, row_slot)
+        if chunk_row.size == 0:
+            return None
+        host = torch.from_numpy(np.stack([chunk_row, chunk_offset]))
+        on_device = host.to(self.device, non_blocking=False)
+        return on_device[0], on_device[1], torch.zeros_like(on_device[0])
 
     def _set_row_slot(self, row_slot: np.ndarray, num_rows: int) -> None:
         """Write the step's row -> slot map into the persistent ``_row_slot`` (rows past the batch: -1, skipped),

@@ -8,7 +8,8 @@ The engine attaches :class:`~vllm_s2d2.engine.attention_inputs.CanvasInputs` (``
   every row, in place into ``output``;
 * otherwise (mixed / prefill steps, eager or PIECEWISE): the stock launch for the whole batch (token-causal, with
   ranges for block-causal prefill rows), then the canvas kernel, which overwrites the canvas rows
-  (``row_slot >= 0``).
+  (``row_slot >= 0``) and, with exact prefill (``prefill_chunks``), the token-causal prefill rows in W-token
+  chunks.
 
 The KV cache is written before ``forward`` (``forward_includes_kv_cache_update = False``), so the canvas rows
 read this step's canvas K/V.  The metadata builder declares ``UNIFORM_BATCH`` CUDA-graph support: FULL graphs are
@@ -43,6 +44,11 @@ def s2d2_attention(stock: Callable[[], torch.Tensor], query: torch.Tensor, kv_ca
     out = output if output.dim() == 3 else output.view(output.shape[0], -1, head_size)
     canvas_attention(q, key_cache, value_cache, out, canvas.tables, canvas.row_slot, attn_metadata.block_table,
                      attn_metadata.seq_lens, attn_metadata.query_start_loc, scale)
+    if canvas.prefill_chunks is not None:  # exact prefill: overwrite the token-causal prefill rows too
+        chunk_row, chunk_offset, chunk_table = canvas.prefill_chunks
+        canvas_attention(q, key_cache, value_cache, out, canvas.prefill_tables, chunk_table,
+                         attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.query_start_loc, scale,
+                         chunks=(chunk_row, chunk_offset))
     return output
 
 

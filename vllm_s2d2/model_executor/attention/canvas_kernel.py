@@ -31,17 +31,27 @@ if triton is not None:
 
     @triton.jit
     def _canvas_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, row_slot_ptr, block_table_ptr,
-                                 seq_lens_ptr, qsl_ptr, scale,
+                                 seq_lens_ptr, qsl_ptr, prog_row_ptr, prog_off_ptr, scale,
                                  stride_qt, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo,
                                  stride_vh, stride_ot, stride_oh, stride_btr,
                                  G: tl.constexpr, W: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, TILE: tl.constexpr):
-        r = tl.program_id(0)
+                                 BLOCK_M: tl.constexpr, TILE: tl.constexpr, CHUNKED: tl.constexpr):
+        prog = tl.program_id(0)
         kvh = tl.program_id(1)
-        slot = tl.load(row_slot_ptr + r)
-        q_start = tl.load(qsl_ptr + r)
-        q_len = tl.load(qsl_ptr + r + 1) - q_start
-        seq_len = tl.load(seq_lens_ptr + r)
+        slot = tl.load(row_slot_ptr + prog)
+        if CHUNKED:  # program -> one W-token chunk (offset ``off``) of batch row ``r``'s query
+            r = tl.load(prog_row_ptr + prog)
+            off = tl.load(prog_off_ptr + prog)
+            row_start = tl.load(qsl_ptr + r)
+            row_len = tl.load(qsl_ptr + r + 1) - row_start
+            q_start = row_start + off
+            q_len = tl.minimum(row_len - off, W)
+            seq_len = tl.load(seq_lens_ptr + r) - (row_len - off - q_len)  # keys up to the chunk's last query
+        else:  # program -> batch row
+            r = prog
+            q_start = tl.load(qsl_ptr + r)
+            q_len = tl.load(qsl_ptr + r + 1) - q_start
+            seq_len = tl.load(seq_lens_ptr + r)
         if (slot >= 0) & (q_len > 0):
             p = seq_len - q_len  # committed length: keys below it are all visible
             table = tables_ptr + slot.to(tl.int64) * (W * W)
@@ -86,14 +96,21 @@ if triton is not None:
 
 def canvas_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
                      tables: torch.Tensor, row_slot: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                     query_start_loc: torch.Tensor, scale: float, tile: int = 32) -> None:
+                     query_start_loc: torch.Tensor, scale: float, tile: int = 32,
+                     chunks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Attention of the canvas rows into ``out`` (other rows untouched).
 
     ``q / out [T, Hq, D]``; ``key_cache / value_cache [blocks, page, Hkv, D]`` (strided views are fine);
     ``tables [num_slots, W, W]`` int8, contiguous (a table's rows beyond a request's query length are ignored);
     ``row_slot [R]`` int32 (-1: not a canvas row); ``block_table [>= R, pages]``; ``seq_lens [>= R]`` = committed
     length + query length; ``query_start_loc [>= R + 1]``.  No copies are made: under a FULL CUDA graph only the
-    capture-time buffers are read."""
+    capture-time buffers are read.
+
+    ``chunks = (chunk_row, chunk_offset)`` (int32 ``[C]`` each): one program per W-token chunk of a longer query
+    instead of one per batch row -- chunk ``c`` is the queries ``[offset, offset + W)`` of batch row ``chunk_row[c]``
+    with the table ``tables[row_slot[c]]`` (``row_slot`` is then indexed by chunk).  Every chunk walks the keys in
+    the same ``tile``-sized, position-aligned tiles as a canvas row does, so a query's output depends only on its
+    visible keys, not on how the step cut its row (:func:`vllm_s2d2.engine.attention.plan_prefill_chunks`)."""
     assert tables.dtype == torch.int8 and tables.is_contiguous() and tables.dim() == 3, "tables: contiguous int8"
     assert tables.shape[1] == tables.shape[2]
     R, W = row_slot.numel(), tables.shape[1]
@@ -103,11 +120,17 @@ def canvas_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     block_m = max(16, triton.next_power_of_2(W * G))
     assert q.stride(2) == 1 and out.stride(2) == 1
     assert key_cache.stride(3) == 1 and value_cache.stride(3) == 1
+    if chunks is not None:
+        chunk_row, chunk_offset = chunks
+        assert chunk_row.numel() == chunk_offset.numel() == R, "one row_slot entry per chunk"
+    else:
+        chunk_row = chunk_offset = row_slot  # unread (CHUNKED=False)
     if R == 0:
         return
     _canvas_attention_kernel[(R, hkv)](
-        q, key_cache, value_cache, out, tables, row_slot, block_table, seq_lens, query_start_loc, scale,
+        q, key_cache, value_cache, out, tables, row_slot, block_table, seq_lens, query_start_loc, chunk_row,
+        chunk_offset, scale,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1),
         block_table.stride(0),
-        G=G, W=W, D=d, PAGE=page, BLOCK_M=block_m, TILE=tile)
+        G=G, W=W, D=d, PAGE=page, BLOCK_M=block_m, TILE=tile, CHUNKED=chunks is not None)
