@@ -12,6 +12,11 @@ load.  ``/metrics`` is read before, after the load and after the re-runs (``vllm
 names of vLLM 0.26's ``v1/metrics/loggers.py`` and ``vllm_s2d2/engine/metrics.py``) and sampled during the run,
 with the server's RSS (``--server-pid``) and GPU memory (``--gpu-memory``, nvidia-smi).
 
+``--diagnose N`` sends up to N mismatching requests once more alone, after emptying the server's prefix cache and
+right after (vLLM's dev endpoint ``/reset_prefix_cache``: ``VLLM_SERVER_DEV_MODE=1``), and records what each
+pair points to (:func:`diagnosis_kind`); with ``--enable-prompt-tokens-details`` on the server every outcome also
+carries the prompt tokens the prefix cache served.
+
 Writes one JSON record (run metadata of ``bench_records.run_metadata`` first) and prints ``SOAK PASS`` or
 ``SOAK FAIL: <reasons>``; exit code 0 / 1, 2 for bad arguments.
 
@@ -217,7 +222,14 @@ class Outcome:
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (``usage.prompt_tokens_details``;
+    #                                   the server needs --enable-prompt-tokens-details)
     message: str | None = None
+
+
+def _cached_tokens(usage: dict) -> int | None:
+    details = usage.get("prompt_tokens_details") or {}
+    return details.get("cached_tokens") if isinstance(details, dict) else None
 
 
 def _error_message(raw: bytes) -> str:
@@ -273,6 +285,7 @@ async def _read_stream(resp, req: PlannedRequest, out: Outcome, t0: float) -> No
                     out.finish_reason = ch["finish_reason"]
             if obj.get("usage"):
                 out.completion_tokens = obj["usage"].get("completion_tokens")
+                out.cached_tokens = _cached_tokens(obj["usage"])
             if (req.abort_after_chunks is not None and not done and out.finish_reason is None
                     and chunks_with_tokens >= req.abort_after_chunks):
                 resp.close()  # the client disconnects mid-stream
@@ -317,6 +330,7 @@ async def send_request(session, url: str, req: PlannedRequest, deadline_s: float
                 out.text, out.finish_reason = ch.get("text") or "", ch.get("finish_reason")
                 out.token_ids = ch.get("token_ids") if "return_token_ids" in req.body else None
                 out.completion_tokens = (obj.get("usage") or {}).get("completion_tokens")
+                out.cached_tokens = _cached_tokens(obj.get("usage") or {})
                 out.category = "completed"
 
     try:
@@ -672,6 +686,8 @@ class SoakConfig:
     gpu_memory: bool = False
     sample_interval_s: float = 2.0
     settle_s: float = 1.5
+    diagnose: int = 0  # mismatching requests sent again alone, with and without the prefix cache (0 = none)
+    diagnose_seconds: float = 90.0  # no diagnosis request starts after this many seconds of that phase
 
 
 _RESUMED = re.compile(r"S2D2 resume after preemption: request cmpl-soak-load-(\d+)-0\b")
@@ -699,6 +715,62 @@ async def _probe(session, url: str, model: str, deadline_s: float) -> dict:
     if o.category != "completed":
         raise SoakSetupError(f"probe request failed ({o.category}, HTTP {o.status}): {o.message}")
     return {"token_ids": o.token_ids is not None, "latency_s": round(o.latency_s, 3)}
+
+
+async def reset_prefix_cache(session, base: str) -> bool:
+    """``POST /reset_prefix_cache`` (a vLLM dev endpoint: the server needs ``VLLM_SERVER_DEV_MODE=1``); True if the
+    server emptied its prefix cache."""
+    import aiohttp
+
+    try:
+        async with session.post(f"{base}/reset_prefix_cache", timeout=aiohttp.ClientTimeout(total=30)) as r:
+            return r.status == 200 and bool((await r.json(content_type=None)).get("success"))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError):
+        return False
+
+
+def diagnosis_kind(cold_load: bool, cold_rerun: bool, warm_load: bool, warm_rerun: bool) -> str:
+    """What a mismatching request's two diagnosis runs (alone; ``cold``: after the prefix cache was emptied,
+    ``warm``: right after, its prompt blocks cached) point to:
+
+    * ``prefix_cache``: cold = the run under load, warm = the re-run -- the output follows whether the prompt's
+      KV came from the prefix cache;
+    * ``load_path``: cold = warm = the re-run, not the run under load -- something of the run under load
+      (preemption, batch, chunking) changed it;
+    * ``not_reproducible``: neither run reproduces the re-run;
+    * ``other``: any other pattern."""
+    if cold_load and warm_rerun and not warm_load:
+        return "prefix_cache"
+    if cold_rerun and warm_rerun and not cold_load:
+        return "load_path"
+    if not (cold_rerun or warm_rerun):
+        return "not_reproducible"
+    return "other"
+
+
+async def diagnose(session, base: str, url: str, requests: list[PlannedRequest], load: dict[int, Outcome],
+                   reruns: dict[int, Outcome], by_ids: bool, cfg: SoakConfig) -> dict[str, Any]:
+    """Each mismatching request once more alone after emptying the prefix cache (``cold``) and once right after
+    (``warm``); :func:`diagnosis_kind` of each, tallied.  Bounded by ``cfg.diagnose_seconds``."""
+    stop_at = time.monotonic() + cfg.diagnose_seconds
+    rows = []
+    for req in requests:
+        if time.monotonic() > stop_at:
+            break
+        reset = await reset_prefix_cache(session, base)
+        cold = await send_request(session, url, req, cfg.deadline_s, "cold")
+        warm = await send_request(session, url, req, cfg.deadline_s, "warm")
+        if cold.category != "completed" or warm.category != "completed":
+            rows.append({"index": req.index, "reset": reset, "kind": "failed",
+                         "categories": [cold.category, warm.category]})
+            continue
+        same = {f"{a}_{b}": compare(x, y, by_ids) is None
+                for a, x in (("cold", cold), ("warm", warm)) for b, y in (("load", load[req.index]),
+                                                                           ("rerun", reruns[req.index]))}
+        kind = diagnosis_kind(same["cold_load"], same["cold_rerun"], same["warm_load"], same["warm_rerun"])
+        rows.append({"index": req.index, "reset": reset, "kind": kind if reset else f"{kind} (no cache reset)",
+                     **same, "cold_cached_tokens": cold.cached_tokens, "warm_cached_tokens": warm.cached_tokens})
+    return {"requested": len(requests), "run": len(rows), "kinds": _tally(rows, "kind"), "requests": rows}
 
 
 async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
@@ -751,6 +823,10 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
                                       "rerun")
             batched_s = time.monotonic() - t2
             m_after = await settled_metrics(session, base, cfg.settle_s)
+            differing = [i for i, o in sorted({**alone, **batched}.items())
+                         if o.category == "completed" and compare(load[i], o, by_ids) is not None]
+            diagnosis = await diagnose(session, base, url, [by_index[i] for i in differing[:cfg.diagnose]], load,
+                                       {**alone, **batched}, by_ids, cfg) if cfg.diagnose else None
             health = await _health(session, base)
         finally:
             sampler_task.cancel()
@@ -785,7 +861,8 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         if diff is not None:
             mismatches.append({"index": i, "phase": phase, "policy": p.policy, "sampling": p.sampling,
                                "stream": p.stream, "max_tokens": p.body.get("max_tokens"),
-                               "seed": p.body.get("seed"), "stop": p.body.get("stop"), **diff})
+                               "seed": p.body.get("seed"), "stop": p.body.get("stop"),
+                               "cached_tokens": [load[i].cached_tokens, o.cached_tokens], **diff})
     compared = [{"policy": by_index[i].policy, "sampling": by_index[i].sampling, "phase": phase}
                 for i, (phase, o) in reruns.items() if o.category == "completed"]
     resumed = None
@@ -846,6 +923,7 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     record["completion_tokens"] = sum(o.completion_tokens or 0 for o in done)
     record["phases_s"] = {"load": round(load_s, 2), "alone_reruns": round(alone_s, 2),
                           "batched_reruns": round(batched_s, 2), "total": round(time.monotonic() - t_start, 2)}
+    record["diagnosis"] = diagnosis
     record["server_alive"] = health
     record["probe"] = probe
     record["verdict"], record["reasons"] = verdict(record)
@@ -938,6 +1016,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the server's log (run with VLLM_S2D2_LOG_RESUMES=1): which load requests were resumed after "
                          "a preemption, counted among the compared and the mismatching re-runs")
     ap.add_argument("--gpu-memory", action="store_true", help="sample GPU memory in use (nvidia-smi)")
+    ap.add_argument("--diagnose", type=int_arg(0), default=0,
+                    help="send up to this many mismatching requests again alone, after emptying the prefix cache "
+                         "and right after (needs VLLM_SERVER_DEV_MODE=1 on the server); recorded, never a failure")
     ap.add_argument("--sample-interval", type=float_arg(0, lo_open=True), default=2.0)
     ap.add_argument("--settle", type=float_arg(0), default=1.5,
                     help="seconds between /metrics readings while waiting for the counters to settle")
@@ -977,7 +1058,8 @@ def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> S
                       alone=args.alone, rerun_concurrency=args.rerun_concurrency, max_seconds=args.max_seconds,
                       require_preemption=args.require_preemption, server_pid=args.server_pid,
                       server_log=args.server_log,
-                      gpu_memory=args.gpu_memory, sample_interval_s=args.sample_interval, settle_s=args.settle)
+                      gpu_memory=args.gpu_memory, sample_interval_s=args.sample_interval, settle_s=args.settle,
+                      diagnose=args.diagnose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,11 +38,14 @@ class FakeServer:
     """Deterministic completions; ``faults``: ``hang_nth`` / ``error_nth`` (n-th valid completion request, the
     start-up probe is the first), ``diverge_repeat`` (a body seen before gets one token changed, once),
     ``accept_bad`` (``logprobs`` accepted), ``spec_drift`` (spec-decode drafts run ahead of the verify steps,
-    one per request), ``preempt_every`` (a preemption counted every n-th request; 0 = none)."""
+    one per request), ``preempt_every`` (a preemption counted every n-th request; 0 = none), ``prefix_dependent``
+    (a prompt seen before since the last ``/reset_prefix_cache`` -- "cached" -- gets its last token changed)."""
 
     def __init__(self, **faults):
         self.faults = {"hang_nth": None, "error_nth": None, "diverge_repeat": False, "accept_bad": False,
-                       "spec_drift": False, "preempt_every": 3, **faults}
+                       "spec_drift": False, "preempt_every": 3, "prefix_dependent": False, **faults}
+        self.cached_prompts: set[str] = set()
+        self.resets = 0
         self.valid_seen = 0
         self.request_ids: list[str | None] = []
         self.bodies: dict[str, int] = {}
@@ -70,6 +73,7 @@ class FakeServer:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
+        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
         self.loop.run_until_complete(web.SockSite(self.runner, sock).start())
@@ -87,6 +91,11 @@ class FakeServer:
 
     async def health(self, request):
         return web.Response(text="ok")
+
+    async def reset_prefix_cache(self, request):
+        self.cached_prompts.clear()
+        self.resets += 1
+        return web.json_response({"success": True})
 
     # -- request handling ------------------------------------------------------------------------------
     @staticmethod
@@ -167,7 +176,13 @@ class FakeServer:
             self.diverged += 1
             ids = ids[:-1] + [ids[-1] + 1]
         text = "".join(f" t{i}" for i in ids)
-        usage = {"prompt_tokens": 7, "completion_tokens": len(ids), "total_tokens": 7 + len(ids)}
+        prompt = str(body.get("prompt"))
+        cached = prompt in self.cached_prompts
+        self.cached_prompts.add(prompt)
+        if self.faults["prefix_dependent"] and cached and ids:
+            ids = ids[:-1] + [ids[-1] + 1]
+        usage = {"prompt_tokens": 7, "completion_tokens": len(ids), "total_tokens": 7 + len(ids),
+                 "prompt_tokens_details": {"cached_tokens": 5 if cached else 0}}
         with_ids = bool(body.get("return_token_ids"))
         self.running += 1
         try:
@@ -406,6 +421,22 @@ def test_no_preemption_fails_when_required_and_budget_cuts_are_reported(fake_ser
     assert rec["verdict"] == "FAIL" and any("preemption happened" in x for x in rec["reasons"])
     rec = run(fake_server(), requests=40, max_seconds=1e-6, require_preemption=False)
     assert rec["counts"]["not_sent"] == 40 and rec["verdict"] == "FAIL"
+
+
+def test_diagnosis_tells_prefix_cache_dependence_from_a_one_off(fake_server):
+    rec = run(fake_server(prefix_dependent=True), requests=60, diagnose=4)
+    r, d = rec["rerun"], rec["diagnosis"]
+    assert r["mismatches"] > 0 and rec["verdict"] == "FAIL"
+    assert {tuple(m["cached_tokens"]) for m in r["mismatch_examples"]} == {(0, 5)}  # load missed, re-run hit
+    assert d["run"] == min(4, r["mismatches"]) and d["kinds"] == {"prefix_cache": d["run"]}, d
+    assert all(x["reset"] and x["cold_load"] and x["warm_rerun"] for x in d["requests"])
+    srv = fake_server(diverge_repeat=True)
+    rec = run(srv, requests=30, diagnose=4)
+    assert rec["diagnosis"]["kinds"] == {"not_reproducible": 1} and srv.resets == 1
+    assert run(fake_server(), requests=30)["diagnosis"] is None  # off by default
+    assert [soak.diagnosis_kind(*x) for x in ((True, False, False, True), (False, True, False, True),
+                                              (True, False, True, False), (True, True, True, True))] == [
+        "prefix_cache", "load_path", "not_reproducible", "other"]
 
 
 # -- the command line --------------------------------------------------------------------------------------------
