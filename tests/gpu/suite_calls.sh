@@ -17,11 +17,11 @@
 #   tests2  the default-kernel soak (first), test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
 #           (-n 6: 542 s at 9385694)
 #   suite_a both soaks, test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve (-n 6, ~7 min)
-#   suite_b test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu (-n 8, ~6 min)
+#   suite_b test_sdar_default_cuda_graphs, test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu (-n 8, ~7 min)
 #           (suite_a + suite_b = the whole single-GPU suite in less device time than tests1 + tests2: no demo and
 #           no quality run; all of it in one call at -n 12 ran out of its 555 s at a2595e8, every test ~2x slower)
-#   serve   benchmarks/serve_bench.py: vllm-ar (the baseline, first), ar, threshold, s2d2 servers of the demo
-#           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~6.5 min)
+#   serve   benchmarks/serve_bench.py: vllm-ar (the baseline, first), threshold, s2d2 servers of the demo
+#           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~5.5 min)
 #   tp2     test_tp2 (a two-GPU host only)
 #   pick    TESTS="<pytest node ids>" [WORKERS=2]: the named GPU tests only (a short device budget)
 #
@@ -89,13 +89,18 @@ case $call in
       tests/gpu/test_lm_eval_gpu.py ;;
   suite_a)
     # xdist hands each worker two consecutive tests first: a short test between the soaks keeps them apart
+    # (test_sdar_default_cuda_graphs runs in suite_b: at 851c6e7 a worker took it after its soak and the limit cut it)
     pytest_call 6 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
       tests/gpu/test_canvas_kernel_gpu.py "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" \
-      tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py ;;
+      tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py \
+      --deselect tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs ;;
   suite_b)
-    pytest_call 8 tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_lm_eval_gpu.py ;;
+    pytest_call 8 tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs tests/gpu/test_engine_families.py \
+      tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_lm_eval_gpu.py ;;
   serve)
-    timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --out "$dest/serve_bench.json" \
+    # vllm-ar (the baseline, first), the threshold baseline and S2D2: at 851c6e7 four servers (with the plugin's AR
+    # mode) did not fit 470 s
+    timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --modes vllm-ar,threshold,s2d2 --out "$dest/serve_bench.json" \
       > "$dest/serve.log" 2>&1
     echo "serve exit $? after $SECONDS s" >> "$dest/serve.log"
     tail -n 30 "$dest/serve.log" ;;
