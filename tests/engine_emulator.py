@@ -47,6 +47,7 @@ class EmuRequest:
     finish_reason: str | None = None
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> recorded visibility row
     kv_tokens: dict[int, int] = field(default_factory=dict)  # position -> token written there
+    kv_context: dict[int, tuple] = field(default_factory=dict)  # position -> (keys it saw, their tokens then)
     forwards: int = 0
     stats: dict | None = None  # the stepper's counters when the request left (what the model state records)
 
@@ -71,7 +72,7 @@ def sampling_params(temperature=0.0, top_k=0, top_p=1.0, seed=None, max_tokens=1
 class Emulator:
     def __init__(self, model, hf_config: dict, s2d2: dict, *, max_num_reqs=8, max_model_len=256,
                  token_budget=4096, static_shapes=False, prefix_cache_block: int | None = None,
-                 compile_step: bool = False):
+                 shared_prefix_cache: bool = False, compile_step: bool = False):
         self.model = model
         self.settings = resolve_engine_settings(hf_config, s2d2)
         self.W = self.settings.canvas_length
@@ -79,6 +80,12 @@ class Emulator:
         self.budget = token_budget
         self.prefix_cache_block = prefix_cache_block  # vLLM's prefix cache on resumes (block size), or None
         self.prefix_hits = 0  # resumes that found cached blocks
+        # vLLM's prefix cache across requests (with prefix_cache_block): every full block below a request's
+        # computed tokens, keyed by the token ids up to its end (what vLLM's block hash chain encodes), found by any
+        # later request -- a new one by its prompt, a resumed one by prompt + outputs.  Never evicted.
+        self.shared_prefix_cache = shared_prefix_cache
+        self.shared_blocks: dict[tuple, list[tuple]] = {}  # tokens[:end] -> [(row, kv token, kv context)] x size
+        self.shared_hits = 0  # requests that started after blocks another request computed
         pipelined = self.settings.info.pipelined
         # as the config hook sets it (D2F: never, its prompt is one bidirectional segment)
         self.chunked_prefill = bool(self.settings.config.cache_ver) and not pipelined
@@ -112,6 +119,8 @@ class Emulator:
         self.sampler.next_request_id[req.slot] = req.req_id  # (as the model state hands it over)
         if saved is not None:
             self.sampler.next_saved[req.slot] = saved
+        if self.shared_prefix_cache and self.prefix_cache_block and self.chunked_prefill:
+            self._lookup_shared(req, tokens)
         self.sampler.add_request(req.slot, len(req.prompt), req.sampling)
         self.sampler.apply_staged_writes()
         self.running.append(req)
@@ -133,13 +142,44 @@ class Emulator:
             keep = min(req.num_computed, len(req.prompt) + len(req.output) - 1) // size * size
         req.num_computed = keep
         self.prefix_hits += keep > 0
-        for cached in (req.rows, req.kv_tokens):
+        for cached in (req.rows, req.kv_tokens, req.kv_context):
             for k in [k for k in cached if k >= keep]:
                 del cached[k]
         req.prefill_tokens = req.prompt + req.output
         # as the model state does: only a request with outputs resumes from its snapshot; one preempted before
         # its first token starts afresh (what it drafted is redone with the same random numbers)
         self.add(req, saved if req.output else None)
+
+    def _lookup_shared(self, req: EmuRequest, tokens: list[int]) -> None:
+        """Start ``req`` after the longest run of cached blocks matching ``tokens`` (never its last token)."""
+        size, end = self.prefix_cache_block, 0
+        while end + size <= len(tokens) - 1 and tuple(tokens[:end + size]) in self.shared_blocks:
+            end += size
+        if end <= req.num_computed:
+            return
+        foreign = False
+        for start in range(0, end, size):
+            for k, (row, tok, ctx) in enumerate(self.shared_blocks[tuple(tokens[:start + size])], start):
+                foreign |= k >= req.num_computed and (req.kv_context.get(k) != ctx or req.rows.get(k) is None)
+                req.rows[k], req.kv_tokens[k], req.kv_context[k] = row.clone(), tok, ctx
+        req.num_computed = end
+        self.shared_hits += foreign
+
+    def _publish_shared(self, req: EmuRequest) -> None:
+        """Cache the full blocks below what vLLM counts computed for ``req`` (its KV must hold those tokens)."""
+        size = self.prefix_cache_block
+        tokens = req.prompt + req.output
+        known = min(req.num_computed, len(tokens))
+        for end in range(size, known // size * size + 1, size):
+            key = tuple(tokens[:end])
+            if key in self.shared_blocks:
+                continue
+            for k in range(end - size, end):
+                if req.kv_tokens.get(k) != tokens[k]:
+                    raise AssertionError(f"{req.req_id}: computed position {k} holds KV of token "
+                                         f"{req.kv_tokens.get(k)}, the request's token there is {tokens[k]}")
+            self.shared_blocks[key] = [(req.rows[k].clone(), req.kv_tokens[k], req.kv_context[k])
+                                       for k in range(end - size, end)]
 
     def _remove(self, req: EmuRequest) -> None:
         req.stats = self.stepper.host_slot_stats(req.slot)
@@ -248,6 +288,8 @@ class Emulator:
                 if reason:
                     r.finished, r.finish_reason = True, reason
                     break
+            if self.shared_prefix_cache and self.prefix_cache_block and self.chunked_prefill and not r.finished:
+                self._publish_shared(r)  # (vLLM caches blocks when it schedules; a finished request is not)
             if r.finished:
                 self._remove(r)
         return True
@@ -272,6 +314,10 @@ class Emulator:
                 raise AssertionError(f"cached position {k} attended to a key >= num_computed {p}")
             m = min(row.numel(), n)
             vis[k, :m] = row[:m]
+            keys, then = r.kv_context.get(k, ((), ()))
+            if tuple(tokens[j] for j in keys) != then:  # the KV of k was computed from other tokens than now
+                raise AssertionError(f"stale KV at cached position {k} (below num_computed {p}): written when keys "
+                                     f"{list(keys)} held {list(then)}, now {[tokens[j] for j in keys]}")
         q_pos = torch.arange(p, n)
         positions = torch.cat([torch.arange(p), query_positions])
         if table is not None:  # the canvas kernel: every key below p, then the slot's table
@@ -283,6 +329,8 @@ class Emulator:
         for j, k in enumerate(range(p, n)):  # KV written by this forward (overwrites rejected slots)
             r.rows[k] = vis[k].clone()
             r.kv_tokens[k] = ids[j]
+            keys = tuple(vis[k].nonzero().flatten().tolist())
+            r.kv_context[k] = (keys, tuple(tokens[i] for i in keys))
         return logits
 
     def run(self, max_steps: int = 100000) -> None:

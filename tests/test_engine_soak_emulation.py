@@ -43,8 +43,9 @@ D2F_POLICIES = {name: POLICIES[name] for name in ("server_default", "threshold_n
                                                   "contextual_bandit_ucb", "greedy_acceptance")}
 
 
-def _request(rng: random.Random, i: int, policies: dict = POLICIES, vocab: int = 500) -> EmuRequest:
-    prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+def _request(rng: random.Random, i: int, policies: dict = POLICIES, vocab: int = 500,
+             prompt_pool: list[list[int]] | None = None) -> EmuRequest:
+    prompt = list(rng.choice(prompt_pool)) if prompt_pool else [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
     policy = rng.choice(sorted(policies))
     extra = {"s2d2": policies[policy]} if policies[policy] else None
     kind = rng.choice(["greedy", "greedy_seeded", "sampled"])
@@ -62,6 +63,15 @@ def test_mixed_load_with_preemptions_equals_the_reference(tiny, seed):
     soak(tiny, {}, POLICIES, 500, seed, budgets=[9, 13, 24], prefix_cache_block=4)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prefix_cache_equals_the_reference(tiny, seed):
+    """Prompts from a pool of three, so requests find blocks other requests computed: a new request its prompt's
+    blocks, a resumed one also generated blocks of an earlier request with the same prompt and sampling.  The
+    emulator checks that every computed position's KV holds the request's token and was computed from the tokens
+    its keys hold now (no stale KV), and every output equals the reference."""
+    soak(tiny, {}, POLICIES, 500, seed, budgets=[9, 13, 24], prefix_cache_block=4, prompt_pool_size=3)
+
+
 @pytest.mark.parametrize("family", ["d2f_llada", "d2f_dream"])
 def test_d2f_mixed_load_with_preemptions_equals_the_reference(tmp_path_factory, family):
     # D2F prefills whole prompts (prompt + outputs after a preemption: up to 36 tokens here), so the budget
@@ -70,12 +80,13 @@ def test_d2f_mixed_load_with_preemptions_equals_the_reference(tmp_path_factory, 
 
 
 def soak(tiny, engine: dict, policies: dict, vocab: int, seed: int, budgets: list[int],
-         prefix_cache_block: int | None = None) -> None:
+         prefix_cache_block: int | None = None, prompt_pool_size: int = 0) -> None:
     model, _, hf, _ = tiny
     rng = random.Random(seed)
     emu = Emulator(model, hf, engine, max_num_reqs=6, token_budget=rng.choice(budgets), max_model_len=64,
-                   prefix_cache_block=prefix_cache_block)
-    waiting = [_request(rng, i, policies, vocab) for i in range(14)]
+                   prefix_cache_block=prefix_cache_block, shared_prefix_cache=prompt_pool_size > 0)
+    pool = [[rng.randrange(vocab) for _ in range(rng.randint(9, 13))] for _ in range(prompt_pool_size)]
+    waiting = [_request(rng, i, policies, vocab, pool) for i in range(14)]
     done: list[EmuRequest] = []
     preemptions = steps = aborts = 0
     while waiting or emu.running:
@@ -96,6 +107,7 @@ def soak(tiny, engine: dict, policies: dict, vocab: int, seed: int, budgets: lis
     assert preemptions >= 5
     assert emu.stepper.host_totals()["verify_restarts"] > 0  # some preemption interrupted a verification
     assert (emu.prefix_hits > 0) == bool(prefix_cache_block)
+    assert (emu.shared_hits > 0) == (prompt_pool_size > 0)
     finished = [r for r in done if r.finish_reason != "abort"]
     assert len(finished) == 14 - aborts
     mismatched = [(r.req_id, r.policy, r.kind) for r in finished
