@@ -271,3 +271,14 @@ def test_compiled_step_equals_eager(ckpts, ref_models, tmp_path, request):
                     refs=ref_models, variant="sdar", graph_env={"VLLM_S2D2_COMPILE_STEP": "1"})
     with open(engine_log_path(tmp_path / "graphs")) as f:
         assert COMPILED_LINE in f.read()  # the graph engine really ran the compiled stages
+
+
+def test_exact_prefill_equals_eager(ckpts, ref_models, tmp_path, request):
+    """``VLLM_S2D2_EXACT_PREFILL=1`` (what ``VLLM_BATCH_INVARIANT=1`` turns on: token-causal prefill rows through
+    the canvas kernel in W-token chunks, ``engine/attention.py:plan_prefill_chunks``) gives the tokens of the plain
+    eager engine and of the reference decoder; the staggered job puts prefill chunks beside decode rows."""
+    jobs = graph_jobs(_prompts, 2 * B, SDAR_POLICIES, 63, 500)
+    graphs_vs_eager(ckpts["sdar"], {"method": "s2d2"}, jobs, tmp_path, "exact_prefill", request.node.nodeid,
+                    refs=ref_models, variant="sdar", graph_env={"VLLM_S2D2_EXACT_PREFILL": "1"})
+    with open(engine_log_path(tmp_path / "graphs")) as f:
+        assert "exact prefill" in f.read()  # the graph engine really sent its prefill rows through the canvas kernel
