@@ -1019,6 +1019,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--diagnose", type=int_arg(0), default=0,
                     help="send up to this many mismatching requests again alone, after emptying the prefix cache "
                          "and right after (needs VLLM_SERVER_DEV_MODE=1 on the server); recorded, never a failure")
+    ap.add_argument("--diagnose-seconds", type=float_arg(0, lo_open=True), default=90.0,
+                    help="no diagnosis request starts after this many seconds of the diagnosis")
     ap.add_argument("--sample-interval", type=float_arg(0, lo_open=True), default=2.0)
     ap.add_argument("--settle", type=float_arg(0), default=1.5,
                     help="seconds between /metrics readings while waiting for the counters to settle")
@@ -1059,7 +1061,7 @@ def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> S
                       require_preemption=args.require_preemption, server_pid=args.server_pid,
                       server_log=args.server_log,
                       gpu_memory=args.gpu_memory, sample_interval_s=args.sample_interval, settle_s=args.settle,
-                      diagnose=args.diagnose)
+                      diagnose=args.diagnose, diagnose_seconds=args.diagnose_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

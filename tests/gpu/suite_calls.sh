@@ -17,7 +17,8 @@
 #   tests2  the default-kernel soak (first), test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
 #           (-n 6: 542 s at 9385694)
 #   suite_a both soaks, test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve (-n 6, ~7 min)
-#   suite_b test_sdar_default_cuda_graphs, test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu (-n 8, ~7 min)
+#   suite_b test_sdar_default_cuda_graphs, test_exact_prefill_equals_eager, test_engine_families,
+#           test_engine_d2f_gpu, test_lm_eval_gpu (-n 8, ~7.5 min)
 #           (suite_a + suite_b = the whole single-GPU suite in less device time than tests1 + tests2: no demo and
 #           no quality run; all of it in one call at -n 12 ran out of its 555 s at a2595e8, every test ~2x slower)
 #   serve   benchmarks/serve_bench.py: vllm-ar (the baseline, first), threshold, s2d2 servers of the demo
@@ -89,13 +90,16 @@ case $call in
       tests/gpu/test_lm_eval_gpu.py ;;
   suite_a)
     # xdist hands each worker two consecutive tests first: a short test between the soaks keeps them apart
-    # (test_sdar_default_cuda_graphs runs in suite_b: at 851c6e7 a worker took it after its soak and the limit cut it)
+    # (test_sdar_default_cuda_graphs and test_exact_prefill_equals_eager run in suite_b: at 851c6e7 a worker took
+    # the first after its soak and the limit cut it; the soaks, ~8.5 min each, fill two of the six workers)
     pytest_call 6 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
       tests/gpu/test_canvas_kernel_gpu.py "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" \
       tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py \
-      --deselect tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs ;;
+      --deselect tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs \
+      --deselect tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager ;;
   suite_b)
-    pytest_call 8 tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs tests/gpu/test_engine_families.py \
+    pytest_call 8 tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs \
+      tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager tests/gpu/test_engine_families.py \
       tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_lm_eval_gpu.py ;;
   serve)
     # vllm-ar (the baseline, first), the threshold baseline and S2D2: at 851c6e7 four servers (with the plugin's AR

@@ -120,12 +120,12 @@ def test_soak_under_kv_pressure(tmp_path, monkeypatch, kernels):
            "--out", str(soak_out), "--seed", str(SEED), "--prompts", str(PROMPTS), "--deadline", str(DEADLINE_S),
            "--alone", str(ALONE), "--rerun-concurrency", str(RERUN_CONCURRENCY), "--max-seconds", str(MAX_SECONDS),
            "--require-preemption", "--server-pid", str(proc.pid), "--gpu-memory", "--server-log", str(server_log),
-           "--diagnose", str(DIAGNOSE)]
+           "--diagnose", str(DIAGNOSE), "--diagnose-seconds", "60"]
     payload["soak_command"] = " ".join(cmd[1:])
     try:
         try:
             run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                                 timeout=MAX_SECONDS + DEADLINE_S + 60 + (150 if DIAGNOSE else 0))
+                                 timeout=MAX_SECONDS + DEADLINE_S + 60 + (60 + DEADLINE_S if DIAGNOSE else 0))
             payload["soak_exit_code"], payload["soak_stdout"] = run.returncode, run.stdout[-3000:]
             payload["soak_stderr"] = run.stderr[-3000:]
         except subprocess.TimeoutExpired as e:
