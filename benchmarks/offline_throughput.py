@@ -17,6 +17,8 @@ A random-weight checkpoint (vLLM ``load_format="dummy"``, bf16) with a real mode
     step's integer stages are compiled, ``vllm_s2d2/engine/compiled_step.py``): group them as ``CDV`` (one engine
     of their own).  Records before that default (df7db22) have ``C D V`` the other way round, compiled with ``=1``
     against a plain default; every record lists each mode's ``env``;
+  * ``x y z``  ``c``, ``d`` and ``v`` with the step's floating-point middle compiled too
+    (``VLLM_S2D2_COMPILE_CORE=1``, experimental): group them as ``xyz``;
 
 * ``fast-1.5b`` / ``fast-7b`` / ``llada2-mini``: Fast-dLLM v2 1.5B / 7B and LLaDA2-mini shapes, modes ``a`` (vLLM
   AR of the base architecture: ``Qwen2ForCausalLM`` / ``BailingMoeV2ForCausalLM``), ``t`` (threshold baseline =
@@ -95,6 +97,10 @@ for _key, _label, _opts in (
 for _key in "cdv":
     MODES[_key.upper()] = {**MODES[_key], "env": {"VLLM_S2D2_COMPILE_STEP": "0"},
                            "label": MODES[_key]["label"] + ", plain step (not compiled)"}
+# ... and with the step's floating-point middle compiled too (VLLM_S2D2_COMPILE_CORE=1, experimental).
+for _key, _new in zip("cdv", "xyz"):
+    MODES[_new] = {**MODES[_key], "env": {"VLLM_S2D2_COMPILE_CORE": "1"},
+                   "label": MODES[_key]["label"] + ", model math compiled too"}
 
 
 # The other families at their real shapes (docs/families.md), next to vLLM's AR decode of the base

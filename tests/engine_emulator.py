@@ -72,7 +72,7 @@ def sampling_params(temperature=0.0, top_k=0, top_p=1.0, seed=None, max_tokens=1
 class Emulator:
     def __init__(self, model, hf_config: dict, s2d2: dict, *, max_num_reqs=8, max_model_len=256,
                  token_budget=4096, static_shapes=False, prefix_cache_block: int | None = None,
-                 shared_prefix_cache: bool = False, compile_step: bool = False):
+                 shared_prefix_cache: bool = False, compile_step: bool = False, compile_core: bool = False):
         self.model = model
         self.settings = resolve_engine_settings(hf_config, s2d2)
         self.W = self.settings.canvas_length
@@ -93,7 +93,7 @@ class Emulator:
                                    family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
                                    engine_config=self.settings.config, max_model_len=max_model_len, device="cpu",
                                    use_cuda_graphs=static_shapes,  # on CPU: the graph's static-buffer path
-                                   **({"compile_step": True} if compile_step else {}))
+                                   **({"compile_step": True, "compile_core": compile_core} if compile_step else {}))
         self.req_states = SimpleNamespace(
             draft_tokens=torch.zeros(max_num_reqs, self.W, dtype=torch.int64),
             all_token_ids=SimpleNamespace(gpu=torch.zeros(max_num_reqs, max_model_len, dtype=torch.int32)))

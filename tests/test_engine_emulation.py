@@ -65,10 +65,10 @@ def reference_output(tiny, s2d2: dict, prompt, sp):
 
 
 def emulate(tiny, s2d2: dict, sps, *, budget=4096, max_model_len=256, abort=None, preempt=None, static=False,
-            guard=None, id_prefix="r", compile_step=False):
+            guard=None, id_prefix="r", compile_step=False, compile_core=False):
     model, _, hf, prompts = tiny
     emu = Emulator(model, hf, s2d2, token_budget=budget, max_model_len=max_model_len, static_shapes=static,
-                   compile_step=compile_step)
+                   compile_step=compile_step, compile_core=compile_core)
     emu.step_guard = guard
     reqs = [EmuRequest(f"{id_prefix}{i}", list(p), sp) for i, (p, sp) in enumerate(zip(prompts, sps))]
     for r in reqs:

@@ -7,7 +7,8 @@
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
 #   compiled benchmarks/offline_throughput.py: vLLM AR, the plugin's static / dynamic / always-verify modes with
-#           the compiled step (cdv, the default) and the plain one (CDV: VLLM_S2D2_COMPILE_STEP=0), batch 1/16/64
+#           the compiled integer stages (cdv, the default) and with the model math compiled too (xyz:
+#           VLLM_S2D2_COMPILE_CORE=1, experimental), batch 1/16/64
 #   profile benchmarks/profile_step.py at SDAR-1.7B shapes: vLLM AR, static, always verify at batch 1 and 64
 #           (GPU-busy fraction, kernels and launches per step; the baseline in the same call)
 #   tests1  the batch-invariant soak (first: ~7.5 min), test_canvas_kernel_gpu, test_engine_sdar,
@@ -56,7 +57,7 @@ case $call in
     echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;
   compiled)
-    timeout -k 10 "$limit" python3 benchmarks/offline_throughput.py --modes a,cdv,CDV --batches 1,16,64 \
+    timeout -k 10 "$limit" python3 benchmarks/offline_throughput.py --modes a,cdv,xyz --batches 1,16,64 \
       --out "$dest/offline_compiled.json" > "$dest/offline.log" 2>&1
     echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;

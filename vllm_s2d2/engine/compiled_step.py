@@ -8,7 +8,8 @@ time.  ``torch.compile`` (Inductor) fuses each stage into a few kernels.
 Only stages without floating-point arithmetic are compiled: integer and boolean operations, comparisons,
 selections and gathers give the same bits however they are fused, so the compiled step still equals the
 reference decoder.  The sampling transform, the estimators, the acceptance test and the bandit (``core.step``)
-stay eager, where fusing could change a rounding.
+stay eager, where fusing could change a rounding -- unless ``VLLM_S2D2_COMPILE_CORE=1`` (experimental, off by
+default) compiles that middle too, to measure what its few hundred kernels per step cost.
 
 On a CUDA device the SDAR, Fast-dLLM v2 and LLaDA2 engines compile the stages whenever vLLM compiles the model
 (its compilation mode is not NONE: ``enforce_eager=True``, ``-cc.mode=none`` and ``TORCH_COMPILE_DISABLE=1`` turn
@@ -29,10 +30,14 @@ F = TypeVar("F", bound=Callable)
 
 COMPILE_ENV = "VLLM_S2D2_COMPILE_STEP"
 ON_MESSAGE = "S2D2 decode step: prepare and settle stages compiled (VLLM_S2D2_COMPILE_STEP=0 turns it off)"
+# Experimental, off by default: the floating-point middle of the step (``step.core_math``) compiled as well.
+CORE_ENV = "VLLM_S2D2_COMPILE_CORE"
+CORE_MESSAGE = ("S2D2 decode step: the model math compiled too (VLLM_S2D2_COMPILE_CORE=1, experimental: fused "
+                "floating point may round differently from the reference decoder)")
 
 # Graph variants a stage may need: batch size 1 and >1 (Inductor specialises size 1), the sampled / verifying
 # flags (prepare), each family layout.
-_RECOMPILE_LIMIT = 64
+_RECOMPILE_LIMIT = 128  # (the compiled model math also specialises on every StepFlags combination)
 
 
 @functools.cache
@@ -57,3 +62,14 @@ def wanted(device: torch.device, model_compiled: bool) -> bool:
         raise ValueError(f"{COMPILE_ENV} must be 0 or 1 (or unset: follow vLLM's compilation mode), got {value!r}")
     on = model_compiled if value == "" else value == "1"
     return on and torch.device(device).type == "cuda"
+
+
+def core_wanted(step_compiled: bool) -> bool:
+    """Whether the step's floating-point middle is compiled too: only with ``$VLLM_S2D2_COMPILE_CORE`` = "1" and
+    the integer stages compiled.  Off by default: Inductor's fused kernels may round the sampling transform, the
+    estimators and the acceptance test differently from the eager reference decoder.  Any value but "", "0",
+    "1" is a ``ValueError`` naming the variable."""
+    value = os.environ.get(CORE_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{CORE_ENV} must be 0 or 1 (or unset: off), got {value!r}")
+    return step_compiled and value == "1"

@@ -16,6 +16,8 @@ from vllm_s2d2.core.step import Draft, draft_probs
 
 _PER_ROW = ("x0", "p0", "is_mask", "eligible", "edits", "first_half", "span", "baseline_commit")
 _PER_REQ = ("span_length", "k_hat", "score", "quota", "do_verify", "routed", "bucket")
+# Every field of a Draft is saved (or, probs, recomputed): checked once here, not in load (which is compiled)
+assert {f.name for f in fields(Draft)} == {*_PER_ROW, *_PER_REQ, "probs"}, "DraftStore misses a Draft field"
 
 
 class DraftStore:
@@ -61,6 +63,5 @@ class DraftStore:
         kw = {name: self.rows[name][slots] for name in _PER_ROW}
         kw.update({name: self.reqs[name][slots] for name in _PER_REQ})
         kw["probs"] = draft_probs(self.logits[slots], params, rules)
-        assert {f.name for f in fields(Draft)} == set(kw)
         return Draft(**kw)
 

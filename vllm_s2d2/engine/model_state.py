@@ -69,14 +69,17 @@ class S2D2ModelState(ModelState):
         # (D2F's window step is not split into compiled stages yet)
         compile_step = not pipelined and compiled_step.wanted(
             device, model_compiled=vllm_config.compilation_config.mode != CompilationMode.NONE)
+        compile_core = compiled_step.core_wanted(compile_step)
         self.stepper = stepper_cls(
             max_num_reqs=self.max_num_reqs, block_size=self.settings.block_size,
             family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
             engine_config=self.settings.config, max_model_len=self.max_model_len, device=device,
             use_cuda_graphs=vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE,
-            **({} if pipelined else {"compile_step": compile_step}))
+            **({} if pipelined else {"compile_step": compile_step, "compile_core": compile_core}))
         if compile_step:
             logger.info(compiled_step.ON_MESSAGE)
+        if compile_core:
+            logger.info(compiled_step.CORE_MESSAGE)
         self._req_to_slot: dict[str, int] = {}
         self._saved: OrderedDict[str, SavedRequest] = OrderedDict()
         self._finished_stats: OrderedDict[str, dict[str, int]] = OrderedDict()

@@ -29,9 +29,12 @@ def pick_rows(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch
     return torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
+_POLICY_FIELDS = tuple(f.name for f in fields(PolicyState))  # (a constant: torch.compile traces pick_policy)
+
+
 def pick_policy(old: PolicyState, new: PolicyState, keep: torch.Tensor) -> PolicyState:
     """Per row: ``new`` where ``keep``, else ``old``."""
-    return PolicyState(*(pick_rows(keep, getattr(new, f.name), getattr(old, f.name)) for f in fields(PolicyState)))
+    return PolicyState(*(pick_rows(keep, getattr(new, name), getattr(old, name)) for name in _POLICY_FIELDS))
 
 
 class BlockStates:

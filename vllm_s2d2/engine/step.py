@@ -74,6 +74,7 @@ class StepContext(NamedTuple):
     params: PackedStepParams
     drafts: DraftStore
     compiled: bool = False  # run the step's integer stages compiled (engine.compiled_step)
+    compiled_core: bool = False  # and its floating-point middle, core_math (VLLM_S2D2_COMPILE_CORE, experimental)
 
 
 def keep_before_verify(blocks: BlockStates, slots: torch.Tensor, policy: PolicyState,
@@ -119,12 +120,21 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(tokens [R, W] emitted first, num_emitted [R] int32, num_rejected [R] int32)``.
 
-    Three stages: :func:`prepare` (phase rules, block logits, random numbers), the model math of ``core.step``
-    (draft, route, verify: floating point, always eager), :func:`settle` (lifecycle bookkeeping, the next state
-    and canvas).
-    With ``ctx.compiled`` the first and last run as compiled kernels (:mod:`.compiled_step`)."""
-    blocks = ctx.blocks
+    Three stages: :func:`prepare` (phase rules, block logits, random numbers), :func:`core_math` (draft, route,
+    verify: floating point, eager unless ``ctx.compiled_core``), :func:`settle` (lifecycle bookkeeping, the next
+    state and canvas).  With ``ctx.compiled`` the first and last run as compiled kernels (:mod:`.compiled_step`)."""
     prep = compiled_step.stage(prepare, ctx.compiled)(ctx, batch, flags.sampled, flags.verifying)
+    new_tokens, starts_verify, num_accepted = compiled_step.stage(core_math, ctx.compiled_core)(
+        ctx, batch, flags, prep)
+    return compiled_step.stage(settle, ctx.compiled)(ctx, batch, prep, new_tokens, starts_verify, num_accepted)
+
+
+def core_math(ctx: StepContext, batch: StepBatch, flags: StepFlags, prep: Prepared
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model math of a step (``core.step``: draft, route, verify; floating point): the block after the step
+    ``[R, B]``, the rows that start a verification ``[R]`` and the accepted counts ``[R]``; writes the routing
+    state and the draft store."""
+    blocks = ctx.blocks
     B = ctx.layout.block_size
     slots, tokens, cached, row0 = batch.slots, prep.tokens, prep.cached, batch.logits_row0
     draft_ok, commit_ok, verify_ok = prep.draft_ok, prep.commit_ok, prep.verify_ok
@@ -159,7 +169,7 @@ def decode_step(ctx: StepContext, batch: StepBatch, flags: StepFlags
         new_tokens = torch.where(verify_ok[:, None], v_tokens, new_tokens)
         policy_next = pick_policy(policy_next, v_policy, verify_ok)
     blocks.policy.scatter_(slots, policy_next)
-    return compiled_step.stage(settle, ctx.compiled)(ctx, batch, prep, new_tokens, starts_verify, num_accepted)
+    return new_tokens, starts_verify, num_accepted
 
 
 def prepare(ctx: StepContext, batch: StepBatch, sampled: bool, verifying: bool) -> Prepared:

@@ -51,7 +51,8 @@ class S2D2Stepper:
 
     def __init__(self, *, max_num_reqs: int, block_size: int, family: str, mask_token_id: int,
                  engine_config: S2D2Config, max_model_len: int, device: torch.device | str,
-                 max_stop_ids: int = 8, use_cuda_graphs: bool = False, compile_step: bool = False):
+                 max_stop_ids: int = 8, use_cuda_graphs: bool = False, compile_step: bool = False,
+                 compile_core: bool = False):
         self.device = device = torch.device(device)
         self.max_num_reqs = max_num_reqs
         self.scratch = max_num_reqs  # CUDA-graph padding rows write here
@@ -71,6 +72,7 @@ class S2D2Stepper:
         self.mirror = HostMirror(self.blocks, device)
         self.graphs = StepGraphs(max_num_reqs, self.W, self.scratch, device) if use_cuda_graphs else None
         self.compile_step = compile_step  # the step's integer stages compiled (engine/compiled_step.py)
+        self.compile_core = compile_step and compile_core  # and its floating-point middle (experimental)
         self._pending_reset: dict[int, SavedRequest | None] = {}  # slot -> resume snapshot (None: fresh)
         self._restore: dict[int, SavedRequest] = {}  # resume snapshots, consumed when the prefill completes
 
@@ -91,7 +93,8 @@ class S2D2Stepper:
 
     @property
     def context(self) -> StepContext:
-        return StepContext(self.layout, self.blocks, self.facts, self.params, self.drafts, self.compile_step)
+        return StepContext(self.layout, self.blocks, self.facts, self.params, self.drafts, self.compile_step,
+                           self.compile_core)
 
     # -- request lifecycle (host side, staged) ---------------------------------------------------------
     def add_request(self, slot: int, *, prompt_len: int, config: S2D2Config, sampling: SamplingSpec,
