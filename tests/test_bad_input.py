@@ -227,7 +227,7 @@ BENCHMARKS = {
         (["--new-tokens", "-5"], r"argument --new-tokens: must be an integer >= 1, got '-5'"),
         (["--timeout", "0"], r"argument --timeout: must be an integer >= 1, got '0'"),
         (["--capture-sizes", "1,a"], r"argument --capture-sizes: .*got '1,a'"),
-        (["--modes", "a,bz"], r"argument --modes: unknown mode\(s\) \['z'\]"),
+        (["--modes", "a,bq"], r"argument --modes: unknown mode\(s\) \['q'\]"),
         (["--family", "nope"], r"argument --family: invalid choice: 'nope'"),
         (["--merge"], r"--merge was removed"),
         (["--replot", "/no/such/record.json"], r"argument --replot: cannot read a JSON record from "
