@@ -55,7 +55,9 @@ def test_compiled_core_traces_whole_and_serves(request):
     (``fullgraph``: no graph break, one graph per flag combination) and serves SDAR's mixed batch to the end
     (SDAR only: compiling takes minutes on two cores).  Whether its fused floating point still gives the
     reference's tokens is measured, not promised: the requests that differ are printed, not asserted -- on the
-    2-core CPU of 2026-12-07, 2 of 6 (both greedy: score_hysteresis, greedy acceptance; not investigated)."""
+    2-core CPU of 2026-12-07, 2 of 6 (both greedy: score_hysteresis, greedy acceptance).  Traced the same way but
+    not fused (``backend="aot_eager"``) all 6 equal the reference, so the differences come from Inductor's fused
+    floating point (rounding or tie-breaking), not from the tracing of the step's state writes."""
     family = "sdar"
     fixture, s2d2, budget = FAMILIES[family]
     sps = mixed(bandit=family != "llada2")
