@@ -773,6 +773,27 @@ async def diagnose(session, base: str, url: str, requests: list[PlannedRequest],
     return {"requested": len(requests), "run": len(rows), "kinds": _tally(rows, "kind"), "requests": rows}
 
 
+def compare_reruns(load: dict[int, Outcome], alone: dict[int, Outcome], batched: dict[int, Outcome],
+                   by_index: dict[int, PlannedRequest], by_ids: bool) -> tuple[dict, list[dict], list[dict]]:
+    """Each re-run against its run under load: ``(reruns, mismatches, failed)`` -- index -> (phase, outcome), the
+    completed re-runs that differ (with the request's options and :func:`compare`'s detail), the ones that did not
+    complete."""
+    reruns = {**{i: ("alone", o) for i, o in alone.items()}, **{i: ("batched", o) for i, o in batched.items()}}
+    mismatches, failed = [], []
+    for i, (phase, o) in sorted(reruns.items()):
+        p = by_index[i]
+        if o.category != "completed":
+            failed.append({"index": i, "phase": phase, "category": o.category, "message": o.message})
+            continue
+        diff = compare(load[i], o, by_ids)
+        if diff is not None:
+            mismatches.append({"index": i, "phase": phase, "policy": p.policy, "sampling": p.sampling,
+                               "stream": p.stream, "max_tokens": p.body.get("max_tokens"),
+                               "seed": p.body.get("seed"), "stop": p.body.get("stop"),
+                               "cached_tokens": [load[i].cached_tokens, o.cached_tokens], **diff})
+    return reruns, mismatches, failed
+
+
 async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     """The whole run; returns the record (verdict included)."""
     import aiohttp
@@ -823,10 +844,10 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
                                       "rerun")
             batched_s = time.monotonic() - t2
             m_after = await settled_metrics(session, base, cfg.settle_s)
-            differing = [i for i, o in sorted({**alone, **batched}.items())
-                         if o.category == "completed" and compare(load[i], o, by_ids) is not None]
-            diagnosis = await diagnose(session, base, url, [by_index[i] for i in differing[:cfg.diagnose]], load,
-                                       {**alone, **batched}, by_ids, cfg) if cfg.diagnose else None
+            reruns, mismatches, rerun_failed = compare_reruns(load, alone, batched, by_index, by_ids)
+            diagnosis = await diagnose(session, base, url, [by_index[m["index"]] for m in mismatches[:cfg.diagnose]],
+                                       load, {i: o for i, (_, o) in reruns.items()}, by_ids,
+                                       cfg) if cfg.diagnose else None
             health = await _health(session, base)
         finally:
             sampler_task.cancel()
@@ -850,19 +871,6 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
             bad_msgs[p.bad_name] = o.message
     record["bad_input_messages"] = dict(sorted(bad_msgs.items()))
 
-    reruns = {**{i: ("alone", o) for i, o in alone.items()}, **{i: ("batched", o) for i, o in batched.items()}}
-    mismatches, rerun_failed = [], []
-    for i, (phase, o) in sorted(reruns.items()):
-        p = by_index[i]
-        if o.category != "completed":
-            rerun_failed.append({"index": i, "phase": phase, "category": o.category, "message": o.message})
-            continue
-        diff = compare(load[i], o, by_ids)
-        if diff is not None:
-            mismatches.append({"index": i, "phase": phase, "policy": p.policy, "sampling": p.sampling,
-                               "stream": p.stream, "max_tokens": p.body.get("max_tokens"),
-                               "seed": p.body.get("seed"), "stop": p.body.get("stop"),
-                               "cached_tokens": [load[i].cached_tokens, o.cached_tokens], **diff})
     compared = [{"policy": by_index[i].policy, "sampling": by_index[i].sampling, "phase": phase}
                 for i, (phase, o) in reruns.items() if o.category == "completed"]
     resumed = None

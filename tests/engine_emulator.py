@@ -83,12 +83,12 @@ class Emulator:
         # vLLM's prefix cache across requests (with prefix_cache_block): every full block below a request's
         # computed tokens, keyed by the token ids up to its end (what vLLM's block hash chain encodes), found by any
         # later request -- a new one by its prompt, a resumed one by prompt + outputs.  Never evicted.
-        self.shared_prefix_cache = shared_prefix_cache
         self.shared_blocks: dict[tuple, list[tuple]] = {}  # tokens[:end] -> [(row, kv token, kv context)] x size
         self.shared_hits = 0  # requests that started after blocks another request computed
         pipelined = self.settings.info.pipelined
         # as the config hook sets it (D2F: never, its prompt is one bidirectional segment)
         self.chunked_prefill = bool(self.settings.config.cache_ver) and not pipelined
+        self.shared_prefix_cache = shared_prefix_cache and bool(prefix_cache_block) and self.chunked_prefill
         self.stepper = (WindowStepper if pipelined else S2D2Stepper)(max_num_reqs=max_num_reqs, block_size=self.settings.block_size,
                                    family=self.settings.info.family, mask_token_id=self.settings.mask_token_id,
                                    engine_config=self.settings.config, max_model_len=max_model_len, device="cpu",
@@ -119,7 +119,7 @@ class Emulator:
         self.sampler.next_request_id[req.slot] = req.req_id  # (as the model state hands it over)
         if saved is not None:
             self.sampler.next_saved[req.slot] = saved
-        if self.shared_prefix_cache and self.prefix_cache_block and self.chunked_prefill:
+        if self.shared_prefix_cache:
             self._lookup_shared(req, tokens)
         self.sampler.add_request(req.slot, len(req.prompt), req.sampling)
         self.sampler.apply_staged_writes()
@@ -288,7 +288,7 @@ class Emulator:
                 if reason:
                     r.finished, r.finish_reason = True, reason
                     break
-            if self.shared_prefix_cache and self.prefix_cache_block and self.chunked_prefill and not r.finished:
+            if self.shared_prefix_cache and not r.finished:
                 self._publish_shared(r)  # (vLLM caches blocks when it schedules; a finished request is not)
             if r.finished:
                 self._remove(r)

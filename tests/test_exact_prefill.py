@@ -142,9 +142,15 @@ def test_plan_cuts_token_causal_prefill_rows_into_w_token_chunks():
     assert plan_prefill_chunks(stepper, batch, np.array([-1]))[0].size == 0
 
 
-def test_exact_prefill_follows_batch_invariance_unless_the_env_says_otherwise():
-    assert exact_prefill_wanted(True, None) and exact_prefill_wanted(True, "")
-    assert not exact_prefill_wanted(False, None)
-    assert exact_prefill_wanted(False, "1") and not exact_prefill_wanted(True, "0")
+def test_exact_prefill_follows_batch_invariance_unless_the_env_says_otherwise(monkeypatch):
+    monkeypatch.delenv("VLLM_S2D2_EXACT_PREFILL", raising=False)
+    assert exact_prefill_wanted(True) and not exact_prefill_wanted(False)
+    monkeypatch.setenv("VLLM_S2D2_EXACT_PREFILL", "")
+    assert exact_prefill_wanted(True)
+    monkeypatch.setenv("VLLM_S2D2_EXACT_PREFILL", "1")
+    assert exact_prefill_wanted(False)
+    monkeypatch.setenv("VLLM_S2D2_EXACT_PREFILL", "0")
+    assert not exact_prefill_wanted(True)
+    monkeypatch.setenv("VLLM_S2D2_EXACT_PREFILL", "yes")
     with pytest.raises(ValueError, match="VLLM_S2D2_EXACT_PREFILL"):
-        exact_prefill_wanted(True, "yes")
+        exact_prefill_wanted(True)

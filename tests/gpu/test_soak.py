@@ -29,7 +29,8 @@ starts after it, one in flight ends within its 120 s deadline).  Re-running all 
 concurrency 1 would take ~30 min (the demo model streams ~140 tokens/s to a lone client, serve_bench at 7285040),
 so ``S2D2_SOAK_ALONE`` of them (32) run alone and the rest at ``S2D2_SOAK_RERUN_CONCURRENCY`` (32), in less KV
 pressure.  (At 851c6e7, with 64 alone and 16 at a time, the re-runs did not fit the budget beside the other test
-workers: 79 and 463 of 1,700 were never re-run, which fails a run as incomplete.)  Other knobs (environment): ``S2D2_SOAK_REQUESTS`` (2000), ``S2D2_SOAK_CONCURRENCY`` (64),
+workers: 79 and 463 of 1,700 were never re-run, which fails a run as incomplete.)  Other knobs (environment):
+``S2D2_SOAK_REQUESTS`` (2000), ``S2D2_SOAK_CONCURRENCY`` (64),
 ``S2D2_SOAK_MAX_SECONDS`` (330; whatever is not sent or re-run by then fails the run as incomplete -- lower
 ``S2D2_SOAK_ALONE`` first), ``S2D2_SOAK_GPU_BLOCKS`` (512), ``S2D2_SOAK_SEED`` (0), ``S2D2_SOAK_DIAGNOSE`` (8).
 """

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vllm_s2d2.core.masks import prefill_visibility, prefill_visibility_from_prompt
+from vllm_s2d2.engine.settings import env_switch
 
 Ranges = dict[int, list[tuple[int, int]]]
 
@@ -74,6 +75,14 @@ def kernel_visibility(q_pos: torch.Tensor, seq_len: int, ranges: list[tuple[int,
     return vis
 
 
+def batch_rows(input_batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per batch row of a step: its slot (int64), the tokens scheduled (int64) and whether it is prefilling."""
+    R = input_batch.num_reqs
+    return (np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64),
+            np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64),
+            np.asarray(input_batch.is_prefilling_np[:R], dtype=bool))
+
+
 class CanvasPlan(NamedTuple):
     """Host decision of one step: the slot of each batch row's canvas table (-1: stock attention) and whether
     the canvas kernel alone serves the step."""
@@ -89,9 +98,7 @@ def plan_canvas_rows(stepper, input_batch) -> CanvasPlan:
     prefill table, rows of no request the plugin tracks through the scratch slot's causal table."""
     st = stepper
     R = input_batch.num_reqs
-    slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
-    scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
-    prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
+    slots, scheduled, prefilling = batch_rows(input_batch)
     active = st.facts.active[slots]
     canvas_only = bool(R > 0 and (scheduled == st.W).all())
     if canvas_only:
@@ -106,14 +113,11 @@ def plan_canvas_rows(stepper, input_batch) -> CanvasPlan:
 EXACT_PREFILL_ENV = "VLLM_S2D2_EXACT_PREFILL"
 
 
-def exact_prefill_wanted(batch_invariant: bool, env: str | None) -> bool:
+def exact_prefill_wanted(batch_invariant: bool) -> bool:
     """Whether token-causal prefill rows go through the canvas kernel too (:func:`plan_prefill_chunks`): on with
     vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``) unless ``VLLM_S2D2_EXACT_PREFILL=0``; ``=1`` turns
     it on without them."""
-    value = (env or "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{EXACT_PREFILL_ENV}={env!r}: use 0 or 1")
-    return batch_invariant if value == "" else value == "1"
+    return env_switch(EXACT_PREFILL_ENV, batch_invariant)
 
 
 def plan_prefill_chunks(stepper, input_batch, canvas_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,10 +131,7 @@ def plan_prefill_chunks(stepper, input_batch, canvas_rows: np.ndarray) -> tuple[
     tiles whatever the step, so with vLLM's batch-invariant matmuls a token's K/V no longer depends on how it was
     scheduled.  Block-causal (no ``cache_ver``) and D2F prompts keep the stock launch with ranges."""
     st = stepper
-    R = input_batch.num_reqs
-    slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
-    scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
-    prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
+    slots, scheduled, prefilling = batch_rows(input_batch)
     token_causal = st.facts.cache_ver[slots] & (not st.layout.rules.pipelined)
     rows = np.nonzero(st.facts.active[slots] & prefilling & token_causal & (scheduled > 0) & (canvas_rows < 0))[0]
     counts = -(-scheduled[rows] // st.W)
@@ -177,10 +178,8 @@ def prefill_ranges(stepper, input_batch) -> Ranges | None:
     are attended by the canvas kernel)."""
     st = stepper
     R = input_batch.num_reqs
-    slots = np.asarray(input_batch.idx_mapping_np[:R], dtype=np.int64)
+    slots, scheduled, prefilling = batch_rows(input_batch)
     computed = np.asarray(input_batch.num_computed_tokens_np[:R], dtype=np.int64)
-    scheduled = np.asarray(input_batch.num_scheduled_tokens[:R], dtype=np.int64)
-    prefilling = np.asarray(input_batch.is_prefilling_np[:R], dtype=bool)
     ranges: Ranges = {}
     pipelined = st.layout.rules.pipelined  # D2F: the prompt is one bidirectional segment, even with cache_ver
     for i in np.nonzero(st.facts.active[slots] & prefilling & (~st.facts.cache_ver[slots] | pipelined))[0].tolist():

@@ -21,10 +21,11 @@ is not split this way yet.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, TypeVar
 
 import torch
+
+from vllm_s2d2.engine.settings import env_switch
 
 F = TypeVar("F", bound=Callable)
 
@@ -57,11 +58,7 @@ def wanted(device: torch.device, model_compiled: bool) -> bool:
     """Whether the step compiles its integer stages: only on a CUDA device; ``$VLLM_S2D2_COMPILE_STEP`` "1" / "0"
     forces yes / no, unset (or empty) follows ``model_compiled`` (vLLM compiles the model).  Any other value is a
     ``ValueError`` naming the variable."""
-    value = os.environ.get(COMPILE_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{COMPILE_ENV} must be 0 or 1 (or unset: follow vLLM's compilation mode), got {value!r}")
-    on = model_compiled if value == "" else value == "1"
-    return on and torch.device(device).type == "cuda"
+    return env_switch(COMPILE_ENV, model_compiled) and torch.device(device).type == "cuda"
 
 
 def core_wanted(step_compiled: bool) -> bool:
@@ -69,7 +66,4 @@ def core_wanted(step_compiled: bool) -> bool:
     the integer stages compiled.  Off by default: Inductor's fused kernels may round the sampling transform, the
     estimators and the acceptance test differently from the eager reference decoder.  Any value but "", "0",
     "1" is a ``ValueError`` naming the variable."""
-    value = os.environ.get(CORE_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{CORE_ENV} must be 0 or 1 (or unset: off), got {value!r}")
-    return step_compiled and value == "1"
+    return env_switch(CORE_ENV, False) and step_compiled

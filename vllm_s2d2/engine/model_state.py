@@ -93,10 +93,9 @@ class S2D2ModelState(ModelState):
         self._row_slot_turn = 0
         self._sampler = None
         # Exact prefill (token-causal prefill rows through the canvas kernel): with batch-invariant kernels.
-        self._exact_prefill = exact_prefill_wanted(bool(vllm_envs.VLLM_BATCH_INVARIANT),
-                                                   os.environ.get(EXACT_PREFILL_ENV))
-        self._causal_table = torch.ones(W, W, dtype=torch.int8, device=device).tril()[None].contiguous()
+        self._exact_prefill = exact_prefill_wanted(bool(vllm_envs.VLLM_BATCH_INVARIANT))
         if self._exact_prefill:
+            self._causal_table = torch.ones(W, W, dtype=torch.int8, device=device).tril()[None].contiguous()
             logger.info("S2D2: token-causal prefill rows go through the canvas kernel (exact prefill: a token's "
                         "K/V does not depend on how the step cut its row; %s=0 turns it off)", EXACT_PREFILL_ENV)
 
@@ -197,6 +196,7 @@ class S2D2ModelState(ModelState):
             max_seq_len = self.max_model_len
             ranges = None
             canvas_only = True
+            prefill_chunks = None
             self._set_row_slot(np.full(num_reqs, self.stepper.scratch, dtype=np.int32), num_reqs)
         else:
             max_seq_len = int(seq_lens_cpu_upper_bound[:num_reqs].max())
@@ -206,6 +206,8 @@ class S2D2ModelState(ModelState):
             if plan.prefill_rows.size:
                 write_prefill_tables(self.stepper, input_batch, plan.prefill_rows)
             self._set_row_slot(plan.row_slot, num_reqs)
+            exact = self._exact_prefill and not canvas_only
+            prefill_chunks = self._prefill_chunks(input_batch, plan.row_slot) if exact else None
         metadata = build_attn_metadata(
             attn_groups=attn_groups,
             num_reqs=num_reqs,
@@ -226,10 +228,8 @@ class S2D2ModelState(ModelState):
             for_cudagraph_capture=for_capture,
             causal=True,
         )
-        canvas = CanvasInputs(self.stepper.blocks.canvas_tables, self._row_slot[:num_reqs], canvas_only)
-        if self._exact_prefill and not canvas_only:
-            canvas.prefill_chunks = self._prefill_chunks(input_batch, plan.row_slot)
-            canvas.prefill_tables = self._causal_table
+        canvas = CanvasInputs(self.stepper.blocks.canvas_tables, self._row_slot[:num_reqs], canvas_only,
+                              prefill_chunks, None if prefill_chunks is None else self._causal_table)
         for md in {id(m): m for m in metadata.values()}.values():
             md.s2d2_canvas = canvas
         return metadata
