@@ -23,7 +23,8 @@
 #           (suite_a + suite_b = the whole single-GPU suite in less device time than tests1 + tests2: no demo and
 #           no quality run; all of it in one call at -n 12 ran out of its 555 s at a2595e8, every test ~2x slower)
 #   serve   benchmarks/serve_bench.py: vllm-ar (the baseline, first), threshold, s2d2 servers of the demo
-#           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~5.5 min)
+#           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~5.5 min);
+#           SERVE_MODES overrides the list
 #   tp2     test_tp2 (a two-GPU host only)
 #   pick    TESTS="<pytest node ids>" [WORKERS=2]: the named GPU tests only (a short device budget)
 #
@@ -104,8 +105,8 @@ case $call in
       tests/gpu/test_engine_d2f_gpu.py tests/gpu/test_lm_eval_gpu.py ;;
   serve)
     # vllm-ar (the baseline, first), the threshold baseline and S2D2: at 851c6e7 four servers (with the plugin's AR
-    # mode) did not fit 470 s
-    timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --modes vllm-ar,threshold,s2d2 --out "$dest/serve_bench.json" \
+    # mode) did not fit 470 s.  SERVE_MODES=vllm-ar,s2d2 (say) runs fewer servers when the device time is short.
+    timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --modes "${SERVE_MODES:-vllm-ar,threshold,s2d2}" --out "$dest/serve_bench.json" \
       > "$dest/serve.log" 2>&1
     echo "serve exit $? after $SECONDS s" >> "$dest/serve.log"
     tail -n 30 "$dest/serve.log" ;;
