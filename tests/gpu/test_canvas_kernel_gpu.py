@@ -35,3 +35,21 @@ def test_exact_prefill_gives_a_query_the_same_bits_however_its_row_was_cut():
     result = run_exact("cuda", env)
     assert result["num_problems"] == 0, result["problems"]
     assert result["worst"] < 1e-2
+
+
+def test_fixed_order_reductions_give_a_request_the_same_step_bits_alone_and_in_a_batch():
+    """The step's vocabulary math with the fixed-order kernels (on under ``VLLM_BATCH_INVARIANT=1``) at the full
+    Qwen vocabulary: every request's probabilities, statistics, tokens and verdict are bit-identical alone and in
+    a batch of 35.  The record also counts the (row, quantity) pairs the plain torch path changes (not asserted:
+    that is the motivation, measured)."""
+    from gpu_records import write_record
+    from test_fixed_order_reductions import run_script as run_fixed
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    result = run_fixed("cuda", env, vocab=151936)
+    write_record("fixed_order_reductions", "test_canvas_kernel_gpu.py::test_fixed_order_reductions", result)
+    assert result["used_kernels"]
+    assert result["problems"] == []
+    assert result["worst"] < 1e-5 and result["moved_cuts"] <= 2
+    assert result["onehot"] and result["monotone"]

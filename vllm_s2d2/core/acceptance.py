@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_s2d2.core import reductions
 from vllm_s2d2.core.sampling import categorical
 
 P_FLOOR = 1e-12
@@ -67,7 +68,7 @@ def accept_span(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor, span: tor
     q_j = q.gather(1, jj).squeeze(1)
     p_j = p.gather(1, jj).squeeze(1)
     residual = (q_j - p_j).clamp_min(0.0)
-    mass = residual.sum(dim=-1, keepdim=True)
+    mass = reductions.row_sum(residual)[:, None]
     use_residual = (mass > 0) & torch.isfinite(mass)
     resampled = categorical(torch.where(use_residual, residual, q_j), u_resample)
     correction = torch.where(greedy, q_argmax.gather(1, j.clamp(max=B - 1)[:, None]).squeeze(1), resampled)

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_s2d2.core import reductions
 from vllm_s2d2.s2d2_config import ESTIMATORS
 
 (SOFT_ENTROPY_NEGEXP, HARD_MARGIN_THRESHOLD, SOFT_RENYI_2_ENTROPY, SOFT_CONFIDENCE_POWER,
@@ -28,9 +29,9 @@ def draft_stats(probs: torch.Tensor) -> DraftStats:
     is one op with at most one ``[R, B, V]`` temporary (``entr`` is -p ln p, 0 at p = 0; ``vecdot`` reduces
     without one)."""
     V = probs.shape[-1]
-    entropy = torch.special.entr(probs).sum(dim=-1) / math.log(V)
+    entropy = reductions.row_sum(torch.special.entr(probs)) / math.log(V)
     top2 = probs.topk(2, dim=-1).values
-    return DraftStats(entropy, top2[..., 0] - top2[..., 1], torch.linalg.vecdot(probs, probs))
+    return DraftStats(entropy, top2[..., 0] - top2[..., 1], reductions.row_dot(probs, probs))
 
 
 def acceptance_estimate(estimator: torch.Tensor, stats: DraftStats, p0: torch.Tensor, *,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_s2d2.core import reductions
+
 GREEDY_TEMPERATURE = 1e-6
 
 
@@ -43,7 +45,7 @@ def transform_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     if top_k is not None or top_p is not None:
         filtered = _filter(x, top_k, top_p)
         x = torch.where(greedy[:, None, None], x, filtered)
-    return torch.softmax(x, dim=-1)
+    return reductions.softmax(x)
 
 
 def _filter(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -56,8 +58,8 @@ def _filter(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | N
         x = torch.where(x >= kth, x, torch.full_like(x, neg_inf))
         sorted_x = torch.where(sorted_x >= kth, sorted_x, torch.full_like(sorted_x, neg_inf))
     if top_p is not None:
-        sp = torch.softmax(sorted_x, dim=-1)
-        exclusive = torch.cumsum(sp, dim=-1) - sp
+        sp = reductions.softmax(sorted_x)
+        exclusive = reductions.cumsum(sp) - sp
         remove_sorted = (exclusive > top_p[:, None, None]) & (top_p < 1.0)[:, None, None]
         remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
         x = torch.where(remove, torch.full_like(x, neg_inf), x)
@@ -66,7 +68,7 @@ def _filter(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | N
 
 def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from ``probs [..., V]`` with one uniform ``u [...]`` per row; never picks p = 0."""
-    cdf = torch.cumsum(probs.float(), dim=-1)
+    cdf = reductions.cumsum(probs.float())
     target = (u.clamp(max=1.0 - 2.0 ** -24) * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
     return idx.clamp(max=probs.shape[-1] - 1)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vllm_s2d2.core.masks import prefill_visibility, prefill_visibility_from_prompt
-from vllm_s2d2.engine.settings import env_switch
+from vllm_s2d2.env import env_switch
 
 Ranges = dict[int, list[tuple[int, int]]]
 

@@ -25,7 +25,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from vllm_s2d2.engine.settings import env_switch
+from vllm_s2d2.env import env_switch
 
 F = TypeVar("F", bound=Callable)
 

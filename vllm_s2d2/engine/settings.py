@@ -20,7 +20,6 @@ This module imports nothing from vLLM, so the CPU tests and the frontend can use
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -32,15 +31,6 @@ EXTRA_ARGS_KEY = "s2d2"
 
 # Architectures the engine runs (models registered by ``register()``): every block-diffusion family.
 ENGINE_ARCHS = tuple(ARCH_TO_FAMILY)
-
-
-def env_switch(name: str, default: bool) -> bool:
-    """A 0 / 1 switch from the environment: "1" on, "0" off, unset or empty ``default``.  Any other value is a
-    ``ValueError`` naming the variable."""
-    value = os.environ.get(name, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{name} must be 0 or 1 (or unset), got {value!r}")
-    return default if value == "" else value == "1"
 
 
 def canvas_length(block_size: int) -> int:

@@ -1,0 +1,69 @@
+"""The step's reductions over the vocabulary: softmax, row sums and prefix sums, batch-invariant when asked.
+
+With vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``) a request's logits no longer depend on the batch
+around it, but PyTorch's own reductions still do: a sum over V floats is split over more thread blocks when the
+batch has fewer rows, and vLLM's batch-invariant ``softmax`` sums with such a reduction; a one-row prefix sum
+takes another algorithm than a many-row one.  The step's probabilities, entropies, Renyi sums and
+inverse-CDF draws would then move in their last bits with the batch, and S2D2's thresholds and acceptance tests
+flip on such bits now and then.  :func:`fixed_order_wanted` turns on the fixed-order Triton kernels of
+:mod:`vllm_s2d2.kernels.row_reductions` for CUDA tensors (and for CPU tensors under Triton's interpreter, for
+the tests); otherwise these are the plain torch operations.
+
+``VLLM_S2D2_FIXED_ORDER_REDUCTIONS``: ``1`` on, ``0`` off, unset: on exactly when ``VLLM_BATCH_INVARIANT=1``.
+Read at each call (a host-side fact: a CUDA graph keeps the branch it was captured with).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vllm_s2d2.env import env_switch
+
+FIXED_ORDER_ENV = "VLLM_S2D2_FIXED_ORDER_REDUCTIONS"
+
+
+def fixed_order_wanted() -> bool:
+    """Whether the step's vocabulary reductions use the fixed-order kernels (see the module docstring)."""
+    return env_switch(FIXED_ORDER_ENV, os.environ.get("VLLM_BATCH_INVARIANT", "0").strip() == "1")
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    if not fixed_order_wanted():
+        return False
+    if x.is_cuda:
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(x, -1)`` (fp32 input)."""
+    if _use_kernels(x):
+        from vllm_s2d2.kernels import row_reductions
+        return row_reductions.softmax(x)
+    return torch.softmax(x, dim=-1)
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(-1)`` (fp32 input)."""
+    if _use_kernels(x):
+        from vllm_s2d2.kernels import row_reductions
+        return row_reductions.row_sum(x)
+    return x.sum(dim=-1)
+
+
+def row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.vecdot(x, y)`` (fp32 inputs of one shape)."""
+    if _use_kernels(x):
+        from vllm_s2d2.kernels import row_reductions
+        return row_reductions.row_sum(x * y)
+    return torch.linalg.vecdot(x, y)
+
+
+def cumsum(x: torch.Tensor) -> torch.Tensor:
+    """``torch.cumsum(x, -1)`` (fp32 input)."""
+    if _use_kernels(x):
+        from vllm_s2d2.kernels import row_reductions
+        return row_reductions.cumsum(x)
+    return torch.cumsum(x, dim=-1)

@@ -1,0 +1,116 @@
+"""Vocabulary-row reductions in a fixed order: one Triton program per row, the same summation order whatever the
+number of rows (docs/architecture.md, "Batch-invariant step math").
+
+PyTorch's CUDA reductions pick their launch shape from the number of outputs: a sum over a row of V = 151,936
+floats is split over several thread blocks when there are few rows and over one when there are many, so the
+same row sums to different last bits alone and in a batch.  vLLM's batch-invariant mode (``VLLM_BATCH_INVARIANT=1``)
+makes GEMMs and attention batch-invariant and replaces ``torch.softmax`` by ``amax`` / ``exp`` / ``torch.sum``,
+whose sum is such a reduction.  These kernels give a row's softmax, sum and prefix sum the same bits in any
+batch: each program walks its row in ``BLOCK``-wide chunks in order and reduces its accumulator with one
+``tl.sum`` / ``tl.cumsum`` of fixed shape.
+
+Inputs are fp32 ``[..., V]`` (contiguous in the last dimension); outputs are fp32.  Used through
+:mod:`vllm_s2d2.core.reductions`, which decides when.  The module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is present wherever vLLM is
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+BLOCK = 2048
+NUM_WARPS = 8
+
+if triton is not None:
+
+    @triton.jit
+    def _softmax_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        out_row = out_ptr + row * stride_out
+        offs = tl.arange(0, BLOCK)
+        running_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            running_max = tl.maximum(running_max, tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")))
+        row_max = tl.max(running_max, axis=0)
+        partial = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf"))
+            partial += tl.where(cols < n_cols, tl.exp(x - row_max), 0.0)
+        total = tl.sum(partial, axis=0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf"))
+            tl.store(out_row + cols, tl.exp(x - row_max) / total, mask=cols < n_cols)
+
+    @triton.jit
+    def _sum_kernel(x_ptr, out_ptr, n_cols, stride_x, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        offs = tl.arange(0, BLOCK)
+        partial = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            partial += tl.load(x_row + cols, mask=cols < n_cols, other=0.0)
+        tl.store(out_ptr + row, tl.sum(partial, axis=0))
+
+    @triton.jit
+    def _cumsum_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        out_row = out_ptr + row * stride_out
+        offs = tl.arange(0, BLOCK)
+        carry = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            prefix = tl.cumsum(tl.load(x_row + cols, mask=cols < n_cols, other=0.0), axis=0) + carry
+            tl.store(out_row + cols, prefix, mask=cols < n_cols)
+            # the chunk's last prefix carries over exactly (a sum of one value and zeros), so the prefix sums
+            # stay monotone across chunks for non-negative inputs
+            carry = tl.sum(tl.where(offs == BLOCK - 1, prefix, 0.0), axis=0)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a fp32 ``[N, V]`` tensor with unit stride along V (a view where it already is one)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension; fp32, the shape of ``x``."""
+    rows = _rows(x)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
+    if rows.numel():
+        _softmax_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), BLOCK=BLOCK,
+                                          num_warps=NUM_WARPS)
+    return out.view(x.shape)
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension; fp32, ``x.shape[:-1]``."""
+    rows = _rows(x)
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    if rows.shape[0]:
+        _sum_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out.view(x.shape[:-1])
+
+
+def cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive prefix sum over the last dimension; fp32, the shape of ``x``."""
+    rows = _rows(x)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
+    if rows.numel():
+        _cumsum_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), BLOCK=BLOCK,
+                                         num_warps=NUM_WARPS)
+    return out.view(x.shape)
