@@ -1,7 +1,8 @@
 """Fixed-order vocabulary reductions (:mod:`vllm_s2d2.core.reductions`, :mod:`vllm_s2d2.kernels.row_reductions`).
 
 The property that matters for the batch-invariant soak: a request's step math -- its probabilities under the
-sampling transform (top-k / top-p included), entropy, Renyi sum, drawn tokens, acceptance and the resampled
+sampling transform (top-k / top-p included), entropy, Renyi sum, expected accepted length (a product scan over
+the block), drawn tokens, acceptance and the resampled
 correction -- has the same bits whether the request is computed alone or among other rows.  The script below
 runs the core functions on a batch and on each request alone and compares bit for bit, and compares the kernels
 with the plain torch operations.  Under Triton's CPU interpreter here; compiled on CUDA in
@@ -23,7 +24,7 @@ SCRIPT = textwrap.dedent(r'''
     import json, os, sys, torch
     from vllm_s2d2.core import reductions
     from vllm_s2d2.core.sampling import transform_probs, sample, categorical
-    from vllm_s2d2.core.estimators import draft_stats
+    from vllm_s2d2.core.estimators import draft_stats, expected_accepted
     from vllm_s2d2.core.acceptance import accept_span
 
     DEV, V = sys.argv[1], int(sys.argv[2])
@@ -51,7 +52,8 @@ SCRIPT = textwrap.dedent(r'''
         verdict = accept_span(tokens, p, q, torch.ones(r, B, dtype=torch.bool, device=p.device), u[sl], u_res[sl],
                               greedy=greedy[sl], ratio_tempering=ones, allow_resample=torch.ones_like(greedy[sl]),
                               ratio_threshold=-ones, keep_rejected_draft=True)
-        return {"p": p, "q": q, "entropy": stats.entropy, "margin": stats.margin, "renyi2": stats.renyi2,
+        k_hat = expected_accepted(p0, torch.ones(r, B, dtype=torch.bool, device=p.device))
+        return {"p": p, "q": q, "entropy": stats.entropy, "margin": stats.margin, "renyi2": stats.renyi2, "k_hat": k_hat,
                 "tokens": tokens, "p0": p0, "commit": verdict.commit, "verdict_tokens": verdict.tokens,
                 "ratio": verdict.ratio}
 
@@ -77,7 +79,7 @@ SCRIPT = textwrap.dedent(r'''
     same_support = {k: ((fixed[k] > 0) == (plain[k] > 0)).all(-1) for k in ("p", "q")}
     moved_cuts = sum(int((~m).sum()) for m in same_support.values())
     worst = max([float((fixed[k] - plain[k])[same_support[k]].abs().max()) for k in ("p", "q")]
-                + [float((fixed[k] - plain[k]).abs().max()) for k in ("entropy", "renyi2", "p0")])
+                + [float((fixed[k] - plain[k]).abs().max()) for k in ("entropy", "renyi2", "p0", "k_hat")])
     same_tokens = bool(torch.equal(fixed["tokens"], plain["tokens"]) and torch.equal(fixed["commit"], plain["commit"]))
     # the kernels alone: prefix sums stay monotone for non-negative rows, a row of -inf but one entry is one-hot
     x = dev(torch.full((3, V), float("-inf")))
@@ -138,3 +140,16 @@ def test_cpu_tensors_take_the_torch_path_without_the_interpreter(monkeypatch):
     assert torch.equal(reductions.row_sum(x), x.sum(-1))
     assert torch.equal(reductions.cumsum(x), torch.cumsum(x, -1))
     assert torch.equal(reductions.row_dot(x, x), torch.linalg.vecdot(x, x))
+
+
+def test_fixed_order_cumprod_is_the_product_scan(monkeypatch):
+    import torch
+
+    x = torch.rand(5, 7) * 1.5
+    monkeypatch.setenv(reductions.FIXED_ORDER_ENV, "0")
+    assert torch.equal(reductions.cumprod(x), torch.cumprod(x, -1))
+    monkeypatch.setenv(reductions.FIXED_ORDER_ENV, "1")
+    scan = reductions.cumprod(x)
+    assert torch.allclose(scan, torch.cumprod(x, -1), rtol=1e-6, atol=0)
+    assert torch.equal(reductions.cumprod(x[2:3]), scan[2:3])
+    assert torch.equal(reductions.cumprod(x[:, :1]), x[:, :1])

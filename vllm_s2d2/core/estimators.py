@@ -65,4 +65,4 @@ def acceptance_estimate(estimator: torch.Tensor, stats: DraftStats, p0: torch.Te
 def expected_accepted(alpha: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
     """K-hat = sum_{k=1}^{|span|} prod_{i<=k} alpha_i over the span positions (``span`` bool [R, B])."""
     a = torch.where(span, alpha, torch.ones_like(alpha))
-    return (torch.cumprod(a, dim=1) * span).sum(dim=1)
+    return reductions.row_sum(reductions.cumprod(a) * span)

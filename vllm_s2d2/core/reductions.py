@@ -67,3 +67,16 @@ def cumsum(x: torch.Tensor) -> torch.Tensor:
         from vllm_s2d2.kernels import row_reductions
         return row_reductions.cumsum(x)
     return torch.cumsum(x, dim=-1)
+
+
+def cumprod(x: torch.Tensor) -> torch.Tensor:
+    """``torch.cumprod(x, -1)`` for short rows (a block's positions).  Fixed order: a Hillis-Steele scan of
+    elementwise products (log2 of the row length passes), the same association for every row, where
+    ``torch.cumprod`` runs another algorithm for a one-row tensor than for a many-row one."""
+    if not fixed_order_wanted():
+        return torch.cumprod(x, dim=-1)
+    out, shift = x, 1
+    while shift < x.shape[-1]:
+        out = torch.cat([out[..., :shift], out[..., shift:] * out[..., :-shift]], dim=-1)
+        shift *= 2
+    return out

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from vllm_s2d2.core import pipeline, rng
+from vllm_s2d2.core import pipeline, reductions, rng
 from vllm_s2d2.core.acceptance import accept_span
 from vllm_s2d2.core.estimators import acceptance_estimate, draft_stats, expected_accepted
 from vllm_s2d2.core.params import FamilyRules, StepParams
@@ -178,7 +178,7 @@ def _route_draft(probs, p0, block: BlockState, params: StepParams, policy_state:
         window.tokens.shape[2], dim=1)
     window_size = ucb_region.sum(dim=1)
     entropy_over = torch.where(params.ucb_entropy_masked[:, None], eligible, span.mask)
-    mean_entropy = (stats.entropy * entropy_over).sum(1) / entropy_over.sum(1).clamp_min(1)
+    mean_entropy = reductions.row_sum(stats.entropy * entropy_over) / entropy_over.sum(1).clamp_min(1)
     progress = (~is_mask & block.editable & ucb_region).sum(dim=1).float() / window_size.clamp_min(1)
     bucket = ucb_bucket(span.length, window_size, progress, mean_entropy)
     routed = params.verify & (span.length > 0)
