@@ -12,7 +12,8 @@ Two servers, the same load (``kernels``):
 
 * ``batch_invariant`` (``VLLM_BATCH_INVARIANT=1``: vLLM's batch-invariant kernels; the plugin's attention backend
   is vLLM's Triton backend, which supports it, plus the canvas kernel, which computes each row alone and, in this
-  mode, the token-causal prefill rows too -- exact prefill, ``vllm_s2d2.engine.attention.plan_prefill_chunks``): every
+  mode, the token-causal prefill rows too -- exact prefill, ``vllm_s2d2.engine.attention.plan_prefill_chunks`` --
+  and the decode step's vocabulary reductions run in a fixed order, ``vllm_s2d2.core.reductions``): every
   #17 criterion, **each re-run equal token for token to the run under load** included.  Only in this mode does vLLM
   make a request's logits independent of the batch around it, so only here is equality a property to demand.
 * ``default`` (vLLM's default kernels, what ``vllm serve`` runs): every criterion but equality, which is counted
