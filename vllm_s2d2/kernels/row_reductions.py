@@ -29,10 +29,14 @@ NUM_WARPS = 8
 if triton is not None:
 
     @triton.jit
-    def _softmax_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
+    def _this_row(x_ptr, out_ptr, stride_x, stride_out):
+        # this program's row of the input and of the output
         row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * stride_x
-        out_row = out_ptr + row * stride_out
+        return x_ptr + row * stride_x, out_ptr + row * stride_out
+
+    @triton.jit
+    def _softmax_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
+        x_row, out_row = _this_row(x_ptr, out_ptr, stride_x, stride_out)
         offs = tl.arange(0, BLOCK)
         running_max = tl.full([BLOCK], float("-inf"), tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -52,20 +56,17 @@ if triton is not None:
 
     @triton.jit
     def _sum_kernel(x_ptr, out_ptr, n_cols, stride_x, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * stride_x
+        x_row, out_at = _this_row(x_ptr, out_ptr, stride_x, 1)
         offs = tl.arange(0, BLOCK)
         partial = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             partial += tl.load(x_row + cols, mask=cols < n_cols, other=0.0)
-        tl.store(out_ptr + row, tl.sum(partial, axis=0))
+        tl.store(out_at, tl.sum(partial, axis=0))
 
     @triton.jit
     def _cumsum_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * stride_x
-        out_row = out_ptr + row * stride_out
+        x_row, out_row = _this_row(x_ptr, out_ptr, stride_x, stride_out)
         offs = tl.arange(0, BLOCK)
         carry = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
         for start in range(0, n_cols, BLOCK):
@@ -87,14 +88,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension; fp32, the shape of ``x``."""
+def _row_to_row(kernel, x: torch.Tensor) -> torch.Tensor:
+    """``kernel`` over every row of ``x``, writing a fp32 row of the same length per row."""
     rows = _rows(x)
     out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
     if rows.numel():
-        _softmax_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), BLOCK=BLOCK,
-                                          num_warps=NUM_WARPS)
+        kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), BLOCK=BLOCK,
+                                 num_warps=NUM_WARPS)
     return out.view(x.shape)
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension; fp32, the shape of ``x``."""
+    return _row_to_row(_softmax_kernel, x)
+
+
+def cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive prefix sum over the last dimension; fp32, the shape of ``x``."""
+    return _row_to_row(_cumsum_kernel, x)
 
 
 def row_sum(x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +115,3 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         _sum_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out.view(x.shape[:-1])
-
-
-def cumsum(x: torch.Tensor) -> torch.Tensor:
-    """Inclusive prefix sum over the last dimension; fp32, the shape of ``x``."""
-    rows = _rows(x)
-    out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
-    if rows.numel():
-        _cumsum_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), BLOCK=BLOCK,
-                                         num_warps=NUM_WARPS)
-    return out.view(x.shape)
