@@ -6,7 +6,7 @@ For rows of V = 151,936 fp32 logits, batches of 1 .. 1,024 rows:
 * ``variant``: for each operation, how many of the first rows differ to the bit between the row computed alone
   and inside the batch -- ``torch.softmax`` (vLLM's default-kernel path), vLLM's batch-invariant softmax recipe
   (``amax`` / ``exp`` / ``torch.sum``, what ``VLLM_BATCH_INVARIANT=1`` installs), ``torch.sum``,
-  ``torch.cumsum``, and the fixed-order kernels (which must show 0);
+  ``torch.cumsum``, and the fixed-order versions (the Triton kernels, the integer prefix sum), which must show 0;
 * ``ms``: median time per call (CUDA events, after warm-up) of each.
 
 Needs torch and Triton only (no vLLM): ``python benchmarks/reductions_bench.py --out r.json``.  The record starts
@@ -16,6 +16,7 @@ with the call's metadata (commit, device, torch).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_records  # noqa: E402
 
+from vllm_s2d2.core import reductions  # noqa: E402
 from vllm_s2d2.kernels import row_reductions  # noqa: E402
+
+os.environ[reductions.FIXED_ORDER_ENV] = "1"  # reductions.cumsum: the fixed-order (integer) prefix sum
 
 V = 151_936
 
@@ -44,7 +48,7 @@ OPS = {
     "torch.cumsum": lambda x: torch.cumsum(x, dim=-1),
     "fixed.softmax": row_reductions.softmax,
     "fixed.row_sum": row_reductions.row_sum,
-    "fixed.cumsum": row_reductions.cumsum,
+    "fixed.cumsum": reductions.cumsum,
 }
 
 

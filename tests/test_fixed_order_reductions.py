@@ -88,9 +88,10 @@ SCRIPT = textwrap.dedent(r'''
     onehot = bool(torch.equal(reductions.softmax(x)[:, 11], dev(torch.ones(3))))
     c = reductions.cumsum(fixed["p"])
     monotone = bool((c[..., 1:] >= c[..., :-1]).all())
+    flat_at_zeros = bool((c[..., 1:] == c[..., :-1])[fixed["p"][..., 1:] == 0].all())
     used_kernels = reductions._use_kernels(x)
     print("RESULT=" + json.dumps({"problems": problems, "moved_cuts": moved_cuts, "torch_variant": torch_variant, "worst": worst,
-                                  "same_tokens": same_tokens, "onehot": onehot, "monotone": monotone,
+                                  "same_tokens": same_tokens, "onehot": onehot, "monotone": monotone, "flat_at_zeros": flat_at_zeros,
                                   "used_kernels": used_kernels}))
 ''')
 
@@ -110,7 +111,7 @@ def test_a_request_gets_the_same_step_bits_alone_and_in_a_batch_under_the_interp
     assert result["problems"] == []
     assert result["worst"] < 1e-5  # the same numbers as the torch operations, up to summation order
     assert result["moved_cuts"] <= 2  # of 140 positions
-    assert result["same_tokens"] and result["onehot"] and result["monotone"]
+    assert result["same_tokens"] and result["onehot"] and result["monotone"] and result["flat_at_zeros"]
 
 
 def test_the_switch_follows_batch_invariant_mode(monkeypatch):
@@ -130,6 +131,7 @@ def test_the_switch_follows_batch_invariant_mode(monkeypatch):
 
 
 def test_cpu_tensors_take_the_torch_path_without_the_interpreter(monkeypatch):
+    """(The fixed-order prefix sum needs no kernel: integers, on every device; the next test.)"""
     import torch
 
     monkeypatch.setenv(reductions.FIXED_ORDER_ENV, "1")
@@ -138,8 +140,21 @@ def test_cpu_tensors_take_the_torch_path_without_the_interpreter(monkeypatch):
     assert not reductions._use_kernels(x)
     assert torch.equal(reductions.softmax(x), torch.softmax(x, -1))
     assert torch.equal(reductions.row_sum(x), x.sum(-1))
-    assert torch.equal(reductions.cumsum(x), torch.cumsum(x, -1))
     assert torch.equal(reductions.row_dot(x, x), torch.linalg.vecdot(x, x))
+
+
+def test_fixed_order_cumsum_is_exact_in_integers(monkeypatch):
+    import torch
+
+    monkeypatch.setenv(reductions.FIXED_ORDER_ENV, "1")
+    p = torch.softmax(torch.randn(3, 5000) * 5, -1)
+    p[:, 100:200] = 0.0
+    c = reductions.cumsum(p)
+    assert torch.allclose(c, torch.cumsum(p, -1), atol=1e-6, rtol=0)
+    assert bool((c[:, 1:] >= c[:, :-1]).all()) and bool((c[:, 100:200] == c[:, 99:100]).all())
+    assert torch.equal(reductions.cumsum(p[1:2]), c[1:2])
+    # the same bits however the row is cut: integer sums do not depend on their order
+    assert torch.equal(reductions.cumsum(p.flip(-1)).flip(-1)[:, 0], c[:, -1])
 
 
 def test_fixed_order_cumprod_is_the_product_scan(monkeypatch):

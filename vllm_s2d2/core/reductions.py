@@ -9,6 +9,8 @@ flip on such bits now and then.  :func:`fixed_order_wanted` turns on the fixed-o
 :mod:`vllm_s2d2.kernels.row_reductions` for CUDA tensors (and for CPU tensors under Triton's interpreter, for
 the tests); otherwise these are the plain torch operations.
 
+Prefix sums need no kernel: in fixed-order mode they are integer sums (:func:`cumsum`), exact in any order.
+
 ``VLLM_S2D2_FIXED_ORDER_REDUCTIONS``: ``1`` on, ``0`` off, unset: on exactly when ``VLLM_BATCH_INVARIANT=1``.
 Read at each call (a host-side fact: a CUDA graph keeps the branch it was captured with).
 """
@@ -61,12 +63,19 @@ def row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(x, y)
 
 
+FIXED_POINT_ONE = 2 ** 40  # a probability's unit in the fixed-order prefix sum
+
+
 def cumsum(x: torch.Tensor) -> torch.Tensor:
-    """``torch.cumsum(x, -1)`` (fp32 input)."""
-    if _use_kernels(x):
-        from vllm_s2d2.kernels import row_reductions
-        return row_reductions.cumsum(x)
-    return torch.cumsum(x, dim=-1)
+    """``torch.cumsum(x, -1)`` of probabilities (fp32 in [0, 1]).  Fixed order: in integers -- each value
+    floored to a multiple of 2**-40, summed exactly in int64 and converted back -- so the result depends on no
+    summation order at all, never decreases, and stays flat across a zero (an inverse-CDF draw never lands on a
+    probability-0 token; a float scan in parallel tiles guarantees neither: it rounded 4 of 4 rows differently
+    alone than in a batch on an H100, benchmarks/reductions_bench.py)."""
+    if not fixed_order_wanted():
+        return torch.cumsum(x, dim=-1)
+    units = torch.floor(x.float() * FIXED_POINT_ONE).long()  # exact: x <= 1 and the scale is a power of two
+    return (torch.cumsum(units, dim=-1).double() / FIXED_POINT_ONE).float()
 
 
 def cumprod(x: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,10 @@ PyTorch's CUDA reductions pick their launch shape from the number of outputs: a 
 floats is split over several thread blocks when there are few rows and over one when there are many, so the
 same row sums to different last bits alone and in a batch.  vLLM's batch-invariant mode (``VLLM_BATCH_INVARIANT=1``)
 makes GEMMs and attention batch-invariant and replaces ``torch.softmax`` by ``amax`` / ``exp`` / ``torch.sum``,
-whose sum is such a reduction.  These kernels give a row's softmax, sum and prefix sum the same bits in any
-batch: each program walks its row in ``BLOCK``-wide chunks in order and reduces its accumulator with one
-``tl.sum`` / ``tl.cumsum`` of fixed shape.
+whose sum is such a reduction.  These kernels give a row's softmax and sum the same bits in any batch: each
+program walks its row in ``BLOCK``-wide chunks in order and reduces its accumulator with one ``tl.sum`` of fixed
+shape.  (Prefix sums are done in integers instead, :func:`vllm_s2d2.core.reductions.cumsum`: a parallel scan
+in floats is neither batch-invariant nor monotone.)
 
 Inputs are fp32 ``[..., V]`` (contiguous in the last dimension); outputs are fp32.  Used through
 :mod:`vllm_s2d2.core.reductions`, which decides when.  The module imports nothing from the package.
@@ -64,19 +65,6 @@ if triton is not None:
             partial += tl.load(x_row + cols, mask=cols < n_cols, other=0.0)
         tl.store(out_at, tl.sum(partial, axis=0))
 
-    @triton.jit
-    def _cumsum_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
-        x_row, out_row = _this_row(x_ptr, out_ptr, stride_x, stride_out)
-        offs = tl.arange(0, BLOCK)
-        carry = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + offs
-            prefix = tl.cumsum(tl.load(x_row + cols, mask=cols < n_cols, other=0.0), axis=0) + carry
-            tl.store(out_row + cols, prefix, mask=cols < n_cols)
-            # the chunk's last prefix carries over exactly (a sum of one value and zeros), so the prefix sums
-            # stay monotone across chunks for non-negative inputs
-            carry = tl.sum(tl.where(offs == BLOCK - 1, prefix, 0.0), axis=0)
-
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a fp32 ``[N, V]`` tensor with unit stride along V (a view where it already is one)."""
@@ -88,24 +76,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def _row_to_row(kernel, x: torch.Tensor) -> torch.Tensor:
-    """``kernel`` over every row of ``x``, writing a fp32 row of the same length per row."""
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension; fp32, the shape of ``x``."""
     rows = _rows(x)
     out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
     if rows.numel():
-        kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), BLOCK=BLOCK,
-                                 num_warps=NUM_WARPS)
+        _softmax_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), out.stride(0), BLOCK=BLOCK,
+                                          num_warps=NUM_WARPS)
     return out.view(x.shape)
-
-
-def softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension; fp32, the shape of ``x``."""
-    return _row_to_row(_softmax_kernel, x)
-
-
-def cumsum(x: torch.Tensor) -> torch.Tensor:
-    """Inclusive prefix sum over the last dimension; fp32, the shape of ``x``."""
-    return _row_to_row(_cumsum_kernel, x)
 
 
 def row_sum(x: torch.Tensor) -> torch.Tensor:

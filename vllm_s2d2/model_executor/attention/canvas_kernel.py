@@ -39,14 +39,14 @@ if triton is not None:
         prog = tl.program_id(0)
         kvh = tl.program_id(1)
         slot = tl.load(row_slot_ptr + prog)
-        if CHUNKED:  # program -> one W-token chunk (offset ``off``) of batch row ``r``'s query
+        if CHUNKED:  # program -> one W-token chunk (offset ``chunk_off``) of batch row ``r``'s query
             r = tl.load(prog_row_ptr + prog)
-            off = tl.load(prog_off_ptr + prog)
+            chunk_off = tl.load(prog_off_ptr + prog)
             row_start = tl.load(qsl_ptr + r)
             row_len = tl.load(qsl_ptr + r + 1) - row_start
-            q_start = row_start + off
-            q_len = tl.minimum(row_len - off, W)
-            seq_len = tl.load(seq_lens_ptr + r) - (row_len - off - q_len)  # keys up to the chunk's last query
+            q_start = row_start + chunk_off
+            q_len = tl.minimum(row_len - chunk_off, W)
+            seq_len = tl.load(seq_lens_ptr + r) - (row_len - chunk_off - q_len)  # keys up to the chunk's last query
         else:  # program -> batch row
             r = prog
             q_start = tl.load(qsl_ptr + r)
