@@ -199,6 +199,22 @@ def test_s2d2_mixed_policies_per_request_and_tiny_budget(tiny):
     check(tiny, {}, sps, budget=9)  # truncated verify canvases are retried, never half-applied
 
 
+def test_fixed_order_reductions_keep_engine_equal_to_reference(tiny, monkeypatch):
+    """Batch-invariant mode's step math (``VLLM_S2D2_FIXED_ORDER_REDUCTIONS=1``: integer prefix sums, the product
+    scan; on CPU the softmax and sums stay torch's): engine = reference for sampled top-k / top-p requests with
+    every policy, under a tiny budget."""
+    from vllm_s2d2.core import reductions
+
+    monkeypatch.setenv(reductions.FIXED_ORDER_ENV, "1")
+    policies = [{"verify_policy": "mask_span_length"}, {"verify_policy": "score_hysteresis"},
+                {"verify_policy": "contextual_bandit_ucb"}, {"acceptance": "greedy"}, {}, {"verify": False}]
+    sps = [sampling_params(max_tokens=m, temperature=0.8 if i % 2 else 0.0, top_k=30 if i % 3 else 0,
+                           top_p=0.9 if i % 2 else 1.0, seed=20 + i, extra_args={"s2d2": pol})
+           for i, (m, pol) in enumerate(zip(MAX_TOKENS, policies))]
+    _, emu = check(tiny, {}, sps, budget=9)
+    assert emu.verify_forwards > 0
+
+
 def test_s2d2_always_verify_greedy_equals_engine_ar_mode(tiny):
     """Invariant I1 inside the engine: always verify + greedy acceptance + cache_ver == AR mode (block 1)."""
     sps = greedy()
