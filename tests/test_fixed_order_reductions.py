@@ -125,6 +125,10 @@ def test_the_switch_follows_batch_invariant_mode(monkeypatch):
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
     monkeypatch.setenv(reductions.FIXED_ORDER_ENV, "1")
     assert reductions.fixed_order_wanted()
+    monkeypatch.delenv(reductions.FIXED_ORDER_ENV)
+    for value, on in (("2", True), ("0", False), ("", False), ("true", False)):  # as vLLM parses it: bool(int(v))
+        monkeypatch.setenv("VLLM_BATCH_INVARIANT", value)
+        assert reductions.fixed_order_wanted() is on, value
     monkeypatch.setenv(reductions.FIXED_ORDER_ENV, "yes")
     with pytest.raises(ValueError, match=reductions.FIXED_ORDER_ENV):
         reductions.fixed_order_wanted()

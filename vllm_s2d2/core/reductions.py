@@ -26,9 +26,18 @@ from vllm_s2d2.env import env_switch
 FIXED_ORDER_ENV = "VLLM_S2D2_FIXED_ORDER_REDUCTIONS"
 
 
+def batch_invariant_mode() -> bool:
+    """``VLLM_BATCH_INVARIANT`` read as vLLM reads it (``bool(int(value))``, unset = 0; vLLM itself rejects a
+    value that is not an integer at start-up)."""
+    try:
+        return bool(int(os.environ.get("VLLM_BATCH_INVARIANT", "0") or "0"))
+    except ValueError:
+        return False
+
+
 def fixed_order_wanted() -> bool:
     """Whether the step's vocabulary reductions use the fixed-order kernels (see the module docstring)."""
-    return env_switch(FIXED_ORDER_ENV, os.environ.get("VLLM_BATCH_INVARIANT", "0").strip() == "1")
+    return env_switch(FIXED_ORDER_ENV, batch_invariant_mode())
 
 
 def _use_kernels(x: torch.Tensor) -> bool:

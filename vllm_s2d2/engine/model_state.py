@@ -35,6 +35,7 @@ from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.interface import ModelState
 
+from vllm_s2d2.core import reductions
 from vllm_s2d2.engine import compiled_step
 from vllm_s2d2.engine.attention import (EXACT_PREFILL_ENV, canvas_positions, exact_prefill_wanted, plan_canvas_rows,
                                         plan_prefill_chunks, prefill_ranges, write_prefill_tables)
@@ -98,6 +99,10 @@ class S2D2ModelState(ModelState):
             self._causal_table = torch.ones(W, W, dtype=torch.int8, device=device).tril()[None].contiguous()
             logger.info("S2D2: token-causal prefill rows go through the canvas kernel (exact prefill: a token's "
                         "K/V does not depend on how the step cut its row; %s=0 turns it off)", EXACT_PREFILL_ENV)
+        # (read here too so that a bad value stops the engine at start-up, not at its first step)
+        if reductions.fixed_order_wanted():
+            logger.info("S2D2: the decode step's vocabulary reductions run in a fixed order (a request's step math "
+                        "does not depend on the batch; %s=0 turns it off)", reductions.FIXED_ORDER_ENV)
 
     # -- requests ---------------------------------------------------------------------------------------
     def get_supported_generation_tasks(self):
