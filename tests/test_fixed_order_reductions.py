@@ -144,7 +144,9 @@ def test_cpu_tensors_take_the_torch_path_without_the_interpreter(monkeypatch):
     assert not reductions._use_kernels(x)
     assert torch.equal(reductions.softmax(x), torch.softmax(x, -1))
     assert torch.equal(reductions.row_sum(x), x.sum(-1))
-    assert torch.equal(reductions.row_dot(x, x), torch.linalg.vecdot(x, x))
+    p = torch.softmax(x, -1)
+    entropy, collision = reductions.entropy_and_collision(p)
+    assert torch.equal(entropy, torch.special.entr(p).sum(-1)) and torch.equal(collision, torch.linalg.vecdot(p, p))
 
 
 def test_fixed_order_cumsum_is_exact_in_integers(monkeypatch):

@@ -29,9 +29,9 @@ def draft_stats(probs: torch.Tensor) -> DraftStats:
     is one op with at most one ``[R, B, V]`` temporary (``entr`` is -p ln p, 0 at p = 0; ``vecdot`` reduces
     without one)."""
     V = probs.shape[-1]
-    entropy = reductions.row_sum(torch.special.entr(probs)) / math.log(V)
+    entropy, collision = reductions.entropy_and_collision(probs)
     top2 = probs.topk(2, dim=-1).values
-    return DraftStats(entropy, top2[..., 0] - top2[..., 1], reductions.row_dot(probs, probs))
+    return DraftStats(entropy / math.log(V), top2[..., 0] - top2[..., 1], collision)
 
 
 def acceptance_estimate(estimator: torch.Tensor, stats: DraftStats, p0: torch.Tensor, *,

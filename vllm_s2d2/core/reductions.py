@@ -64,12 +64,13 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=-1)
 
 
-def row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``torch.linalg.vecdot(x, y)`` (fp32 inputs of one shape)."""
-    if _use_kernels(x):
+def entropy_and_collision(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(entr(probs).sum(-1), vecdot(probs, probs))``: the Shannon entropy (nats) and the collision probability
+    (Renyi-2's sum) of each row; with the kernels, one pass and no ``[..., V]`` temporary."""
+    if _use_kernels(probs):
         from vllm_s2d2.kernels import row_reductions
-        return row_reductions.row_sum(x * y)
-    return torch.linalg.vecdot(x, y)
+        return row_reductions.entropy_and_collision(probs)
+    return torch.special.entr(probs).sum(dim=-1), torch.linalg.vecdot(probs, probs)
 
 
 FIXED_POINT_ONE = 2 ** 40  # a probability's unit in the fixed-order prefix sum

@@ -66,6 +66,22 @@ if triton is not None:
         tl.store(out_at, tl.sum(partial, axis=0))
 
 
+    @triton.jit
+    def _entropy_collision_kernel(p_ptr, entropy_ptr, collision_ptr, n_cols, stride_p, BLOCK: tl.constexpr):
+        # one pass over a row of probabilities: sum -p ln p (0 at p = 0) and sum p^2
+        row = tl.program_id(0).to(tl.int64)
+        p_row = p_ptr + row * stride_p
+        offs = tl.arange(0, BLOCK)
+        entropy = tl.zeros([BLOCK], tl.float32)
+        collision = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            p = tl.load(p_row + cols, mask=cols < n_cols, other=0.0)
+            entropy += tl.where(p > 0, -p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
+            collision += p * p
+        tl.store(entropy_ptr + row, tl.sum(entropy, axis=0))
+        tl.store(collision_ptr + row, tl.sum(collision, axis=0))
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a fp32 ``[N, V]`` tensor with unit stride along V (a view where it already is one)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -93,3 +109,15 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         _sum_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out.view(x.shape[:-1])
+
+
+def entropy_and_collision(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum -p ln p, sum p^2)`` over the last dimension of probabilities, in one pass; fp32, ``p.shape[:-1]``
+    each (no ``[..., V]`` temporary)."""
+    rows = _rows(p)
+    entropy = torch.empty(rows.shape[0], dtype=torch.float32, device=p.device)
+    collision = torch.empty_like(entropy)
+    if rows.shape[0]:
+        _entropy_collision_kernel[(rows.shape[0],)](rows, entropy, collision, rows.shape[1], rows.stride(0),
+                                                    BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return entropy.view(p.shape[:-1]), collision.view(p.shape[:-1])
