@@ -20,7 +20,6 @@ vLLM's runner stays stock; this class plugs the block-diffusion state machine in
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Any
 
@@ -45,6 +44,7 @@ from vllm_s2d2.engine.stats import RESUME_LOG_ENV, external_request_id, resume_m
 from vllm_s2d2.engine.settings import ADDITIONAL_CONFIG_KEY, resolve_engine_settings
 from vllm_s2d2.engine.stepper import S2D2Stepper
 from vllm_s2d2.engine.window_stepper import WindowStepper
+from vllm_s2d2.env import env_switch
 from vllm_s2d2.log import get_logger
 
 logger = get_logger(__name__)
@@ -84,7 +84,7 @@ class S2D2ModelState(ModelState):
         self._req_to_slot: dict[str, int] = {}
         self._saved: OrderedDict[str, SavedRequest] = OrderedDict()
         self._finished_stats: OrderedDict[str, dict[str, int]] = OrderedDict()
-        self._log_resumes = os.environ.get(RESUME_LOG_ENV) == "1"
+        self._log_resumes = env_switch(RESUME_LOG_ENV, False)
         self._positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
         # Slot of each batch row's canvas table (-1: stock attention); persistent, read by FULL graphs.
         self._row_slot = torch.full((self.max_num_reqs,), -1, dtype=torch.int32, device=device)
