@@ -1,4 +1,5 @@
-"""The step's reductions over the vocabulary: softmax, row sums and prefix sums, batch-invariant when asked.
+"""The step's reductions: softmax, sums and prefix sums over the vocabulary, the product scan over a block --
+batch-invariant when asked.
 
 With vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``) a request's logits no longer depend on the batch
 around it, but PyTorch's own reductions still do: a sum over V floats is split over more thread blocks when the
@@ -9,9 +10,10 @@ flip on such bits now and then.  :func:`fixed_order_wanted` turns on the fixed-o
 :mod:`vllm_s2d2.kernels.row_reductions` for CUDA tensors (and for CPU tensors under Triton's interpreter, for
 the tests); otherwise these are the plain torch operations.
 
-Prefix sums need no kernel: in fixed-order mode they are integer sums (:func:`cumsum`), exact in any order.
+Prefix sums need no kernel: in fixed-order mode they are integer sums (:func:`cumsum`), exact in any order; the
+block's product scan (:func:`cumprod`) is a Hillis-Steele scan of elementwise products.
 
-``VLLM_S2D2_FIXED_ORDER_REDUCTIONS``: ``1`` on, ``0`` off, unset: on exactly when ``VLLM_BATCH_INVARIANT=1``.
+``VLLM_S2D2_FIXED_ORDER_REDUCTIONS``: ``1`` on, ``0`` off, unset: on exactly in vLLM's batch-invariant mode.
 Read at each call (a host-side fact: a CUDA graph keeps the branch it was captured with).
 """
 
