@@ -2,7 +2,7 @@
 # The GPU suite and the speed records in few device calls, on one warm machine (tests/gpu/results/README.md).
 # Run from the repository root on the GPU host, after `source .gpu_bundle/setup_gpu_host.sh`:
 #
-#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|compiled|profile|tests1|tests2|suite_a|suite_b|serve|tp2|pick [seconds]
+#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|compiled|profile|tests1|tests2|suite_a|suite_b|serve|short|tp2|pick [seconds]
 #
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
@@ -26,6 +26,8 @@
 #           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~5.5 min);
 #           SERVE_MODES overrides the list
 #   tp2     test_tp2 (a two-GPU host only)
+#   short   the batch-invariant soak (first), both exact-prefill tests and the fixed-order reductions test (-n 4,
+#           ~9 min): what a short device budget checks first (tests/gpu/results/README.md)
 #   pick    TESTS="<pytest node ids>" [WORKERS=2]: the named GPU tests only (a short device budget)
 #
 # The test calls share the GPU between pytest-xdist workers (tests/gpu/gpu_env.py: own ports, a fixed KV cache
@@ -110,6 +112,11 @@ case $call in
       > "$dest/serve.log" 2>&1
     echo "serve exit $? after $SECONDS s" >> "$dest/serve.log"
     tail -n 30 "$dest/serve.log" ;;
+  short)
+    pytest_call 4 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
+      tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager \
+      tests/gpu/test_canvas_kernel_gpu.py::test_exact_prefill_gives_a_query_the_same_bits_however_its_row_was_cut \
+      tests/gpu/test_canvas_kernel_gpu.py::test_fixed_order_reductions_give_a_request_the_same_step_bits_alone_and_in_a_batch ;;
   tp2)
     pytest_call 1 tests/gpu/test_tp2.py ;;
   pick)
