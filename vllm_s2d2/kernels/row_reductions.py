@@ -30,14 +30,10 @@ NUM_WARPS = 8
 if triton is not None:
 
     @triton.jit
-    def _this_row(x_ptr, out_ptr, stride_x, stride_out):
-        # this program's row of the input and of the output
-        row = tl.program_id(0).to(tl.int64)
-        return x_ptr + row * stride_x, out_ptr + row * stride_out
-
-    @triton.jit
     def _softmax_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
-        x_row, out_row = _this_row(x_ptr, out_ptr, stride_x, stride_out)
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        out_row = out_ptr + row * stride_out
         offs = tl.arange(0, BLOCK)
         running_max = tl.full([BLOCK], float("-inf"), tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -57,14 +53,14 @@ if triton is not None:
 
     @triton.jit
     def _sum_kernel(x_ptr, out_ptr, n_cols, stride_x, BLOCK: tl.constexpr):
-        x_row, out_at = _this_row(x_ptr, out_ptr, stride_x, 1)
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
         offs = tl.arange(0, BLOCK)
         partial = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             partial += tl.load(x_row + cols, mask=cols < n_cols, other=0.0)
-        tl.store(out_at, tl.sum(partial, axis=0))
-
+        tl.store(out_ptr + row, tl.sum(partial, axis=0))
 
     @triton.jit
     def _entropy_collision_kernel(p_ptr, entropy_ptr, collision_ptr, n_cols, stride_p, BLOCK: tl.constexpr):
@@ -81,6 +77,7 @@ if triton is not None:
             collision += p * p
         tl.store(entropy_ptr + row, tl.sum(entropy, axis=0))
         tl.store(collision_ptr + row, tl.sum(collision, axis=0))
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a fp32 ``[N, V]`` tensor with unit stride along V (a view where it already is one)."""
