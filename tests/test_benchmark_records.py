@@ -66,11 +66,15 @@ def test_gpu_test_records_carry_the_metadata(tmp_path, monkeypatch):
 
 def test_gpu_workers_sharing_one_gpu_get_own_ports_and_a_fixed_kv_cache(monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.delenv("S2D2_GPU_WORKER_OFFSET", raising=False)
     assert gpu_env.worker_port(8011) == 8011
     assert gpu_env.llm_memory_kwargs(0.3) == {"gpu_memory_utilization": 0.3}
     assert gpu_env.serve_memory_args(0.3) == ["--gpu-memory-utilization=0.3"]
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw2")
     assert gpu_env.worker_port(8011) == 8211
+    monkeypatch.setenv("S2D2_GPU_WORKER_OFFSET", "4")  # a second pytest run beside the first
+    assert gpu_env.worker_port(8011) == 8611
+    monkeypatch.delenv("S2D2_GPU_WORKER_OFFSET")
     kw = gpu_env.llm_memory_kwargs(0.3)
     assert kw["kv_cache_memory_bytes"] == gpu_env.KV_CACHE_BYTES and kw["gpu_memory_utilization"] < 0.3
     assert f"--kv-cache-memory-bytes={gpu_env.KV_CACHE_BYTES}" in gpu_env.serve_memory_args(0.3)

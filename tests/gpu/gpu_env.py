@@ -1,7 +1,8 @@
 """What lets several GPU test processes share one GPU (``pytest -n N``, pytest-xdist; ``tests/gpu/results/README.md``).
 
 * Ports: a server a test starts listens on ``base + 100 * worker`` (``gw0`` -> +0, ``gw1`` -> +100, ...), so two
-  workers that both need the serve tests' server never collide.
+  workers that both need the serve tests' server never collide.  ``S2D2_GPU_WORKER_OFFSET=k`` adds k to the
+  worker's number: two pytest runs side by side on one GPU (``tests/gpu/suite_calls.sh``) keep apart too.
 * Memory: vLLM sizes its KV cache by profiling free GPU memory, and asserts that no other process *freed* memory
   meanwhile (``gpu_worker.determine_available_memory``) -- which another worker's engine shutting down does.  Under
   xdist every engine gets a fixed ``kv_cache_memory_bytes`` instead (vLLM then skips that measurement), and a small
@@ -20,7 +21,8 @@ SHARED_UTILIZATION = 0.08
 
 def worker_index() -> int:
     name = os.environ.get("PYTEST_XDIST_WORKER", "")
-    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+    index = int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+    return index + int(os.environ.get("S2D2_GPU_WORKER_OFFSET", "0") or "0")
 
 
 def shared_gpu() -> bool:

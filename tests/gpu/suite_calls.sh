@@ -17,7 +17,8 @@
 #           on 200 held-out prompts, its text compared with the reference decoder's record
 #   tests2  the default-kernel soak (first), test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
 #           (-n 6: 542 s at 9385694)
-#   suite_a both soaks, test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve (-n 6, ~7 min)
+#   suite_a both soaks (-n 2) beside test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve (-n 5,
+#           a second pytest run; logs in soaks/ and rest/), ~9 min
 #   suite_b test_sdar_default_cuda_graphs, test_exact_prefill_equals_eager, test_engine_families,
 #           test_engine_d2f_gpu, test_lm_eval_gpu (-n 8, ~7.5 min)
 #           (suite_a + suite_b = the whole single-GPU suite in less device time than tests1 + tests2: no demo and
@@ -45,12 +46,14 @@ rm -rf "$dest"; mkdir -p "$dest"
 export S2D2_GPU_LOG_DIR=$dest COMMIT=${COMMIT:-unknown}
 nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
 
-pytest_call() {  # workers, files...  (stops at [seconds] from the start of the call)
+pytest_call() {  # workers, files...  (stops at [seconds] from the start of the call; logs to $PYTEST_LOG or $dest)
   local workers=$1; shift
-  timeout -k 10 $((limit - SECONDS)) python3 -m pytest -v -rs -p no:cacheprovider -m gpu -n "$workers" "$@" \
-    > "$dest/pytest.log" 2>&1
-  echo "pytest exit $? after $SECONDS s" >> "$dest/pytest.log"
-  tail -n 25 "$dest/pytest.log"
+  local log=${PYTEST_LOG:-$dest}
+  mkdir -p "$log"
+  S2D2_GPU_LOG_DIR=$log timeout -k 10 $((limit - SECONDS)) python3 -m pytest -v -rs -p no:cacheprovider -m gpu \
+    -n "$workers" "$@" > "$log/pytest.log" 2>&1
+  echo "pytest exit $? after $SECONDS s" >> "$log/pytest.log"
+  tail -n 25 "$log/pytest.log"
 }
 
 case $call in
@@ -93,14 +96,17 @@ case $call in
     pytest_call 6 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py \
       tests/gpu/test_lm_eval_gpu.py ;;
   suite_a)
-    # xdist hands each worker two consecutive tests first: a short test between the soaks keeps them apart
-    # (test_sdar_default_cuda_graphs and test_exact_prefill_equals_eager run in suite_b: at 851c6e7 a worker took
-    # the first after its soak and the limit cut it; the soaks, ~8.5 min each, fill two of the six workers)
-    pytest_call 6 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
-      tests/gpu/test_canvas_kernel_gpu.py "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" \
+    # the two soaks (~8.5 min each) in a pytest run of their own beside the rest: in one run xdist queued a
+    # second test behind each soak and the call's limit cut it (851c6e7).  The rest's workers count from 2
+    # (S2D2_GPU_WORKER_OFFSET, gpu_env.py), so no two servers share a port.
+    (export PYTEST_LOG=$dest/soaks; pytest_call 2 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
+      "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]") &
+    soaks=$!
+    (export PYTEST_LOG=$dest/rest S2D2_GPU_WORKER_OFFSET=2; pytest_call 5 tests/gpu/test_canvas_kernel_gpu.py \
       tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py \
       --deselect tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs \
-      --deselect tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager ;;
+      --deselect tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager)
+    wait $soaks ;;
   suite_b)
     pytest_call 8 tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs \
       tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager tests/gpu/test_engine_families.py \
