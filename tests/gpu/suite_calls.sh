@@ -2,7 +2,7 @@
 # The GPU suite and the speed records in few device calls, on one warm machine (tests/gpu/results/README.md).
 # Run from the repository root on the GPU host, after `source .gpu_bundle/setup_gpu_host.sh`:
 #
-#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|compiled|profile|tests1|tests2|suite_a|suite_b|serve|short|tp2|pick [seconds]
+#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|compiled|profile|tests1|tests2|soaks|suite_a|suite_b|serve|short|tp2|pick [seconds]
 #
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
@@ -17,12 +17,14 @@
 #           on 200 held-out prompts, its text compared with the reference decoder's record
 #   tests2  the default-kernel soak (first), test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
 #           (-n 6: 542 s at 9385694)
-#   suite_a both soaks (-n 2) beside test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve (-n 5,
-#           a second pytest run; logs in soaks/ and rest/), ~9 min
+#   soaks   both soaks (-n 2; logs in soaks/) beside test_canvas_kernel_gpu (one worker, a second pytest run; logs
+#           in kernels/), ~8.5 min
+#   suite_a test_engine_sdar, test_engine_s2d2, test_serve (-n 6, ~7 min?)
 #   suite_b test_sdar_default_cuda_graphs, test_exact_prefill_equals_eager, test_engine_families,
 #           test_engine_d2f_gpu, test_lm_eval_gpu (-n 8, ~7.5 min)
-#           (suite_a + suite_b = the whole single-GPU suite in less device time than tests1 + tests2: no demo and
-#           no quality run; all of it in one call at -n 12 ran out of its 555 s at a2595e8, every test ~2x slower)
+#           (soaks + suite_a + suite_b = the whole single-GPU suite: no demo and no quality run; all of it in one
+#           call at -n 12 ran out of its 555 s at a2595e8, every test ~2x slower; in two calls, at 851c6e7 and
+#           5ab796b, the soaks' call was cut)
 #   serve   benchmarks/serve_bench.py: vllm-ar (the baseline, first), threshold, s2d2 servers of the demo
 #           checkpoint, 64 requests at concurrency 1 / 16 / 64 (each server takes ~75 s to start: ~5.5 min);
 #           SERVE_MODES overrides the list
@@ -30,6 +32,11 @@
 #   short   the batch-invariant soak (first), both exact-prefill tests and the fixed-order reductions test (-n 4,
 #           ~9 min): what a short device budget checks first (tests/gpu/results/README.md)
 #   pick    TESTS="<pytest node ids>" [WORKERS=2]: the named GPU tests only (a short device budget)
+#
+# [seconds] counts from $CALL_START (epoch seconds; default: when this script starts).  Set it first thing in the
+# device command, before `source .gpu_bundle/setup_gpu_host.sh` (~20 s), and give `run` a timeout_s at least
+# [seconds] + 15: everything stops at [seconds] - 15 and the tar is written before [seconds].  (At 5ab796b a
+# suite_b call with limit 415 under timeout_s 440 ran past its timeout after the set-up, and nothing came back.)
 #
 # The test calls share the GPU between pytest-xdist workers (tests/gpu/gpu_env.py: own ports, a fixed KV cache
 # per engine) and stop at [seconds] (default 560, under a device call's 10 minutes); the controller's
@@ -39,6 +46,10 @@
 set -uo pipefail
 call=${1:?call name}
 limit=${2:-560}
+call_start=${CALL_START:-$(date +%s)}
+left() {  # seconds to the stop, with room for the tar (at least 1)
+  local s=$((limit - 15 - ($(date +%s) - call_start))); echo $((s > 0 ? s : 1))
+}
 : "${OUT:?set OUT to the output folder}"
 work=/tmp/s2d2-calls
 dest=$work/$call
@@ -50,25 +61,25 @@ pytest_call() {  # workers, files...  (stops at [seconds] from the start of the 
   local workers=$1; shift
   local log=${PYTEST_LOG:-$dest}
   mkdir -p "$log"
-  S2D2_GPU_LOG_DIR=$log timeout -k 10 $((limit - SECONDS)) python3 -m pytest -v -rs -p no:cacheprovider -m gpu \
+  S2D2_GPU_LOG_DIR=$log timeout -k 5 "$(left)" python3 -m pytest -v -rs -p no:cacheprovider -m gpu \
     -n "$workers" "$@" > "$log/pytest.log" 2>&1
-  echo "pytest exit $? after $SECONDS s" >> "$log/pytest.log"
+  echo "pytest exit $? after $(($(date +%s) - call_start)) s of the call" >> "$log/pytest.log"
   tail -n 25 "$log/pytest.log"
 }
 
 case $call in
   speed)
-    timeout -k 10 "$limit" python3 benchmarks/offline_throughput.py --modes a,cdshumv --batches 1,16,64,256 \
+    timeout -k 5 "$(left)" python3 benchmarks/offline_throughput.py --modes a,cdshumv --batches 1,16,64,256 \
       --out "$dest/offline_throughput.json" > "$dest/offline.log" 2>&1
     echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;
   compiled)
-    timeout -k 10 "$limit" python3 benchmarks/offline_throughput.py --modes a,cdv,xyz --batches 1,16,64 \
+    timeout -k 5 "$(left)" python3 benchmarks/offline_throughput.py --modes a,cdv,xyz --batches 1,16,64 \
       --out "$dest/offline_compiled.json" > "$dest/offline.log" 2>&1
     echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;
   profile)
-    timeout -k 10 "$limit" python3 benchmarks/profile_step.py --modes a,c,v --batches 1,64 \
+    timeout -k 5 "$(left)" python3 benchmarks/profile_step.py --modes a,c,v --batches 1,64 \
       --out "$dest/profile_step.json" > "$dest/profile.log" 2>&1
     echo "profile exit $? after $SECONDS s" >> "$dest/profile.log"
     tail -n 40 "$dest/profile.log" ;;
@@ -81,7 +92,7 @@ case $call in
       echo "demo exit $? after $SECONDS s" >> "$dest/demo_vllm.txt"
     fi
     # beside the tests: a fixed KV cache and a small utilization, as every engine of a test worker (gpu_env.py)
-    timeout -k 10 $((limit - SECONDS)) python3 benchmarks/quality.py --backend vllm --num-prompts 200 --max-tokens 24 \
+    timeout -k 5 "$(left)" python3 benchmarks/quality.py --backend vllm --num-prompts 200 --max-tokens 24 \
       --gpu-memory-utilization 0.08 --kv-cache-gib 2 --tag "vllm-h100-$COMMIT" --out-dir "$dest" \
       --compare benchmarks/results/quality_reference_2026-11-22-n200.json > "$dest/quality.log" 2>&1 &
     quality=$!
@@ -95,18 +106,22 @@ case $call in
     # cut it (9385694, tests1 of that run)
     pytest_call 6 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]" tests/gpu/test_engine_families.py tests/gpu/test_engine_d2f_gpu.py \
       tests/gpu/test_lm_eval_gpu.py ;;
-  suite_a)
-    # the two soaks (~8.5 min each) in a pytest run of their own beside the rest: in one run xdist queued a
-    # second test behind each soak and the call's limit cut it (851c6e7).  The rest's workers count from 2
-    # (S2D2_GPU_WORKER_OFFSET, gpu_env.py), so no two servers share a port.
+  soaks)
+    # both soaks (~8.5 min each beside other workers) in a pytest run of their own, and beside them, one at a time,
+    # the three short kernel tests (a second pytest run whose worker counts from 2: S2D2_GPU_WORKER_OFFSET,
+    # gpu_env.py).  At 5ab796b the soaks shared the GPU with five test workers: seven engines compiling at once
+    # took ~4 min to start the soak servers and the 550 s limit cut both soaks.
     (export PYTEST_LOG=$dest/soaks; pytest_call 2 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
       "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]") &
     soaks=$!
-    (export PYTEST_LOG=$dest/rest S2D2_GPU_WORKER_OFFSET=2; pytest_call 5 tests/gpu/test_canvas_kernel_gpu.py \
-      tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py \
-      --deselect tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs \
-      --deselect tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager)
+    (export PYTEST_LOG=$dest/kernels S2D2_GPU_WORKER_OFFSET=2; pytest_call 1 tests/gpu/test_canvas_kernel_gpu.py)
     wait $soaks ;;
+  suite_a)
+    # test_sdar_default_cuda_graphs and test_exact_prefill_equals_eager run in suite_b, the soaks and the kernel
+    # tests in soaks (at 5ab796b, beside the soaks on 5 workers, 16 of these 19 tests finished in 550 s)
+    pytest_call 6 tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py \
+      --deselect tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs \
+      --deselect tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager ;;
   suite_b)
     pytest_call 8 tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs \
       tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager tests/gpu/test_engine_families.py \
@@ -114,7 +129,7 @@ case $call in
   serve)
     # vllm-ar (the baseline, first), the threshold baseline and S2D2: at 851c6e7 four servers (with the plugin's AR
     # mode) did not fit 470 s.  SERVE_MODES=vllm-ar,s2d2 (say) runs fewer servers when the device time is short.
-    timeout -k 10 "$limit" python3 benchmarks/serve_bench.py --modes "${SERVE_MODES:-vllm-ar,threshold,s2d2}" --out "$dest/serve_bench.json" \
+    timeout -k 5 "$(left)" python3 benchmarks/serve_bench.py --modes "${SERVE_MODES:-vllm-ar,threshold,s2d2}" --out "$dest/serve_bench.json" \
       > "$dest/serve.log" 2>&1
     echo "serve exit $? after $SECONDS s" >> "$dest/serve.log"
     tail -n 30 "$dest/serve.log" ;;
