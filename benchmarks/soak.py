@@ -60,6 +60,17 @@ POLICIES: dict[str, dict[str, Any] | None] = {
     "greedy_acceptance": {"s2d2": json.dumps({"acceptance": "greedy"})},
     "preset_sdar_a": {"s2d2.preset": "sdar-a"},
 }
+# policies a family's server refuses with a 400, left out of that family's soak (tests/test_soak_families.py
+# checks both ways: every other policy resolves for the family's engine, each of these does not)
+NOT_FOR = {"preset_sdar_a": {"fast_dllm_v2", "llada2", "d2f_dream", "d2f_llada"},  # SDAR's preset (its block size)
+           "contextual_bandit_ucb": {"llada2"}}  # LLaDA2's paper configurations define no bandit
+
+
+def policies_for(family: str) -> list[str]:
+    """The soak's policies that a server of ``family`` accepts."""
+    return [p for p in POLICIES if family not in NOT_FOR.get(p, ())]
+
+
 # The bad-input matrix of tests/gpu/test_serve.py (BAD; tests/test_soak_generator.py keeps the two equal):
 # name -> (fields added to the base request, text the 4xx message must contain).
 BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
@@ -73,6 +84,17 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
     "prompt > max_model_len": ({"prompt": "x " * 2000}, "context length"),
     "max_tokens=0": ({"max_tokens": 0}, "max_tokens"),
 }
+SERVE_TEST_BLOCK_SIZE = 4  # the block size of the server tests/gpu/test_serve.py starts (the demo checkpoint)
+
+
+def bad_inputs(engine_block_size: int = SERVE_TEST_BLOCK_SIZE) -> dict[str, tuple[dict[str, Any], str]]:
+    """The bad-input matrix for a server whose engine decodes blocks of ``engine_block_size``: the per-request
+    block size it must refuse is twice that (8 for the demo checkpoint's 4, but 16 for a block-8 Fast-dLLM v2)."""
+    matrix = json.loads(json.dumps(BAD_INPUTS))
+    matrix["block size vs engine"][0]["vllm_xargs"]["s2d2.block_size"] = 2 * engine_block_size
+    return {name: (extra, needle) for name, (extra, needle) in matrix.items()}
+
+
 BAD_BASE = {"prompt": 'def read_config(path):\n    """Read a JSON config file."""\n', "max_tokens": 24,
             "temperature": 0.0, "seed": 0}  # test_serve.py's _complete
 STOP_CHOICES: list[list[str] | None] = [None, None, ["\n\n"], ["\ndef "], ["return", "\n\n\n"]]
@@ -120,22 +142,24 @@ class PlannedRequest:
 
 
 def build_plan(n: int, model: str, seed: int, prompts: list[str], policies: list[str], abort_fraction: float,
-               bad_fraction: float, max_tokens: int, token_ids: bool = True) -> list[PlannedRequest]:
+               bad_fraction: float, max_tokens: int, token_ids: bool = True,
+               engine_block_size: int = SERVE_TEST_BLOCK_SIZE) -> list[PlannedRequest]:
     """The N requests of a run, a function of the arguments only: exactly round(N * fraction) aborts and bad
-    inputs (bad inputs cycle through the matrix), the rest ok, shuffled with ``seed``."""
+    inputs (bad inputs cycle through the matrix, :func:`bad_inputs`), the rest ok, shuffled with ``seed``."""
     rng = random.Random(seed)
     n_bad = round(n * bad_fraction)
     n_abort = min(round(n * abort_fraction), n - n_bad)
     kinds = ["bad"] * n_bad + ["abort"] * n_abort + ["ok"] * (n - n_bad - n_abort)
     rng.shuffle(kinds)
-    bad_names = list(BAD_INPUTS)
+    matrix = bad_inputs(engine_block_size)
+    bad_names = list(matrix)
     plan: list[PlannedRequest] = []
     bad_seen = 0
     for i, kind in enumerate(kinds):
         if kind == "bad":
             name = bad_names[bad_seen % len(bad_names)]
             bad_seen += 1
-            extra, needle = BAD_INPUTS[name]
+            extra, needle = matrix[name]
             body = {"model": model, **BAD_BASE, **json.loads(json.dumps(extra))}
             plan.append(PlannedRequest(i, kind, body, bad_name=name, needle=needle))
             continue
@@ -674,6 +698,7 @@ class SoakConfig:
     abort_fraction: float = 0.10
     bad_fraction: float = 0.05
     max_tokens: int = 512
+    engine_block_size: int = SERVE_TEST_BLOCK_SIZE  # the server's block size (the bad input asks for twice it)
     deadline_s: float = 120.0
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     prompts: list[str] = field(default_factory=lambda: list(BUILTIN_PROMPTS))
@@ -812,7 +837,8 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         by_ids = probe["token_ids"]
         record["compare_by"] = "token_ids" if by_ids else "text"
         plan = build_plan(cfg.requests, cfg.model, cfg.seed, cfg.prompts, cfg.policies, cfg.abort_fraction,
-                          cfg.bad_fraction, cfg.max_tokens, token_ids=by_ids)
+                          cfg.bad_fraction, cfg.max_tokens, token_ids=by_ids,
+                          engine_block_size=cfg.engine_block_size)
         by_index = {p.index: p for p in plan}
         record["plan"] = {"requests": len(plan), "digest": plan_digest(plan), "composition": plan_composition(plan)}
         samples: list[dict] = []
@@ -1007,6 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--abort-fraction", type=float_arg(0, 1), default=0.10, help="share cut mid-stream")
     ap.add_argument("--bad-fraction", type=float_arg(0, 1), default=0.05, help="share from the bad-input matrix")
     ap.add_argument("--max-tokens", type=int_arg(1), default=512, help="max_tokens is drawn from 1..this")
+    ap.add_argument("--engine-block-size", type=int_arg(1), default=SERVE_TEST_BLOCK_SIZE,
+                    help="the server's block size: the bad input 'block size vs engine' asks for twice it")
     ap.add_argument("--deadline", type=float_arg(0, lo_open=True), default=120.0,
                     help="seconds a request may take before it counts as hung")
     ap.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {list(POLICIES)}")
@@ -1064,7 +1092,8 @@ def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> S
         ap.error(f"argument --out: {args.out!r} is a directory; give a file name")
     return SoakConfig(base_url=args.base_url, model=args.model, requests=args.requests, concurrency=args.concurrency,
                       seed=args.seed, abort_fraction=args.abort_fraction, bad_fraction=args.bad_fraction,
-                      max_tokens=args.max_tokens, deadline_s=args.deadline, policies=policies, prompts=prompts,
+                      max_tokens=args.max_tokens, engine_block_size=args.engine_block_size,
+                      deadline_s=args.deadline, policies=policies, prompts=prompts,
                       alone=args.alone, rerun_concurrency=args.rerun_concurrency, max_seconds=args.max_seconds,
                       require_preemption=args.require_preemption, server_pid=args.server_pid,
                       server_log=args.server_log,
