@@ -6,7 +6,7 @@ a small token budget cuts prefills and canvases; a resume finds its cached prefi
 SDAR); at random steps running requests are preempted (mid-block and
 mid-verification: they re-prefill prompt + outputs from their saved state) and a few are aborted.  Every request
 that finishes must equal the reference decoder run alone, token for token.  SDAR (block engine, chunked
-prefills) and D2F on both bases (window engine, whole-prompt prefills).  The emulator computes every request's
+prefills), Fast-dLLM v2 and LLaDA2 (block engines) and D2F on both bases (window engine, whole-prompt prefills).  The emulator computes every request's
 forward on its own, so nothing depends on the batch: a mismatch here is a lost state, not a near tie that flipped
 (as on a GPU).
 """
@@ -77,6 +77,26 @@ def test_d2f_mixed_load_with_preemptions_equals_the_reference(tmp_path_factory, 
     # D2F prefills whole prompts (prompt + outputs after a preemption: up to 36 tokens here), so the budget
     # must hold one; it still cuts canvases (a window canvas is up to 3 blocks of 4, plus the carried row)
     soak(d2f_tiny(tmp_path_factory, family), dict(D2F_BASE), D2F_POLICIES, 400, 0, budgets=[40, 48])
+
+
+# Fast-dLLM v2 (block 8 = two sub-blocks of 4, shifted logits) and LLaDA2 (block 4): the policies their servers
+# accept (benchmarks/soak.py policies_for: LLaDA2 defines no bandit; static remasking is SDAR's)
+FAMILY_POLICIES = {
+    "fast_dllm_v2": {name: POLICIES[name] for name in POLICIES if name != "static_remasking"},
+    "llada2": {name: POLICIES[name] for name in POLICIES if name not in ("static_remasking", "contextual_bandit_ucb")},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_POLICIES))
+def test_family_mixed_load_with_preemptions_equals_the_reference(tmp_path_factory, family):
+    """The GPU family soaks' mix (tests/gpu/test_soak.py::test_family_soak_under_kv_pressure) on CPU."""
+    from test_engine_families import _family
+
+    # neither family's default keeps AR-like committed KV (cache_ver false), so vLLM prefills whole prompts
+    # (prompt + outputs after a preemption: up to 36 tokens here) and the budget must hold one, as for D2F; six
+    # canvases of up to 9 rows still overrun it, so later requests of a step get cut canvases
+    soak(_family(tmp_path_factory, family, 8 if family == "fast_dllm_v2" else 4), {}, FAMILY_POLICIES[family], 400,
+         0, budgets=[40, 48])
 
 
 def soak(tiny, engine: dict, policies: dict, vocab: int, seed: int, budgets: list[int],
