@@ -2,10 +2,12 @@
 # The GPU suite and the speed records in few device calls, on one warm machine (tests/gpu/results/README.md).
 # Run from the repository root on the GPU host, after `source .gpu_bundle/setup_gpu_host.sh`:
 #
-#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|compiled|profile|tests1|tests2|soaks|suite_a|suite_b|serve|short|tp2|pick [seconds]
+#   COMMIT=<hash> [DEMO=0] bash tests/gpu/suite_calls.sh speed|speed_families|compiled|profile|tests1|tests2|soaks|suite_a|suite_b|serve|short|tp2|pick [seconds]
 #
 #   speed   benchmarks/offline_throughput.py at SDAR-1.7B shapes: vLLM AR + every plugin mode on one engine,
 #           batch 1/16/64/256 (the baseline in the same call)
+#   speed_families benchmarks/offline_throughput.py at Fast-dLLM v2 1.5B and LLaDA2-mini shapes: vLLM AR + t s v
+#           (threshold, S2D2 default, always verify), batch 1/16/64, one after the other
 #   compiled benchmarks/offline_throughput.py: vLLM AR, the plugin's static / dynamic / always-verify modes with
 #           the compiled integer stages (cdv, the default) and with the model math compiled too (xyz:
 #           VLLM_S2D2_COMPILE_CORE=1, experimental), batch 1/16/64
@@ -73,6 +75,16 @@ case $call in
       --out "$dest/offline_throughput.json" > "$dest/offline.log" 2>&1
     echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;
+  speed_families)
+    # Fast-dLLM v2 1.5B then LLaDA2-mini shapes, each with its vLLM AR baseline first (its own engine group); the
+    # first gets half the call's time
+    timeout -k 5 "$(( $(left) / 2 ))" python3 benchmarks/offline_throughput.py --family fast-1.5b --modes a,tsv \
+      --batches 1,16,64 --out "$dest/offline_throughput_fast-1.5b.json" > "$dest/offline_fast.log" 2>&1
+    echo "fast-1.5b exit $? after $(($(date +%s) - call_start)) s of the call" >> "$dest/offline_fast.log"
+    timeout -k 5 "$(left)" python3 benchmarks/offline_throughput.py --family llada2-mini --modes a,tsv \
+      --batches 1,16,64 --out "$dest/offline_throughput_llada2-mini.json" > "$dest/offline_llada2.log" 2>&1
+    echo "llada2-mini exit $? after $(($(date +%s) - call_start)) s of the call" >> "$dest/offline_llada2.log"
+    tail -n 15 "$dest/offline_fast.log" "$dest/offline_llada2.log" ;;
   compiled)
     timeout -k 5 "$(left)" python3 benchmarks/offline_throughput.py --modes a,cdv,xyz --batches 1,16,64 \
       --out "$dest/offline_compiled.json" > "$dest/offline.log" 2>&1
