@@ -103,7 +103,7 @@ DIAGNOSE = _env_int("S2D2_SOAK_DIAGNOSE", 8)
 # bytes + 96 new tokens (<= 11 blocks of 16) want ~150 blocks once grown; 40 blocks (640 tokens) hold about a
 # quarter of that, and one request of --max-model-len 512 (32 blocks) always fits.
 FAMILY_REQUESTS = _env_int("S2D2_FAMILY_SOAK_REQUESTS", 400)
-FAMILY_MAX_SECONDS = _env_int("S2D2_FAMILY_SOAK_MAX_SECONDS", 90)
+FAMILY_MAX_SECONDS = _env_int("S2D2_FAMILY_SOAK_MAX_SECONDS", 180)  # load + re-runs; usually done well before
 FAMILY_SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", *serve_memory_args(0.3), "--max-num-seqs", "32",
                       "--num-gpu-blocks-override", "40", "--enable-prompt-tokens-details"]
 
