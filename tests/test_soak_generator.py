@@ -41,7 +41,8 @@ class FakeServer:
     one per request), ``preempt_every`` (a preemption counted every n-th request; 0 = none), ``prefix_dependent``
     (a prompt seen before since the last ``/reset_prefix_cache`` -- "cached" -- gets its last token changed)."""
 
-    def __init__(self, **faults):
+    def __init__(self, block: int = BLOCK, **faults):
+        self.block = block  # the engine's block size: a request asking for another is refused
         self.faults = {"hang_nth": None, "error_nth": None, "diverge_repeat": False, "accept_bad": False,
                        "spec_drift": False, "preempt_every": 3, "prefix_dependent": False, **faults}
         self.cached_prompts: set[str] = set()
@@ -98,8 +99,7 @@ class FakeServer:
         return web.json_response({"success": True})
 
     # -- request handling ------------------------------------------------------------------------------
-    @staticmethod
-    def _bad(body) -> str | None:
+    def _bad(self, body) -> str | None:
         """The 400 message of a bad request (the plugin's wording, shortened), None if it is fine."""
         if body.get("n") not in (None, 1):
             return f"does not support these sampling parameters: n={body['n']}"
@@ -125,8 +125,8 @@ class FakeServer:
             return f"S2D2 option verify_policy={opts['verify_policy']!r} is invalid"
         if float(opts.get("confidence_threshold", 0.5)) > 1:
             return "S2D2 option confidence_threshold=2.0 must lie in [0.0, 1.0]"
-        if int(opts.get("block_size", BLOCK)) != BLOCK:
-            return "per-request block_size=8 differs from the engine's block_size=4"
+        if int(opts.get("block_size", self.block)) != self.block:
+            return f"per-request block_size={opts['block_size']} differs from the engine's block_size={self.block}"
         return None
 
     @staticmethod
@@ -381,6 +381,18 @@ def test_clean_server_passes(fake_server):
     assert rec["latency_s"]["completed"]["p50"] > 0 and rec["latency_s"]["ttft_stream"]["n"] > 0
     assert set(rec["call"]) >= {"call_id", "commit", "device", "vllm", "torch"}
     assert soak.summary_line(rec).startswith("SOAK PASS")
+
+
+def test_a_block_8_server_needs_the_engine_block_size(fake_server):
+    """A Fast-dLLM v2 server decodes blocks of 8: with ``--engine-block-size 8`` the matrix asks it for 16 and the
+    soak passes; with the demo's default the matrix's "wrong" block size is the server's own, it is accepted, and
+    the soak fails on that bad input -- what the family soaks (tests/gpu/test_soak.py) avoid."""
+    policies = soak.policies_for("fast_dllm_v2")
+    rec = run(fake_server(block=8), engine_block_size=8, policies=policies)
+    assert rec["verdict"] == "PASS", rec["reasons"]
+    assert "16" in rec["bad_input_messages"]["block size vs engine"]
+    rec = run(fake_server(block=8), policies=policies)
+    assert rec["verdict"] == "FAIL" and rec["counts"]["bad_wrong"] >= 1, rec["counts"]
 
 
 def test_hang_5xx_and_mismatch_are_caught(fake_server):
