@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import hashlib
 import json
 import math
@@ -90,9 +91,9 @@ SERVE_TEST_BLOCK_SIZE = 4  # the block size of the server tests/gpu/test_serve.p
 def bad_inputs(engine_block_size: int = SERVE_TEST_BLOCK_SIZE) -> dict[str, tuple[dict[str, Any], str]]:
     """The bad-input matrix for a server whose engine decodes blocks of ``engine_block_size``: the per-request
     block size it must refuse is twice that (8 for the demo checkpoint's 4, but 16 for a block-8 Fast-dLLM v2)."""
-    matrix = json.loads(json.dumps(BAD_INPUTS))
+    matrix = copy.deepcopy(BAD_INPUTS)
     matrix["block size vs engine"][0]["vllm_xargs"]["s2d2.block_size"] = 2 * engine_block_size
-    return {name: (extra, needle) for name, (extra, needle) in matrix.items()}
+    return matrix
 
 
 BAD_BASE = {"prompt": 'def read_config(path):\n    """Read a JSON config file."""\n', "max_tokens": 24,

@@ -27,6 +27,8 @@ from test_engine_d2f import BASE as D2F_BASE  # noqa: E402
 from test_engine_d2f import _tiny as d2f_tiny  # noqa: E402
 from test_engine_emulation import reference, tiny  # noqa: E402,F401 - the tiny SDAR checkpoint fixture
 
+from vllm_s2d2.families import BY_NAME  # noqa: E402
+
 POLICIES = {
     "server_default": None,  # the engine's config: SDAR Config-A
     "threshold_no_verify": {"verify": False},
@@ -79,23 +81,22 @@ def test_d2f_mixed_load_with_preemptions_equals_the_reference(tmp_path_factory, 
     soak(d2f_tiny(tmp_path_factory, family), dict(D2F_BASE), D2F_POLICIES, 400, 0, budgets=[40, 48])
 
 
-# Fast-dLLM v2 (block 8 = two sub-blocks of 4, shifted logits) and LLaDA2 (block 4): the policies their servers
-# accept (benchmarks/soak.py policies_for: LLaDA2 defines no bandit; static remasking is SDAR's)
-FAMILY_POLICIES = {
-    "fast_dllm_v2": {name: POLICIES[name] for name in POLICIES if name != "static_remasking"},
-    "llada2": {name: POLICIES[name] for name in POLICIES if name not in ("static_remasking", "contextual_bandit_ucb")},
-}
+def family_policies(family: str) -> dict:
+    """The policies above whose routing rule ``family`` defines (LLaDA2 has no bandit): what its server accepts."""
+    return {name: opts for name, opts in POLICIES.items()
+            if (opts or {}).get("verify_policy", BY_NAME[family].policies[0]) in BY_NAME[family].policies}
 
 
-@pytest.mark.parametrize("family", list(FAMILY_POLICIES))
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "llada2"])
 def test_family_mixed_load_with_preemptions_equals_the_reference(tmp_path_factory, family):
-    """The GPU family soaks' mix (tests/gpu/test_soak.py::test_family_soak_under_kv_pressure) on CPU."""
+    """The GPU family soaks' mix (tests/gpu/test_soak.py::test_family_soak_under_kv_pressure) on CPU: Fast-dLLM v2
+    (block 8 = two sub-blocks of 4, shifted logits) and LLaDA2 (block 4)."""
     from test_engine_families import _family
 
     # neither family's default keeps AR-like committed KV (cache_ver false), so vLLM prefills whole prompts
     # (prompt + outputs after a preemption: up to 36 tokens here) and the budget must hold one, as for D2F; six
     # canvases of up to 9 rows still overrun it, so later requests of a step get cut canvases
-    soak(_family(tmp_path_factory, family, 8 if family == "fast_dllm_v2" else 4), {}, FAMILY_POLICIES[family], 400,
+    soak(_family(tmp_path_factory, family, 8 if family == "fast_dllm_v2" else 4), {}, family_policies(family), 400,
          0, budgets=[40, 48])
 
 

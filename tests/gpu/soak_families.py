@@ -1,7 +1,7 @@
 """What the family soaks of ``tests/gpu/test_soak.py`` serve: a tiny random checkpoint of each other family (the
 demo checkpoint covers SDAR), built as the family tests build them (fp32, ``init_std`` 0.4, the synthetic byte
 tokenizer, widened where vLLM's Triton attention needs ``head_dim`` >= 32).  No CUDA import: the CPU test
-``tests/test_soak_generator.py`` checks that every soak policy and bad input means what the soak expects for each of
+``tests/test_soak_families.py`` checks that every soak policy and bad input means what the soak expects for each of
 these engines."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@
 #           (-n 6: 542 s at 9385694)
 #   soaks   the demo's two soaks (-n 2; logs in soaks/) beside the three family soaks and test_canvas_kernel_gpu
 #           (-n 3, a second pytest run; logs in families/), ~8.5 min
-#   suite_a test_engine_sdar, test_engine_s2d2, test_serve (-n 6, ~7 min?)
+#   suite_a test_engine_sdar, test_engine_s2d2, test_serve (-n 6; not yet timed without the soaks beside it)
 #   suite_b test_sdar_default_cuda_graphs, test_exact_prefill_equals_eager, test_engine_families,
 #           test_engine_d2f_gpu, test_lm_eval_gpu (-n 8, ~7.5 min)
 #           (soaks + suite_a + suite_b = the whole single-GPU suite: no demo and no quality run; all of it in one
@@ -49,8 +49,9 @@ set -uo pipefail
 call=${1:?call name}
 limit=${2:-560}
 call_start=${CALL_START:-$(date +%s)}
+elapsed() { echo $(($(date +%s) - call_start)); }  # seconds since the call started
 left() {  # seconds to the stop, with room for the tar (at least 1)
-  local s=$((limit - 15 - ($(date +%s) - call_start))); echo $((s > 0 ? s : 1))
+  local s=$((limit - 15 - $(elapsed))); echo $((s > 0 ? s : 1))
 }
 : "${OUT:?set OUT to the output folder}"
 work=/tmp/s2d2-calls
@@ -65,7 +66,7 @@ pytest_call() {  # workers, files...  (stops at [seconds] from the start of the 
   mkdir -p "$log"
   S2D2_GPU_LOG_DIR=$log timeout -k 5 "$(left)" python3 -m pytest -v -rs -p no:cacheprovider -m gpu \
     -n "$workers" "$@" > "$log/pytest.log" 2>&1
-  echo "pytest exit $? after $(($(date +%s) - call_start)) s of the call" >> "$log/pytest.log"
+  echo "pytest exit $? after $(elapsed) s of the call" >> "$log/pytest.log"
   tail -n 25 "$log/pytest.log"
 }
 
@@ -73,27 +74,27 @@ case $call in
   speed)
     timeout -k 5 "$(left)" python3 benchmarks/offline_throughput.py --modes a,cdshumv --batches 1,16,64,256 \
       --out "$dest/offline_throughput.json" > "$dest/offline.log" 2>&1
-    echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
+    echo "offline exit $? after $(elapsed) s of the call" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;
   speed_families)
     # Fast-dLLM v2 1.5B then LLaDA2-mini shapes, each with its vLLM AR baseline first (its own engine group); the
     # first gets half the call's time
     timeout -k 5 "$(( $(left) / 2 ))" python3 benchmarks/offline_throughput.py --family fast-1.5b --modes a,tsv \
       --batches 1,16,64 --out "$dest/offline_throughput_fast-1.5b.json" > "$dest/offline_fast.log" 2>&1
-    echo "fast-1.5b exit $? after $(($(date +%s) - call_start)) s of the call" >> "$dest/offline_fast.log"
+    echo "fast-1.5b exit $? after $(elapsed) s of the call" >> "$dest/offline_fast.log"
     timeout -k 5 "$(left)" python3 benchmarks/offline_throughput.py --family llada2-mini --modes a,tsv \
       --batches 1,16,64 --out "$dest/offline_throughput_llada2-mini.json" > "$dest/offline_llada2.log" 2>&1
-    echo "llada2-mini exit $? after $(($(date +%s) - call_start)) s of the call" >> "$dest/offline_llada2.log"
+    echo "llada2-mini exit $? after $(elapsed) s of the call" >> "$dest/offline_llada2.log"
     tail -n 15 "$dest/offline_fast.log" "$dest/offline_llada2.log" ;;
   compiled)
     timeout -k 5 "$(left)" python3 benchmarks/offline_throughput.py --modes a,cdv,xyz --batches 1,16,64 \
       --out "$dest/offline_compiled.json" > "$dest/offline.log" 2>&1
-    echo "offline exit $? after $SECONDS s" >> "$dest/offline.log"
+    echo "offline exit $? after $(elapsed) s of the call" >> "$dest/offline.log"
     tail -n 40 "$dest/offline.log" ;;
   profile)
     timeout -k 5 "$(left)" python3 benchmarks/profile_step.py --modes a,c,v --batches 1,64 \
       --out "$dest/profile_step.json" > "$dest/profile.log" 2>&1
-    echo "profile exit $? after $SECONDS s" >> "$dest/profile.log"
+    echo "profile exit $? after $(elapsed) s of the call" >> "$dest/profile.log"
     tail -n 40 "$dest/profile.log" ;;
   tests1)
     # the demo alone first (its engine profiles free GPU memory); the reference columns on the CPU meanwhile.
@@ -101,7 +102,7 @@ case $call in
     if [[ ${DEMO:-1} != 0 ]]; then
       python3 -m vllm_s2d2.cli demo --backend reference --width 160 > "$dest/demo_reference.txt" 2>&1 &
       timeout -k 5 150 python3 -m vllm_s2d2.cli demo --backend vllm --width 160 > "$dest/demo_vllm.txt" 2>&1
-      echo "demo exit $? after $SECONDS s" >> "$dest/demo_vllm.txt"
+      echo "demo exit $? after $(elapsed) s of the call" >> "$dest/demo_vllm.txt"
     fi
     # beside the tests: a fixed KV cache and a small utilization, as every engine of a test worker (gpu_env.py)
     timeout -k 5 "$(left)" python3 benchmarks/quality.py --backend vllm --num-prompts 200 --max-tokens 24 \
@@ -111,7 +112,7 @@ case $call in
     pytest_call 5 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
       tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
       tests/gpu/test_serve.py
-    wait $quality; echo "quality exit $? after $SECONDS s" >> "$dest/quality.log"
+    wait $quality; echo "quality exit $? after $(elapsed) s of the call" >> "$dest/quality.log"
     wait; tail -n 20 "$dest/quality.log" ;;
   tests2)
     # the soak first: the longest test; listed last, xdist handed it out after the others and the call's limit
@@ -145,7 +146,7 @@ case $call in
     # mode) did not fit 470 s.  SERVE_MODES=vllm-ar,s2d2 (say) runs fewer servers when the device time is short.
     timeout -k 5 "$(left)" python3 benchmarks/serve_bench.py --modes "${SERVE_MODES:-vllm-ar,threshold,s2d2}" --out "$dest/serve_bench.json" \
       > "$dest/serve.log" 2>&1
-    echo "serve exit $? after $SECONDS s" >> "$dest/serve.log"
+    echo "serve exit $? after $(elapsed) s of the call" >> "$dest/serve.log"
     tail -n 30 "$dest/serve.log" ;;
   short)
     # the exact-prefill and fixed-order tests, short's first content, passed at 5ab796b: now the soaks that have

@@ -112,10 +112,10 @@ MISMATCH_REASON = "re-runs differ from the run under load"  # soak.verdict's wor
 
 
 def _soak(name: str, test_id: str, model: str, spec: str, server_args: list[str], soak_args: list[str], env: dict,
-          tmp_path, monkeypatch, payload: dict) -> dict:
-    """Start ``vllm serve``, run soak.py against it, stop it; write ``payload`` + soak.py's record as ``name`` and
-    return soak.py's record after the checks every soak shares (the server up, no hang / 5xx / stream error, every
-    bad input a 4xx with its text, some preemption)."""
+          tmp_path, monkeypatch, payload: dict, *, max_seconds: int, diagnose: int = 0) -> dict:
+    """Start ``vllm serve``, run soak.py against it (``soak_args`` plus ``--max-seconds`` and ``--diagnose``), stop
+    it; write ``payload`` + soak.py's record as ``name`` and return soak.py's record after the checks every soak
+    shares (the server up, no hang / 5xx / stream error, every bad input a 4xx with its text, some preemption)."""
     from serve_bench import start_server, stop_server  # served model name "bench", VLLM_LOG_STATS_INTERVAL=1
 
     log_dir = Path(LOG_DIR) if LOG_DIR else tmp_path
@@ -131,12 +131,10 @@ def _soak(name: str, test_id: str, model: str, spec: str, server_args: list[str]
     server_log = log_dir / f"{name}_server.log"
     proc = start_server(model, spec, PORT, server_log, server_args)
     payload["startup_s"] = round(time.time() - t0, 1)
-    max_seconds = float(soak_args[soak_args.index("--max-seconds") + 1])
-    diagnose = int(soak_args[soak_args.index("--diagnose") + 1]) if "--diagnose" in soak_args else 0
     cmd = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--base-url", f"http://127.0.0.1:{PORT}",
            "--model", "bench", "--out", str(soak_out), "--seed", str(SEED), "--deadline", str(DEADLINE_S),
            "--require-preemption", "--server-pid", str(proc.pid), "--gpu-memory", "--server-log", str(server_log),
-           *soak_args]
+           "--max-seconds", str(max_seconds), "--diagnose", str(diagnose), *soak_args]
     payload["soak_command"] = " ".join(cmd[1:])
     try:
         try:
@@ -167,10 +165,10 @@ def test_soak_under_kv_pressure(tmp_path, monkeypatch, kernels):
     assert (MODEL / "config.json").is_file() and PROMPTS.is_file(), MODEL
     name = "soak" if kernels == "default" else f"soak_{kernels}"
     soak_args = ["--requests", str(REQUESTS), "--concurrency", str(CONCURRENCY), "--prompts", str(PROMPTS),
-                 "--alone", str(ALONE), "--rerun-concurrency", str(RERUN_CONCURRENCY), "--max-seconds",
-                 str(MAX_SECONDS), "--diagnose", str(DIAGNOSE), "--diagnose-seconds", "60"]
+                 "--alone", str(ALONE), "--rerun-concurrency", str(RERUN_CONCURRENCY), "--diagnose-seconds", "60"]
     record = _soak(name, f"test_soak.py::test_soak_under_kv_pressure[{kernels}]", str(MODEL), "s2d2", SERVER_ARGS,
-                   soak_args, KERNELS[kernels], tmp_path, monkeypatch, {"kernels": kernels})
+                   soak_args, KERNELS[kernels], tmp_path, monkeypatch, {"kernels": kernels},
+                   max_seconds=MAX_SECONDS, diagnose=DIAGNOSE)
     r = record["rerun"]
     if kernels == "batch_invariant":
         assert r["mismatches"] == 0, r["mismatch_examples"]
@@ -192,8 +190,8 @@ def test_family_soak_under_kv_pressure(tmp_path, monkeypatch, fam):
                                  block_size=spec["block"], tokenizer=True, **spec["config"])
     soak_args = ["--requests", str(FAMILY_REQUESTS), "--concurrency", "32", "--max-tokens", "96",
                  "--engine-block-size", str(spec["block"]), "--policies", ",".join(policies_for(fam)),
-                 "--alone", "8", "--rerun-concurrency", "16", "--max-seconds", str(FAMILY_MAX_SECONDS)]
+                 "--alone", "8", "--rerun-concurrency", "16"]
     record = _soak(f"soak_{fam}", f"test_soak.py::test_family_soak_under_kv_pressure[{fam}]", str(path),
                    json.dumps(spec["speculative_config"]), FAMILY_SERVER_ARGS, soak_args, {}, tmp_path, monkeypatch,
-                   {"family": fam})
+                   {"family": fam}, max_seconds=FAMILY_MAX_SECONDS)
     assert [x for x in record["reasons"] if MISMATCH_REASON not in x] == [], record["reasons"]
