@@ -19,9 +19,10 @@
 #           on 200 held-out prompts, its text compared with the reference decoder's record
 #   tests2  the default-kernel soak (first), test_engine_families, test_engine_d2f_gpu, test_lm_eval_gpu
 #           (-n 6: 542 s at 9385694)
-#   soaks   the demo's two soaks (-n 2; logs in soaks/) beside the three family soaks and test_canvas_kernel_gpu
-#           (-n 3, a second pytest run; logs in families/), ~8.5 min
-#   suite_a test_engine_sdar, test_engine_s2d2, test_serve (-n 6; not yet timed without the soaks beside it)
+#   soaks   the demo's two soaks (-n 2; logs in soaks/) and, a minute later, the three family soaks (-n 3, a second
+#           pytest run; logs in families/), ~8.5 min
+#   suite_a test_canvas_kernel_gpu, test_engine_sdar, test_engine_s2d2, test_serve (-n 6; not yet timed without
+#           the soaks beside it)
 #   suite_b test_sdar_default_cuda_graphs, test_exact_prefill_equals_eager, test_engine_families,
 #           test_engine_d2f_gpu, test_lm_eval_gpu (-n 8, ~7.5 min)
 #           (soaks + suite_a + suite_b = the whole single-GPU suite: no demo and no quality run; all of it in one
@@ -121,20 +122,23 @@ case $call in
       tests/gpu/test_lm_eval_gpu.py ;;
   soaks)
     # the demo's two soaks (~8.5 min each beside other workers) in a pytest run of their own, and beside them the
-    # three family soaks (~3.5 min each), each followed by one short kernel test (a second pytest run, 3 workers
-    # counting from 2: S2D2_GPU_WORKER_OFFSET, gpu_env.py).  At 5ab796b the demo's soaks shared the GPU with five
+    # three family soaks (~3.5 min each; a second pytest run, 3 workers counting from 2: S2D2_GPU_WORKER_OFFSET,
+    # gpu_env.py).  At 5ab796b the demo's soaks shared the GPU with five
     # test workers: seven engines compiling at once took ~4 min to start the soak servers and the 550 s limit cut
     # both soaks.
     (export PYTEST_LOG=$dest/soaks; pytest_call 2 "tests/gpu/test_soak.py::test_soak_under_kv_pressure[batch_invariant]" \
       "tests/gpu/test_soak.py::test_soak_under_kv_pressure[default]") &
     soaks=$!
+    # the family soaks start a minute later, so the demo's soak servers compile with fewer engines beside them
+    sleep 60
     (export PYTEST_LOG=$dest/families S2D2_GPU_WORKER_OFFSET=2; pytest_call 3 \
-      tests/gpu/test_soak.py::test_family_soak_under_kv_pressure tests/gpu/test_canvas_kernel_gpu.py)
+      tests/gpu/test_soak.py::test_family_soak_under_kv_pressure)
     wait $soaks ;;
   suite_a)
     # test_sdar_default_cuda_graphs and test_exact_prefill_equals_eager run in suite_b, the soaks and the kernel
     # tests in soaks (at 5ab796b, beside the soaks on 5 workers, 16 of these 19 tests finished in 550 s)
-    pytest_call 6 tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py tests/gpu/test_serve.py \
+    pytest_call 6 tests/gpu/test_canvas_kernel_gpu.py tests/gpu/test_engine_sdar.py tests/gpu/test_engine_s2d2.py \
+      tests/gpu/test_serve.py \
       --deselect tests/gpu/test_engine_sdar.py::test_sdar_default_cuda_graphs \
       --deselect tests/gpu/test_engine_sdar.py::test_exact_prefill_equals_eager ;;
   suite_b)
